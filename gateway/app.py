@@ -1,0 +1,88 @@
+"""The gateway's FastAPI app: Twilio webhooks, the Media Stream socket, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from gateway import media, webhooks
+from gateway.hub import OutboundHub
+from gateway.state import GatewayState
+from shared import metrics
+from shared.redisio import BatchWriter, connect
+from shared.settings import Settings
+from shared.streams import Keys
+
+log = logging.getLogger("callbridge.gateway")
+
+
+def _redis_error(op: str) -> None:
+    metrics.REDIS_ERRORS.labels(op).inc()
+
+
+def build_state(settings: Settings) -> GatewayState:
+    assert settings.redis_url
+    keys = Keys(settings.redis_prefix)
+    redis = connect(settings.redis_url)
+    reader = connect(settings.redis_url, max_connections=4)
+    process_id = uuid.uuid4().hex[:12]
+    return GatewayState(
+        settings=settings,
+        keys=keys,
+        redis=redis,
+        reader_redis=reader,
+        writer=BatchWriter(redis, on_error=_redis_error),
+        hub=OutboundHub(reader, keys.wake(f"gw-{process_id}"), on_error=_redis_error),
+        process_id=process_id,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    settings.require("REDIS_URL", "PUBLIC_URL", "TWILIO_AUTH_TOKEN")
+    state = build_state(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.writer.start()
+        state.hub.start()
+        log.info("gateway ready", extra={"public_url": settings.public_url})
+        try:
+            yield
+        finally:
+            await state.hub.close()
+            await state.writer.close()
+            await state.redis.aclose()
+            await state.reader_redis.aclose()
+
+    app = FastAPI(title="callbridge gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gw = state
+    app.include_router(webhooks.router)
+    app.include_router(media.router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if state.draining:
+            return Response('{"status":"draining"}', status_code=503, media_type="application/json")
+        try:
+            await asyncio.wait_for(state.redis.ping(), 1.0)
+        except (RedisError, OSError, TimeoutError):
+            return Response('{"status":"redis unavailable"}', status_code=503,
+                            media_type="application/json")
+        return Response('{"status":"ready"}', media_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus_metrics(_: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,246 @@
+"""The Twilio Media Stream socket: authenticate, then pump frames between Twilio and Redis.
+
+Inbound: every Twilio event becomes one entry on `call:{sid}:in` (raw μ-law, not base64) via the
+process-wide batch writer. Outbound: the hub hands us `call:{sid}:out` entries, which we turn into
+`media` / `mark` / `clear` messages or a deliberate close on `hangup`. Nothing here outlives the
+socket; a closed socket without `stop` is reported to the worker as `detach`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocketState
+
+from gateway.state import GatewayState
+from shared import metrics
+from shared import streams as S
+from shared.logs import call_sid_var, stream_sid_var
+from shared.redisio import Entries
+from shared.security import verify_stream_token, ws_signature_ok
+from shared.twilio_proto import (
+    Connected,
+    Dtmf,
+    Mark,
+    Media,
+    Outbound,
+    ProtocolError,
+    Start,
+    Stop,
+    Unknown,
+    parse,
+)
+
+log = logging.getLogger("callbridge.gateway.media")
+router = APIRouter()
+
+# Close codes: 1008 policy violation (auth), 1013 try again later (draining / Redis down).
+POLICY, TRY_LATER, NORMAL = 1008, 1013, 1000
+
+
+class Rejected(Exception):
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _drop(cause: str) -> None:
+    metrics.DROPPED.labels(cause).inc()
+
+
+async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
+    """Read until `start`; `connected` comes first. Anything else before it is dropped."""
+    limit = st.settings.max_message_bytes
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise Rejected("disconnected")
+        text = msg.get("text")
+        if text is None:
+            _drop("binary")
+            continue
+        if len(text) > limit:
+            _drop("oversized")
+            continue
+        try:
+            event = parse(text)
+        except ProtocolError as exc:
+            _drop(exc.cause)
+            continue
+        if isinstance(event, Start):
+            return event
+        if not isinstance(event, Connected):
+            _drop("before_start")
+
+
+async def _authorize(st: GatewayState, start: Start) -> None:
+    token = start.custom_parameters.get("token", "")
+    if not verify_stream_token(st.settings.token_secret, start.call_sid, token):
+        raise Rejected("bad_token")
+    try:
+        status = await st.redis.hget(st.keys.call(start.call_sid), "status")
+    except (RedisError, OSError):
+        raise Rejected("redis_error") from None
+    if status is None:
+        raise Rejected("unknown_call")
+    if status.decode() == S.STATUS_ENDED:
+        raise Rejected("call_ended")
+
+
+@router.websocket("/twilio/media")
+async def media_socket(ws: WebSocket) -> None:
+    st: GatewayState = ws.app.state.gw
+    if st.draining:
+        metrics.MEDIA_REJECTED.labels("draining").inc()
+        await ws.close(code=TRY_LATER)
+        return
+    if not ws_signature_ok(st.settings.auth_token, st.settings.stream_url, ws.headers.get("x-twilio-signature")):
+        metrics.MEDIA_REJECTED.labels("bad_signature").inc()
+        log.warning("rejected media socket: invalid signature")
+        await ws.close(code=POLICY)  # before accept: the handshake fails with 403
+        return
+    await ws.accept()
+    try:
+        start = await asyncio.wait_for(_await_start(ws, st), st.settings.start_timeout_s)
+        await _authorize(st, start)
+    except TimeoutError:
+        await _reject(ws, "no_start")
+        return
+    except Rejected as exc:
+        if exc.cause == "call_ended":
+            # The worker already ended this call and waits for the stream to close: it has.
+            st.writer.xadd(st.keys.inbound(start.call_sid), S.entry(S.IN_DETACH, value=b"hangup"),
+                           st.settings.stream_maxlen)
+        await _reject(ws, exc.cause)
+        return
+    call_sid_var.set(start.call_sid)
+    stream_sid_var.set(start.stream_sid)
+    await _serve(ws, st, start)
+
+
+async def _reject(ws: WebSocket, cause: str) -> None:
+    metrics.MEDIA_REJECTED.labels(cause).inc()
+    log.warning("rejected media socket", extra={"cause": cause})
+    if ws.client_state != WebSocketState.DISCONNECTED:
+        with contextlib.suppress(Exception):
+            await ws.close(code=TRY_LATER if cause == "redis_error" else POLICY)
+
+
+async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
+    sid = start.call_sid
+    in_key, out_key = st.keys.inbound(sid), st.keys.outbound(sid)
+    maxlen = st.settings.stream_maxlen
+    try:
+        # Follow `out` from its current end, taken *before* announcing ourselves, so nothing the
+        # worker writes in reply to `start` can slip between the two.
+        last = await st.redis.xrevrange(out_key, count=1)
+        from_id = last[0][0].decode() if last else "0-0"
+        queue = await st.hub.attach(out_key, from_id)
+    except (RedisError, OSError):
+        await _reject(ws, "redis_error")
+        return
+    info = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
+                         "gateway": st.process_id})
+    st.writer.xadd(in_key, S.entry(S.IN_START, value=info), maxlen)
+    st.writer.command("expire", in_key, st.settings.call_ttl_s)  # even if no worker ever claims it
+    st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
+                                                          "gateway": st.process_id})
+    metrics.MEDIA_SOCKETS.inc()
+    st.sockets.add(ws)
+    log.info("media stream started")
+    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)))
+    stopped = False
+    try:
+        stopped = await _receive_loop(ws, st, in_key, maxlen, sender)
+    finally:
+        st.hub.detach(out_key)
+        st.sockets.discard(ws)
+        metrics.MEDIA_SOCKETS.dec()
+        hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        if not stopped:
+            # The worker must know the stream is gone even when Twilio did not say `stop`.
+            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=b"hangup" if hung_up else b"lost"), maxlen)
+        if ws.client_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(code=NORMAL)
+        log.info("media stream closed", extra={"stop": stopped, "hung_up": bool(hung_up)})
+
+
+async def _receive_loop(
+    ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, sender: asyncio.Task[bool]
+) -> bool:
+    """Twilio -> Redis until `stop` (returns True) or the socket closes (False)."""
+    limit = st.settings.max_message_bytes
+    xadd = st.writer.xadd
+    frames = metrics.FRAMES.labels("in", "twilio")
+    nbytes = metrics.AUDIO_BYTES.labels("in", "twilio")
+    receive = asyncio.ensure_future(ws.receive())
+    try:
+        while True:
+            done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if receive not in done:
+                return False  # the sender closed the socket (hangup) or failed
+            msg = receive.result()
+            if msg["type"] == "websocket.disconnect":
+                return False
+            receive = asyncio.ensure_future(ws.receive())
+            text = msg.get("text")
+            if text is None:
+                _drop("binary")
+                continue
+            if len(text) > limit:
+                _drop("oversized")
+                continue
+            try:
+                event = parse(text)
+            except ProtocolError as exc:
+                _drop(exc.cause)
+                continue
+            if isinstance(event, Media):
+                xadd(in_key, S.entry(S.IN_MEDIA, event.payload), maxlen)
+                frames.inc()
+                nbytes.inc(len(event.payload))
+            elif isinstance(event, Mark):
+                xadd(in_key, S.entry(S.IN_MARK, value=event.name), maxlen)
+            elif isinstance(event, Dtmf):
+                xadd(in_key, S.entry(S.IN_DTMF, value=event.digit), maxlen)
+            elif isinstance(event, Stop):
+                xadd(in_key, S.entry(S.IN_STOP), maxlen)
+                return True
+            elif isinstance(event, Unknown):
+                _drop("unknown_event")
+            else:
+                _drop("unexpected_event")  # a second connected/start
+    finally:
+        receive.cancel()
+
+
+async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound) -> bool:
+    """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed)."""
+    frames = metrics.FRAMES.labels("out", "twilio")
+    latency = metrics.HOP_LATENCY.labels("redis_to_twilio")
+    send = ws.send_text
+    while True:
+        entries = await queue.get()
+        now = time.time_ns()
+        for _id, f in entries:
+            kind = f.get(b"k")
+            if kind == S.OUT_MEDIA:
+                await send(out.media(f[b"a"]))
+                frames.inc()
+                latency.observe(S.entry_age_ms(f, now) / 1000)
+            elif kind == S.OUT_MARK:
+                await send(out.mark(f.get(b"v", b"").decode()))
+            elif kind == S.OUT_CLEAR:
+                await send(out.clear())
+            elif kind == S.OUT_HANGUP:
+                await ws.close(code=NORMAL)
+                return True

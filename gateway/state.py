@@ -1,0 +1,26 @@
+"""Per-process gateway state: clients and flags shared by the routes (no call state lives here)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from gateway.hub import OutboundHub
+from shared.redisio import BatchWriter
+from shared.settings import Settings
+from shared.streams import Keys
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    keys: Keys
+    redis: aioredis.Redis  # commands and the batch writer
+    reader_redis: aioredis.Redis  # the hub's blocked XREAD
+    writer: BatchWriter
+    hub: OutboundHub
+    process_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    draining: bool = False
+    sockets: set[object] = field(default_factory=set)

@@ -1,0 +1,151 @@
+"""Twilio's HTTP webhooks: answer the call, decide what follows a stream, record status."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from fastapi import APIRouter, Request, Response
+from redis.exceptions import RedisError
+
+from gateway import twiml
+from gateway.state import GatewayState
+from shared import metrics
+from shared.logs import call_sid_var
+from shared.security import make_stream_token, webhook_signature_ok
+from shared.streams import STATUS_ENDED, STATUS_RINGING, entry
+
+log = logging.getLogger("callbridge.gateway")
+router = APIRouter()
+
+CALL_SID_RE = re.compile(r"^CA[0-9a-fA-F]{32}$")
+XML = "application/xml"
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gw  # type: ignore[no-any-return]
+
+
+async def _signed_form(request: Request, route: str) -> dict[str, str] | Response:
+    """The form if Twilio signed it for our public URL + path (+ query), else a 403."""
+    st = _state(request)
+    form = await request.form()
+    params = {k: str(v) for k, v in form.multi_items()}
+    url = f"{st.settings.public_url}{request.url.path}"
+    if request.url.query:
+        url += f"?{request.url.query}"
+    if not webhook_signature_ok(
+        st.settings.auth_token, url, params, request.headers.get("x-twilio-signature")
+    ):
+        metrics.WEBHOOKS.labels(route, "forbidden").inc()
+        log.warning("rejected unsigned or wrongly signed webhook", extra={"route": route})
+        return Response("invalid Twilio signature\n", status_code=403, media_type="text/plain")
+    sid = params.get("CallSid", "")
+    if not CALL_SID_RE.match(sid):
+        metrics.WEBHOOKS.labels(route, "bad_request").inc()
+        return Response("missing or malformed CallSid\n", status_code=400, media_type="text/plain")
+    call_sid_var.set(sid)
+    return params
+
+
+def _connect_twiml(st: GatewayState, sid: str) -> str:
+    base = st.settings.public_url
+    return twiml.connect_stream(
+        stream_url=st.settings.stream_url,
+        action_url=f"{base}/twilio/stream-ended",
+        status_url=f"{base}/twilio/status",
+        token=make_stream_token(st.settings.token_secret, sid, st.settings.stream_token_ttl_s),
+    )
+
+
+def _unavailable(route: str) -> Response:
+    metrics.WEBHOOKS.labels(route, "redis_error").inc()
+    return Response("service unavailable\n", status_code=503, media_type="text/plain")
+
+
+@router.post("/twilio/voice")
+async def voice(request: Request) -> Response:
+    """Record the call, queue it for a worker, and answer with `<Connect><Stream>` at once."""
+    form = await _signed_form(request, "voice")
+    if isinstance(form, Response):
+        return form
+    st = _state(request)
+    sid = form["CallSid"]
+    key = st.keys.call(sid)
+    try:
+        first = await st.redis.hsetnx(key, "created", str(time.time()))
+        if first:  # Twilio retries webhooks: enqueue each call exactly once
+            pipe = st.redis.pipeline(transaction=True)
+            pipe.hset(key, mapping={
+                "status": STATUS_RINGING,
+                "from": form.get("From", ""),
+                "to": form.get("To", ""),
+                "account_sid": form.get("AccountSid", ""),
+            })
+            pipe.expire(key, st.settings.call_ttl_s)
+            pipe.xadd(st.keys.calls, {
+                b"sid": sid.encode(),
+                b"from": form.get("From", "").encode(),
+                b"to": form.get("To", "").encode(),
+                b"t": str(time.time_ns()).encode(),
+            }, maxlen=100_000, approximate=True)
+            await pipe.execute()
+            metrics.CALLS_ANSWERED.inc()
+            log.info("call answered", extra={"from_": form.get("From", ""), "to": form.get("To", "")})
+    except (RedisError, OSError):
+        log.error("redis unavailable while answering a call")
+        return _unavailable("voice")
+    metrics.WEBHOOKS.labels("voice", "ok").inc()
+    return Response(_connect_twiml(st, sid), media_type=XML)
+
+
+@router.post("/twilio/stream-ended")
+async def stream_ended(request: Request) -> Response:
+    """`<Connect action>`: hang up, transfer, or re-attach the stream if the call is still live."""
+    form = await _signed_form(request, "stream_ended")
+    if isinstance(form, Response):
+        return form
+    st = _state(request)
+    sid = form["CallSid"]
+    try:
+        call = await st.redis.hgetall(st.keys.call(sid))
+    except (RedisError, OSError):
+        return _unavailable("stream_ended")
+    fields = {k.decode(): v.decode() for k, v in call.items()}
+    status = fields.get("status")
+    if not fields or status == STATUS_ENDED:
+        if target := fields.get("transfer_to"):
+            outcome, body = "dial", twiml.dial(target)
+        else:
+            outcome, body = "hangup", twiml.hangup(fields.get("say") or None)
+    else:
+        # The socket went away while the call lives (a gateway drained or died): re-attach.
+        outcome, body = "reconnect", _connect_twiml(st, sid)
+    metrics.WEBHOOKS.labels("stream_ended", outcome).inc()
+    log.info("stream ended", extra={"outcome": outcome, "call_status": status or "unknown"})
+    return Response(body, media_type=XML)
+
+
+@router.post("/twilio/status")
+async def status(request: Request) -> Response:
+    """Stream and call status callbacks: recorded on the call's event stream."""
+    form = await _signed_form(request, "status")
+    if isinstance(form, Response):
+        return form
+    st = _state(request)
+    sid = form["CallSid"]
+    kind = form.get("StreamEvent") or form.get("CallStatus") or "unknown"
+    detail = form.get("StreamError", "")
+    if kind == "stream-error":
+        log.warning("twilio reported a stream error", extra={"stream_error": detail})
+    try:
+        st.writer.xadd(
+            st.keys.events(sid),
+            entry(b"twilio-status", value=f"{kind} {detail}".strip()[:500]),
+            maxlen=1000,
+        )
+    except (RedisError, OSError):
+        return _unavailable("status")
+    metrics.WEBHOOKS.labels("status", "ok").inc()
+    return Response(status_code=204)

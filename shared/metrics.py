@@ -1,0 +1,96 @@
+"""Prometheus metrics for both tiers, named by Prometheus conventions.
+
+Label sets are bounded by construction: causes, hops and end reasons come from the fixed sets
+below, never from caller input, and a CallSid is never a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# `_created` series double the exposition for no operational value.
+disable_created_metrics()
+
+# Latency buckets sized for a real-time audio path: sub-millisecond to a couple of seconds.
+_LAT = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SETUP = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+END_REASONS = frozenset(
+    {
+        "caller-hangup",
+        "assistant-ended",
+        "transfer",
+        "vapi-rejected",
+        "vapi-rate-limited",
+        "vapi-error",
+        "vapi-unreachable",
+        "vapi-socket-closed",
+        "twilio-socket-timeout",
+        "stream-lost",
+        "worker-shutdown",
+        "error",
+    }
+)
+
+
+def end_reason_label(reason: str) -> str:
+    return reason if reason in END_REASONS else "error"
+
+
+# Gateway -------------------------------------------------------------------------------------
+WEBHOOKS = Counter(
+    "callbridge_gateway_webhooks_total",
+    "Twilio webhook requests by route and outcome.",
+    ["route", "outcome"],
+)
+MEDIA_SOCKETS = Gauge("callbridge_gateway_media_sockets", "Open Twilio Media Stream sockets.")
+MEDIA_REJECTED = Counter(
+    "callbridge_gateway_media_rejected_total",
+    "Media Stream sockets refused before audio flowed, by cause.",
+    ["cause"],
+)
+CALLS_ANSWERED = Counter("callbridge_gateway_calls_answered_total", "Calls answered with TwiML.")
+
+# Both tiers ----------------------------------------------------------------------------------
+FRAMES = Counter(
+    "callbridge_frames_total",
+    "Audio frames moved, by direction (in = caller to assistant) and hop.",
+    ["direction", "hop"],
+)
+AUDIO_BYTES = Counter(
+    "callbridge_audio_bytes_total", "Audio payload bytes moved, by direction and hop.", ["direction", "hop"]
+)
+DROPPED = Counter(
+    "callbridge_messages_dropped_total",
+    "Messages dropped, by cause (not_json, oversized, binary, bad_base64, unknown_event, ...).",
+    ["cause"],
+)
+HOP_LATENCY = Histogram(
+    "callbridge_hop_latency_seconds",
+    "Latency added per hop: twilio_to_redis, redis_to_vapi, vapi_to_redis, redis_to_twilio.",
+    ["hop"],
+    buckets=_LAT,
+)
+REDIS_ERRORS = Counter("callbridge_redis_errors_total", "Redis command failures, by operation.", ["op"])
+
+# Worker --------------------------------------------------------------------------------------
+CALLS_ACTIVE = Gauge("callbridge_worker_calls_active", "Calls this worker currently owns.")
+CALLS_STARTED = Counter("callbridge_worker_calls_started_total", "Calls a worker began to serve.")
+CALLS_ENDED = Counter(
+    "callbridge_worker_calls_ended_total", "Calls ended, by end reason.", ["reason"]
+)
+CLAIMS = Counter(
+    "callbridge_worker_claims_total",
+    "Call jobs claimed: new (first claim) or takeover (from an idle worker).",
+    ["kind"],
+)
+VAPI_SOCKETS = Gauge("callbridge_worker_vapi_sockets", "Open Vapi transport sockets.")
+VAPI_SETUP = Histogram(
+    "callbridge_vapi_setup_seconds",
+    "Vapi call setup: POST /call plus transport socket connect.",
+    buckets=_SETUP,
+)
+VAPI_ERRORS = Counter(
+    "callbridge_vapi_errors_total", "Vapi failures by kind (http_4xx, http_429, http_5xx, connect, socket).", ["kind"]
+)
+BARGE_INS = Counter("callbridge_barge_ins_total", "Assistant audio cleared because the caller spoke.")

@@ -1,0 +1,228 @@
+"""Redis access that scales past one call per connection.
+
+Measured here (perf-baseline.md §3, §5): an awaited redis-py command costs 60-75 µs of client CPU,
+and one blocked XREAD per call both costs 2-3x more per message and runs into redis-py's
+100-connection pool limit. So each process owns exactly two data-path connections:
+
+- `BatchWriter`: every XADD due in this loop iteration goes out in one pipeline, flushed as soon
+  as the loop is free (no timer, so batching adds no delay). One flusher keeps per-key order.
+- `MultiReader`: one multi-key `XREAD BLOCK` over every stream this process follows. Adding a
+  stream wakes the blocked read through a per-process wake stream instead of waiting it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("callbridge.redis")
+
+Fields = dict[bytes, bytes]
+Entries = list[tuple[bytes, Fields]]
+OnEntries = Callable[[bytes, Entries], None]
+OnError = Callable[[str], None]
+
+
+def connect(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A client with keepalives and a pool that waits instead of failing when busy."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=kwargs.pop("max_connections", 64),
+        timeout=kwargs.pop("pool_timeout", 5),
+        socket_keepalive=True,
+        socket_connect_timeout=kwargs.pop("socket_connect_timeout", 3),
+        health_check_interval=kwargs.pop("health_check_interval", 15),
+        **kwargs,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class BatchWriter:
+    """Pipelines commands issued in the same loop iteration; order preserved per process."""
+
+    def __init__(
+        self, redis: aioredis.Redis, *, max_pending: int = 200_000, on_error: OnError | None = None
+    ) -> None:
+        self._redis = redis
+        self._pending: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self._wake = asyncio.Event()
+        self._max_pending = max_pending
+        self._on_error = on_error
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.dropped = 0
+        self.batches = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="redis-batch-writer")
+
+    def xadd(self, key: str, fields: Fields, maxlen: int | None = None) -> None:
+        kw: dict[str, Any] = {}
+        if maxlen:
+            kw = {"maxlen": maxlen, "approximate": True}
+        self._push("xadd", (key, fields), kw)
+
+    def command(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Queue any pipeline-able command (hset, expire, xack…) behind the pending XADDs."""
+        self._push(name, args, kwargs)
+
+    def _push(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(self._pending) >= self._max_pending:
+            self.dropped += 1
+            return
+        self._pending.append((name, args, kwargs))
+        self._idle.clear()
+        self._wake.set()
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything queued so far has been written (or failed)."""
+        if self._task is None:
+            self.start()
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def close(self) -> None:
+        try:
+            await self.flush(timeout=2.0)
+        except TimeoutError:
+            pass
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                self._idle.set()
+                continue
+            pipe = self._redis.pipeline(transaction=False)
+            for name, args, kwargs in batch:
+                getattr(pipe, name)(*args, **kwargs)
+            try:
+                await pipe.execute(raise_on_error=False)
+                backoff = 0.05
+            except (RedisError, OSError) as exc:
+                # Redis is away: keep the batch (bounded) and retry, so an outage costs latency
+                # rather than audio, up to max_pending entries.
+                if self._on_error:
+                    self._on_error("write")
+                log.warning("redis write failed, retrying", extra={"error": type(exc).__name__})
+                keep = self._max_pending - len(self._pending)
+                self.dropped += max(0, len(batch) - keep)
+                self._pending = batch[:keep] + self._pending
+                self._wake.set()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.batches += 1
+            if not self._pending:
+                self._idle.set()
+
+
+class MultiReader:
+    """One blocked multi-key XREAD for every stream this process follows."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        wake_key: str,
+        on_entries: OnEntries,
+        *,
+        count: int = 100,
+        block_ms: int = 1000,
+        on_error: OnError | None = None,
+    ) -> None:
+        self._redis = redis
+        self._wake_key = wake_key.encode()
+        self._on_entries = on_entries
+        self._count = count
+        self._block_ms = block_ms
+        self._on_error = on_error
+        self._ids: dict[bytes, bytes] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._token = uuid.uuid4().hex.encode()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="redis-multi-reader")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self._redis.delete(self._wake_key)
+        except (RedisError, OSError):
+            pass
+
+    async def add(self, key: str, from_id: str = "0-0") -> None:
+        """Follow `key` from after `from_id`; wakes the blocked read so it takes effect now."""
+        self._ids[key.encode()] = from_id.encode()
+        await self._poke()
+
+    def remove(self, key: str) -> None:
+        self._ids.pop(key.encode(), None)
+
+    def following(self, key: str) -> bool:
+        return key.encode() in self._ids
+
+    async def _poke(self) -> None:
+        if self._task is None:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=1, approximate=False)
+            pipe.expire(self._wake_key, 60)
+            await pipe.execute()
+        except (RedisError, OSError):
+            pass  # the read loop notices within block_ms anyway
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
+        while True:
+            streams = {self._wake_key: wake_id, **self._ids}
+            try:
+                resp = await self._redis.xread(streams, count=self._count, block=self._block_ms)
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self._on_error:
+                    self._on_error("read")
+                log.warning("redis read failed, retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if not resp:
+                continue
+            items = resp.items() if isinstance(resp, dict) else resp
+            for key, entries in items:
+                if not entries:
+                    continue
+                if key == self._wake_key:
+                    wake_id = entries[-1][0]
+                    continue
+                if key not in self._ids:
+                    continue  # removed while the read was in flight
+                self._ids[key] = entries[-1][0]
+                try:
+                    self._on_entries(key, entries)
+                except Exception:
+                    log.exception("stream consumer failed", extra={"stream": key.decode()})

@@ -1,0 +1,134 @@
+"""All configuration, from the environment (12-factor), in one pydantic-settings class.
+
+Every field is optional at parse time so one class serves every role; each role calls
+`require()` for what it cannot run without, which turns a missing value into a one-line error
+that names the variable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import uuid
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line and names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Externally visible names (fixed by the product contract).
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    public_url: str | None = Field(default=None, alias="PUBLIC_URL")
+    twilio_account_sid: str | None = Field(default=None, alias="TWILIO_ACCOUNT_SID")
+    twilio_auth_token: SecretStr | None = Field(default=None, alias="TWILIO_AUTH_TOKEN")
+    vapi_api_key: SecretStr | None = Field(default=None, alias="VAPI_API_KEY")
+    vapi_assistant_id: str | None = Field(default=None, alias="VAPI_ASSISTANT_ID")
+    vapi_base_url: str = Field(default="https://api.vapi.ai", alias="VAPI_BASE_URL")
+    twilio_api_base_url: str | None = Field(default=None, alias="TWILIO_API_BASE_URL")
+    vapi_audio_format: Literal["pcm_s16le", "mulaw"] = Field(
+        default="pcm_s16le", alias="VAPI_AUDIO_FORMAT"
+    )
+
+    # Tuning knobs, all with safe defaults.
+    redis_prefix: str = Field(default="cb:", alias="REDIS_PREFIX")
+    stream_token_secret: SecretStr | None = Field(default=None, alias="STREAM_TOKEN_SECRET")
+    stream_token_ttl_s: int = Field(default=300, alias="STREAM_TOKEN_TTL_S")
+    call_ttl_s: int = Field(default=3600, alias="CALL_TTL_S")
+    ended_ttl_s: int = Field(default=120, alias="ENDED_TTL_S")
+    stream_maxlen: int = Field(default=3000, alias="STREAM_MAXLEN")
+    start_timeout_s: float = Field(default=5.0, alias="START_TIMEOUT_S")
+    max_message_bytes: int = Field(default=64 * 1024, alias="MAX_MESSAGE_BYTES")
+    ws_max_size: int = Field(default=1024 * 1024, alias="WS_MAX_SIZE")
+    worker_id: str = Field(default="", alias="WORKER_ID")
+    worker_max_calls: int = Field(default=200, alias="WORKER_MAX_CALLS")
+    worker_http_port: int = Field(default=9100, alias="WORKER_HTTP_PORT")
+    worker_http_host: str = Field(default="0.0.0.0", alias="WORKER_HTTP_HOST")
+    claim_lease_s: float = Field(default=15.0, alias="CLAIM_LEASE_S")
+    playout_lead_ms: int = Field(default=100, alias="PLAYOUT_LEAD_MS")
+    mark_every_ms: int = Field(default=100, alias="MARK_EVERY_MS")
+    vapi_connect_timeout_s: float = Field(default=10.0, alias="VAPI_CONNECT_TIMEOUT_S")
+    vapi_ping_interval_s: float = Field(default=5.0, alias="VAPI_PING_INTERVAL_S")
+    vapi_ping_timeout_s: float = Field(default=5.0, alias="VAPI_PING_TIMEOUT_S")
+    hangup_grace_s: float = Field(default=3.0, alias="HANGUP_GRACE_S")
+    unavailable_message: str = Field(
+        default="Sorry, the assistant is not available right now. Please try again later.",
+        alias="UNAVAILABLE_MESSAGE",
+    )
+    log_level: str = Field(default="INFO", alias="LOG_LEVEL")
+    log_format: Literal["json", "text"] = Field(default="json", alias="LOG_FORMAT")
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("PUBLIC_URL must be an absolute http(s) URL, e.g. https://cb.example.com")
+        return v.rstrip("/")
+
+    def require(self, *names: str) -> None:
+        """Fail fast, naming the first missing environment variable."""
+        for name in names:
+            field = _FIELDS_BY_ALIAS[name]
+            value = getattr(self, field)
+            if value is None or (isinstance(value, SecretStr) and not value.get_secret_value()):
+                raise ConfigError(f"missing required setting: {name}")
+
+    # Derived values ---------------------------------------------------------------------------
+
+    @property
+    def auth_token(self) -> str:
+        return self.twilio_auth_token.get_secret_value() if self.twilio_auth_token else ""
+
+    @property
+    def vapi_key(self) -> str:
+        return self.vapi_api_key.get_secret_value() if self.vapi_api_key else ""
+
+    @property
+    def token_secret(self) -> bytes:
+        """Stream-token key: explicit, else derived from the auth token so no extra secret is needed."""
+        if self.stream_token_secret is not None and self.stream_token_secret.get_secret_value():
+            return self.stream_token_secret.get_secret_value().encode()
+        return hmac.new(self.auth_token.encode(), b"callbridge/stream-token", hashlib.sha256).digest()
+
+    @property
+    def stream_url(self) -> str:
+        """The exact Media Stream URL written into TwiML (and so the one Twilio signs)."""
+        assert self.public_url is not None
+        parts = urlsplit(self.public_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/twilio/media"
+
+    @property
+    def audio_sample_rate(self) -> int:
+        return 16000 if self.vapi_audio_format == "pcm_s16le" else 8000
+
+    def effective_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+_FIELDS_BY_ALIAS = {
+    (f.alias or name): name for name, f in Settings.model_fields.items()
+}
+
+
+def load_settings() -> Settings:
+    """Parse the environment; invalid values become a one-line ConfigError."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err["loc"][0] if err["loc"] else "?"
+        raise ConfigError(f"invalid setting {loc}: {err['msg']}") from None

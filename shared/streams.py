@@ -1,0 +1,88 @@
+"""The Redis layout both tiers share: key names, entry kinds and their field encoding.
+
+Entries are tiny flat hashes of bytes: `k` (kind), `a` (raw audio, never base64), `v` (a small
+value: digit, mark name, JSON), `t` (sender wall-clock ns, so each hop's latency is measurable
+across processes). Keeping the encoding here means the gateway and the worker cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+# Entry kinds on call:{sid}:in (gateway -> worker).
+IN_MEDIA = b"m"
+IN_START = b"start"
+IN_DTMF = b"dtmf"
+IN_MARK = b"mark"
+IN_STOP = b"stop"
+IN_DETACH = b"detach"  # the Twilio socket closed without `stop` (gateway drain or network)
+
+# Entry kinds on call:{sid}:out (worker -> gateway).
+OUT_MEDIA = b"m"
+OUT_MARK = b"mark"
+OUT_CLEAR = b"clear"
+OUT_HANGUP = b"hangup"
+
+WORKER_GROUP = "workers"
+
+# Call status values in the call hash.
+STATUS_RINGING = "ringing"
+STATUS_LIVE = "live"
+STATUS_ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix (default `cb:`); `call_*` take a CallSid."""
+
+    prefix: str = "cb:"
+
+    @property
+    def calls(self) -> str:
+        return f"{self.prefix}calls"
+
+    def call(self, sid: str) -> str:
+        return f"{self.prefix}call:{sid}"
+
+    def inbound(self, sid: str) -> str:
+        return f"{self.prefix}call:{sid}:in"
+
+    def outbound(self, sid: str) -> str:
+        return f"{self.prefix}call:{sid}:out"
+
+    def events(self, sid: str) -> str:
+        return f"{self.prefix}call:{sid}:events"
+
+    def wake(self, process_id: str) -> str:
+        return f"{self.prefix}wake:{process_id}"
+
+    def all_call_keys(self, sid: str) -> tuple[str, str, str, str]:
+        return (self.call(sid), self.inbound(sid), self.outbound(sid), self.events(sid))
+
+    def sid_from_stream(self, key: bytes | str) -> str:
+        """`cb:call:CA…:in` -> `CA…` (XREAD names streams as bytes)."""
+        s = key.decode() if isinstance(key, bytes) else key
+        return s[len(self.prefix) + 5 : s.rindex(":")]
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = None) -> dict[bytes, bytes]:
+    """Build one stream entry with the sender timestamp."""
+    fields: dict[bytes, bytes] = {b"k": kind, b"t": str(time.time_ns()).encode()}
+    if audio is not None:
+        fields[b"a"] = audio
+    if value is not None:
+        fields[b"v"] = value.encode() if isinstance(value, str) else value
+    return fields
+
+
+def entry_age_ms(fields: dict[bytes, bytes], now: int | None = None) -> float:
+    """Milliseconds since the sender stamped the entry (0 when unstamped)."""
+    t = fields.get(b"t")
+    if not t:
+        return 0.0
+    return ((time.time_ns() if now is None else now) - int(t)) / 1e6

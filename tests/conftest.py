@@ -1,0 +1,186 @@
+"""Shared fixtures: a real Redis, isolated key prefixes, and real gateway/worker processes.
+
+Redis: `REDIS_URL` if set (tests then isolate themselves by key prefix), else a testcontainers
+Redis when a Docker engine answers, else a private `redis-server` on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from twilio.request_validator import RequestValidator
+
+from callbridge.redis_server import free_port, start_redis
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "test-auth-token-" + "x" * 16
+VAPI_KEY = "test-vapi-key"
+ASSISTANT_ID = "asst-test-0001"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+
+        with RedisContainer("redis:7-alpine") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        return
+    server = start_redis()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own: tests never collide, even on a shared Redis."""
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN) -> str:
+    return str(RequestValidator(token).compute_signature(url, params or {}))
+
+
+def call_sid() -> str:
+    return "CA" + uuid.uuid4().hex
+
+
+def base_env(redis_url: str, prefix: str, **extra: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_"))}
+    env.update({
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "VAPI_API_KEY": VAPI_KEY,
+        "VAPI_ASSISTANT_ID": ASSISTANT_ID,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@dataclass
+class Proc:
+    """A real `callbridge` process with its log captured to a file."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    health_url: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
+
+    def start(self) -> Proc:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "callbridge.cli", *self.args],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        return self
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        assert self.health_url and self.proc
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.logs()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(self.health_url, timeout=1)).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def gateway_proc(env: dict[str, str], port: int) -> Proc:
+    return Proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env,
+                health_url=f"http://127.0.0.1:{port}/readyz")
+
+
+def worker_proc(env: dict[str, str], http_port: int | None = None) -> Proc:
+    http_port = http_port or free_port()
+    return Proc("worker", ["worker", "--http-port", str(http_port)], env,
+                health_url=f"http://127.0.0.1:{http_port}/readyz")
+
+
+@pytest.fixture
+def procs(request: pytest.FixtureRequest) -> Iterator[list[Proc]]:
+    """Processes started by a test; stopped after it, logs printed when it failed."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for p in started:
+            print(f"----- {p.name} log -----\n{p.logs()[-6000:]}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)

@@ -1,0 +1,345 @@
+"""The gateway against real sockets and a real Redis: signatures, tokens, bad input, health."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from callbridge.cli import uvicorn_config
+from callbridge.redis_server import free_port
+from gateway.app import create_app
+from shared.settings import Settings
+from shared.streams import Keys
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, call_sid, sign
+
+
+@dataclass
+class Gw:
+    base: str
+    settings: Settings
+    keys: Keys
+
+    @property
+    def ws_url(self) -> str:
+        return self.base.replace("http", "ws", 1) + "/twilio/media"
+
+
+async def _serve(settings: Settings, port: int) -> AsyncIterator[None]:
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, "127.0.0.1", port))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "gateway failed to start"
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def gw(redis_url: str, prefix: str) -> AsyncIterator[Gw]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    settings = Settings(  # type: ignore[call-arg]
+        REDIS_URL=redis_url, REDIS_PREFIX=prefix, PUBLIC_URL=base, TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN, START_TIMEOUT_S=0.5, MAX_MESSAGE_BYTES=4096, LOG_FORMAT="text")
+    async for _ in _serve(settings, port):
+        yield Gw(base, settings, Keys(prefix))
+
+
+def _form(sid: str) -> dict[str, str]:
+    return {"AccountSid": ACCOUNT_SID, "CallSid": sid, "From": "+15550001111", "To": "+15550002222",
+            "CallStatus": "ringing", "Direction": "inbound"}
+
+
+async def _post(gw: Gw, path: str, form: dict[str, str], signature: str | None = "auto") -> httpx.Response:
+    headers = {}
+    if signature == "auto":
+        headers["X-Twilio-Signature"] = sign(gw.base + path, form)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    async with httpx.AsyncClient() as client:
+        return await client.post(gw.base + path, data=form, headers=headers)
+
+
+async def _answer(gw: Gw, sid: str) -> str:
+    """Answer a call; returns the stream token from the TwiML."""
+    resp = await _post(gw, "/twilio/voice", _form(sid))
+    assert resp.status_code == 200, resp.text
+    param = ET.fromstring(resp.text).find("./Connect/Stream/Parameter")
+    assert param is not None
+    return str(param.get("value"))
+
+
+async def _metric(gw: Gw, name: str, **labels: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(gw.base + "/metrics")).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)"
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else 0.0
+
+
+def _start_msg(sid: str, token: str, stream_sid: str = "MZ" + "0" * 32) -> str:
+    return orjson.dumps({
+        "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
+        "start": {"accountSid": ACCOUNT_SID, "streamSid": stream_sid, "callSid": sid,
+                  "tracks": ["inbound"], "customParameters": {"token": token},
+                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
+    }).decode()
+
+
+def _media_msg(payload: bytes, seq: int = 2) -> str:
+    return orjson.dumps({"event": "media", "sequenceNumber": str(seq), "streamSid": "MZ" + "0" * 32,
+                         "media": {"track": "inbound", "chunk": str(seq - 1), "timestamp": "20",
+                                   "payload": base64.b64encode(payload).decode()}}).decode()
+
+
+async def _open(gw: Gw, signature: str | None = "auto") -> ClientConnection:
+    headers = {}
+    if signature == "auto":
+        headers["X-Twilio-Signature"] = sign(gw.settings.stream_url)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    return await websockets.connect(gw.ws_url, additional_headers=headers, open_timeout=5)
+
+
+async def _entries(redis: aioredis.Redis, key: str) -> list[dict[bytes, bytes]]:
+    return [f for _id, f in await redis.xrange(key)]
+
+
+# Webhooks ------------------------------------------------------------------------------------
+
+
+async def test_voice_webhook_rejects_unsigned_and_wrongly_signed(gw: Gw, redis: aioredis.Redis) -> None:
+    before = await _metric(gw, "callbridge_gateway_webhooks_total", route="voice", outcome="forbidden")
+    sid = call_sid()
+    assert (await _post(gw, "/twilio/voice", _form(sid), signature=None)).status_code == 403
+    assert (await _post(gw, "/twilio/voice", _form(sid), signature="bm9wZQ==")).status_code == 403
+    # Signed for another URL (a proxy's internal address) is wrong too.
+    bad = sign("http://internal:8080/twilio/voice", _form(sid))
+    assert (await _post(gw, "/twilio/voice", _form(sid), signature=bad)).status_code == 403
+    assert await redis.exists(gw.keys.call(sid)) == 0
+    after = await _metric(gw, "callbridge_gateway_webhooks_total", route="voice", outcome="forbidden")
+    assert after - before == 3
+
+
+async def test_voice_webhook_answers_and_enqueues_once(gw: Gw, redis: aioredis.Redis) -> None:
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    await _answer(gw, sid)  # Twilio retried the webhook
+    assert token
+    call = await redis.hgetall(gw.keys.call(sid))
+    assert call[b"status"] == b"ringing" and call[b"from"] == b"+15550001111"
+    jobs = await redis.xrange(gw.keys.calls)
+    assert [f[b"sid"] for _i, f in jobs] == [sid.encode()]
+    assert 0 < await redis.ttl(gw.keys.call(sid)) <= gw.settings.call_ttl_s
+
+
+async def test_webhook_without_call_sid_is_a_clear_400(gw: Gw) -> None:
+    form = {"AccountSid": ACCOUNT_SID, "From": "+1"}
+    resp = await _post(gw, "/twilio/voice", form)
+    assert resp.status_code == 400 and "CallSid" in resp.text
+
+
+async def test_stream_ended_decides_hangup_dial_or_reconnect(gw: Gw, redis: aioredis.Redis) -> None:
+    live = call_sid()
+    await _answer(gw, live)
+    resp = await _post(gw, "/twilio/stream-ended", _form(live))
+    assert ET.fromstring(resp.text).find("./Connect/Stream") is not None  # still live: re-attach
+
+    ended = call_sid()
+    await _answer(gw, ended)
+    await redis.hset(gw.keys.call(ended), mapping={"status": "ended", "say": "Goodbye."})
+    root = ET.fromstring((await _post(gw, "/twilio/stream-ended", _form(ended))).text)
+    assert [e.tag for e in root] == ["Say", "Hangup"]
+
+    moved = call_sid()
+    await _answer(gw, moved)
+    await redis.hset(gw.keys.call(moved), mapping={"status": "ended", "transfer_to": "+14155550100"})
+    root = ET.fromstring((await _post(gw, "/twilio/stream-ended", _form(moved))).text)
+    assert root[0].tag == "Dial" and root[0][0].text == "+14155550100"
+
+    unknown = call_sid()
+    root = ET.fromstring((await _post(gw, "/twilio/stream-ended", _form(unknown))).text)
+    assert [e.tag for e in root] == ["Hangup"]
+    assert (await _post(gw, "/twilio/stream-ended", _form(unknown), signature=None)).status_code == 403
+
+
+async def test_status_callback_is_signed_and_recorded(gw: Gw, redis: aioredis.Redis) -> None:
+    sid = call_sid()
+    form = {**_form(sid), "StreamEvent": "stream-error", "StreamError": "boom"}
+    assert (await _post(gw, "/twilio/status", form, signature=None)).status_code == 403
+    assert (await _post(gw, "/twilio/status", form)).status_code == 204
+    await asyncio.sleep(0)  # let the batch writer's flush task run
+    app_writer_flushed = False
+    for _ in range(100):
+        if await redis.xlen(gw.keys.events(sid)):
+            app_writer_flushed = True
+            break
+        await asyncio.sleep(0.01)
+    assert app_writer_flushed
+    (entry,) = await _entries(redis, gw.keys.events(sid))
+    assert entry[b"v"] == b"stream-error boom"
+
+
+# Media socket --------------------------------------------------------------------------------
+
+
+async def test_media_socket_without_or_with_wrong_signature_is_refused(gw: Gw) -> None:
+    before = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="bad_signature")
+    for signature in (None, sign("wss://elsewhere.example.com/twilio/media"), "garbage"):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+            await _open(gw, signature=signature)
+        assert info.value.response.status_code == 403
+    after = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="bad_signature")
+    assert after - before == 3
+
+
+async def test_media_socket_with_wrong_token_is_closed_before_audio(gw: Gw, redis: aioredis.Redis) -> None:
+    before = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="bad_token")
+    sid = call_sid()
+    await _answer(gw, sid)
+    other = call_sid()
+    other_token = await _answer(gw, other)
+    for token in ("", "123.abc", other_token):  # a token for another call does not open this one
+        ws = await _open(gw)
+        await ws.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+        await ws.send(_start_msg(sid, token))
+        await ws.send(_media_msg(b"\x01" * 160))
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert await redis.exists(gw.keys.inbound(sid)) == 0, "no audio may flow"
+    assert await _metric(gw, "callbridge_gateway_media_rejected_total", cause="bad_token") - before == 3
+
+
+async def test_media_socket_for_unknown_call_is_closed(gw: Gw, redis: aioredis.Redis) -> None:
+    from shared.security import make_stream_token
+
+    sid = call_sid()  # never answered: no call record, even with a valid token
+    token = make_stream_token(gw.settings.token_secret, sid, 60)
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, token))
+    with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+        await asyncio.wait_for(ws.recv(), 5)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert await redis.exists(gw.keys.inbound(sid)) == 0
+
+
+async def test_no_start_within_deadline_closes_the_socket(gw: Gw) -> None:
+    before = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="no_start")
+    ws = await _open(gw)
+    await ws.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 5)
+    assert loop.time() - t0 < 3, "closed by the start deadline (0.5 s), not by a timeout here"
+    assert await _metric(gw, "callbridge_gateway_media_rejected_total", cause="no_start") - before == 1
+
+
+async def test_bad_messages_are_counted_and_dropped_and_the_call_continues(
+    gw: Gw, redis: aioredis.Redis
+) -> None:
+    causes = ("not_json", "unknown_event", "oversized", "binary", "bad_base64")
+    before = {c: await _metric(gw, "callbridge_messages_dropped_total", cause=c) for c in causes}
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    ws = await _open(gw)
+    await ws.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+    await ws.send(_start_msg(sid, token))
+    await ws.send("this is not json")
+    await ws.send('{"event":"surprise","x":1}')
+    await ws.send("{" + " " * 8000 + "}")  # over MAX_MESSAGE_BYTES (4096 here)
+    await ws.send(b"\x00\x01binary")
+    await ws.send('{"event":"media","sequenceNumber":"3","media":{"payload":"%%%not-base64%%%"}}')
+    good = bytes(range(160))
+    await ws.send(_media_msg(good, seq=4))
+    await ws.send('{"event":"dtmf","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"7"}}')
+    await ws.send('{"event":"mark","sequenceNumber":"6","mark":{"name":"0:100"}}')
+    await ws.send('{"event":"stop","sequenceNumber":"7","stop":{"callSid":"%s"}}' % sid)
+    for _ in range(300):
+        entries = await _entries(redis, gw.keys.inbound(sid))
+        if entries and entries[-1][b"k"] == b"stop":
+            break
+        await asyncio.sleep(0.01)
+    kinds = [(e[b"k"], e.get(b"a"), e.get(b"v")) for e in entries]
+    assert [k for k, _a, _v in kinds] == [b"start", b"m", b"dtmf", b"mark", b"stop"]
+    assert kinds[1][1] == good and kinds[2][2] == b"7" and kinds[3][2] == b"0:100"
+    for cause in causes:
+        after = await _metric(gw, "callbridge_messages_dropped_total", cause=cause)
+        assert after - before[cause] == 1, cause
+    await ws.close()
+
+
+async def test_outbound_entries_reach_twilio_and_hangup_closes(gw: Gw, redis: aioredis.Redis) -> None:
+    from shared import streams as S
+
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, token, stream_sid="MZ" + "7" * 32))
+    for _ in range(300):
+        if await redis.xlen(gw.keys.inbound(sid)):
+            break
+        await asyncio.sleep(0.01)
+    out = gw.keys.outbound(sid)
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, b"\x11" * 160))
+    await redis.xadd(out, S.entry(S.OUT_MARK, value="0:20"))
+    await redis.xadd(out, S.entry(S.OUT_CLEAR))
+    got = [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+    assert got[0] == {"event": "media", "streamSid": "MZ" + "7" * 32,
+                      "media": {"payload": base64.b64encode(b"\x11" * 160).decode()}}
+    assert got[1]["mark"] == {"name": "0:20"} and got[2]["event"] == "clear"
+    await redis.xadd(out, S.entry(S.OUT_HANGUP))
+    with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+        await asyncio.wait_for(ws.recv(), 5)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+    for _ in range(300):
+        entries = await _entries(redis, gw.keys.inbound(sid))
+        if entries[-1][b"k"] == S.IN_DETACH:
+            break
+        await asyncio.sleep(0.01)
+    assert entries[-1] [b"v"] == b"hangup"
+
+
+async def test_health_and_readiness(gw: Gw) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(gw.base + "/healthz")).status_code == 200
+        assert (await client.get(gw.base + "/readyz")).status_code == 200
+        metrics = await client.get(gw.base + "/metrics")
+        assert "callbridge_gateway_media_sockets" in metrics.text
+
+
+async def test_readyz_is_503_when_redis_is_down(prefix: str) -> None:
+    port = free_port()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(  # type: ignore[call-arg]
+        REDIS_URL=dead, REDIS_PREFIX=prefix, PUBLIC_URL=f"http://127.0.0.1:{port}",
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN, LOG_FORMAT="text")
+    async for _ in _serve(settings, port):
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+            ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+            assert ready.status_code == 503 and "redis" in ready.text
+            sid = call_sid()
+            base = f"http://127.0.0.1:{port}"
+            form = _form(sid)
+            resp = await client.post(base + "/twilio/voice", data=form,
+                                     headers={"X-Twilio-Signature": sign(base + "/twilio/voice", form)})
+            assert resp.status_code == 503  # Twilio retries, then uses the number's fallback URL

@@ -1,0 +1,98 @@
+"""The playout pacer as a pure state machine on a virtual clock."""
+
+from __future__ import annotations
+
+from worker.playback import FRAME_BYTES, Playout
+
+
+def frames_until(p: Playout, start: float, end: float, step: float = 0.005) -> list[tuple[float, bytes, str | None]]:
+    out = []
+    t = start
+    while t <= end + 1e-9:
+        for f in p.due(t):
+            out.append((t, f.audio, f.mark))
+        t += step
+    return out
+
+
+def test_burst_is_paced_with_a_fixed_lead() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=100)
+    audio = bytes(range(256)) * 25 + bytes(100)  # 6500 bytes, ~0.81 s, not frame aligned
+    p.push(audio, now=0.0)
+    sent = frames_until(p, 0.0, 2.0)
+    # Lead: 0.1 s worth (5 frames) plus the first at t=0 go out at once, then one per 20 ms.
+    assert sum(1 for t, _, _ in sent if t == 0.0) == 6
+    times = [t for t, _, _ in sent]
+    for i, t in enumerate(times):
+        assert t >= i * 0.020 - 0.1 - 1e-9, "never more than `lead` ahead of real time"
+    assert all(len(a) == FRAME_BYTES for _, a, _ in sent)
+    joined = b"".join(a for _, a, _ in sent)
+    assert joined[: len(audio)] == audio and set(joined[len(audio):]) == {0xFF}  # tail padded with silence
+
+
+def test_marks_every_interval_and_at_the_end() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=100)
+    p.push(bytes(FRAME_BYTES * 12), now=0.0)  # 240 ms
+    marks = [m for _, _, m in frames_until(p, 0.0, 1.0) if m]
+    assert marks == ["0:100", "0:200", "0:240"]
+
+
+def test_mark_echoes_record_heard_audio() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=100)
+    p.push(bytes(FRAME_BYTES * 10), now=0.0)
+    frames_until(p, 0.0, 0.3)
+    assert p.awaiting_marks == 2
+    assert p.on_mark("0:100")
+    assert p.turns[0].heard_ms == 100 and p.awaiting_marks == 1
+    assert not p.on_mark("9:999")  # unknown marks are ignored
+    assert p.on_mark("0:200") and p.turns[0].heard_ms == 200 and not p.active(10.0)
+
+
+def test_interrupt_drops_unsent_audio_and_ignores_flushed_marks() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=100)
+    p.push(bytes(FRAME_BYTES * 100), now=0.0)  # 2 s
+    frames_until(p, 0.0, 0.5)
+    p.on_mark("0:100")
+    dropped = p.interrupt(now=0.5)
+    assert dropped > 1000 and p.idle
+    assert p.turns[0].interrupted and p.turn == 1
+    # Twilio echoes the marks `clear` flushed: they do not count as heard.
+    for name in ("0:200", "0:300", "0:400", "0:500", "0:600"):
+        p.on_mark(name)
+    assert p.turns[0].heard_ms == 100
+    # The next turn plays normally, starting right away.
+    p.push(bytes(FRAME_BYTES * 5), now=0.6)
+    sent = frames_until(p, 0.6, 1.0)
+    assert len(sent) == 5 and sent[-1][2] == "1:100"
+
+
+def test_underrun_restarts_the_clock_instead_of_bursting() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=1000)
+    p.push(bytes(FRAME_BYTES * 2), now=0.0)
+    frames_until(p, 0.0, 0.1)
+    p.push(bytes(FRAME_BYTES * 20), now=5.0)  # long gap: Twilio's buffer is empty again
+    sent = frames_until(p, 5.0, 5.0)
+    assert len(sent) == 6  # lead again, not 5 s of catch-up
+
+
+def test_partial_tail_waits_briefly_for_more_audio() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=1000, tail_wait_s=0.04)
+    p.push(bytes(FRAME_BYTES + 80), now=0.0)
+    assert len(p.due(0.0)) == 1  # the partial frame waits
+    p.push(bytes(80), now=0.01)  # the rest of it arrives
+    assert [len(f.audio) for f in p.due(0.02)] == [FRAME_BYTES]
+    p.push(bytes(10), now=0.03)
+    assert p.due(0.05) == []
+    assert len(p.due(0.08)) == 1  # padded once the wait is over
+
+
+def test_a_pause_between_utterances_starts_a_new_turn() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=100)
+    p.push(bytes(FRAME_BYTES * 5), now=0.0)
+    frames_until(p, 0.0, 0.2)
+    p.push(bytes(FRAME_BYTES * 5), now=0.1)  # still streaming the same utterance? no: buffer empty,
+    assert p.turn == 0  # but the gap is short, so it is the same turn
+    frames_until(p, 0.1, 0.5)
+    p.push(bytes(FRAME_BYTES * 5), now=2.0)
+    assert p.turn == 1
+    assert p.turns[0].sent_ms == 200

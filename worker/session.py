@@ -1,0 +1,364 @@
+"""One call on the assistant side: the Vapi session, both audio directions, and the ending.
+
+The session never touches a Twilio socket. Caller events arrive from `call:{sid}:in` (pushed by
+the worker's shared reader), assistant audio leaves through the `Playout` pacer (driven by the
+worker's shared ticker) into `call:{sid}:out`. Every way a call can end funnels into
+`request_end()`, so each end is handled once and recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from shared import metrics
+from shared import streams as S
+from shared import vapi_proto as V
+from shared.audio import Downlink, Uplink
+from shared.logs import call_sid_var
+from shared.redisio import Entries
+from worker.playback import Playout
+from worker.vapi_client import VapiError
+
+if TYPE_CHECKING:
+    from worker.main import Worker
+
+log = logging.getLogger("callbridge.worker.session")
+
+CALLER, ASSISTANT = "caller", "assistant"
+
+
+@dataclass(frozen=True)
+class Ending:
+    reason: str
+    side: str  # who ended it: CALLER (Twilio side is already gone) or ASSISTANT
+    say: str | None = None
+    transfer_to: str | None = None
+    detail: str = ""
+
+
+class CallSession:
+    def __init__(self, worker: Worker, sid: str, job_id: bytes, job: dict[bytes, bytes],
+                 takeover: bool) -> None:
+        s = worker.settings
+        self.w = worker
+        self.sid = sid
+        self.job_id = job_id
+        self.job = job
+        self.takeover = takeover
+        self.keys = worker.keys
+        self.out_key = worker.keys.outbound(sid)
+        self.playout = Playout(lead_s=s.playout_lead_ms / 1000, mark_every_ms=s.mark_every_ms)
+        self.uplink = Uplink(s.vapi_audio_format)
+        self.downlink = Downlink(s.vapi_audio_format)
+        self.stream_live = False
+        self.ending: Ending | None = None
+        self._inq: asyncio.Queue[Entries] = asyncio.Queue()
+        self._end_requested = asyncio.Event()
+        self._detached = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._backlog: list[bytes] = []
+        self._reattach_timer: asyncio.TimerHandle | None = None
+        self._completed = False  # ended for good (not released for a takeover)
+        self._seen_start = False
+
+    # Called by the worker's shared reader: must not block.
+    def on_inbound(self, entries: Entries) -> None:
+        self._inq.put_nowait(entries)
+
+    def request_end(self, ending: Ending) -> None:
+        if self.ending is None:
+            self.ending = ending
+            self._end_requested.set()
+
+    def event(self, kind: str, **data: object) -> None:
+        """Append to call:{sid}:events (transcripts, barge-ins, timings, the end)."""
+        value = orjson.dumps(data) if data else None
+        self.w.writer.xadd(self.keys.events(self.sid), S.entry(kind.encode(), value=value), 2000)
+
+    # Lifecycle --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        call_sid_var.set(self.sid)
+        consumer = asyncio.create_task(self._consume_inbound(), name=f"in-{self.sid}")
+        try:
+            if await self._already_over():
+                self._completed = True
+                return
+            await self._serve()
+            self._completed = True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("call session failed")
+            self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
+            with contextlib.suppress(Exception):
+                await self._finish_assistant_side()
+            self._completed = True
+        finally:
+            consumer.cancel()
+            if self._reattach_timer:
+                self._reattach_timer.cancel()
+            await self._close_vapi(send_end=True)
+            await asyncio.gather(consumer, return_exceptions=True)
+            self.w.session_done(self, completed=self._completed)
+
+    async def _already_over(self) -> bool:
+        status = await self.w.redis.hget(self.keys.call(self.sid), "status")
+        if status is None or status.decode() == S.STATUS_ENDED:
+            log.info("job for a call that is already over; skipping")
+            return True
+        return False
+
+    async def _serve(self) -> None:
+        settings = self.w.settings
+        self.w.writer.command("hset", self.keys.call(self.sid), mapping={"owner": self.w.worker_id})
+        for key in (self.keys.inbound(self.sid), self.out_key, self.keys.events(self.sid)):
+            self.w.writer.command("expire", key, settings.call_ttl_s)
+        t0 = time.monotonic()
+        setup = asyncio.create_task(self._setup())
+        ended = asyncio.create_task(self._end_requested.wait())
+        await asyncio.wait({setup, ended}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if not setup.done():  # the caller hung up while Vapi was being set up
+            setup.cancel()
+            await asyncio.gather(setup, return_exceptions=True)
+        elif isinstance(setup.exception(), VapiError):
+            err = setup.exception()
+            assert isinstance(err, VapiError)
+            metrics.VAPI_ERRORS.labels(err.kind).inc()
+            log.warning("vapi setup failed", extra={"reason": err.reason, "detail": err.detail})
+            self.request_end(Ending(err.reason, ASSISTANT, say=settings.unavailable_message,
+                                    detail=err.detail))
+        elif setup.exception() is not None:
+            raise setup.exception()  # type: ignore[misc]
+        else:
+            self._ws = setup.result()
+            metrics.VAPI_SOCKETS.inc()
+            setup_s = time.monotonic() - t0
+            metrics.VAPI_SETUP.observe(setup_s)
+            self.event("vapi-connected", setup_ms=round(setup_s * 1000, 1), takeover=self.takeover)
+            log.info("vapi connected", extra={"setup_ms": round(setup_s * 1000, 1)})
+            self._inq.put_nowait([])  # flush caller audio that arrived during setup
+            downlink = asyncio.create_task(self._downlink(self._ws), name=f"vapi-{self.sid}")
+            await self._end_requested.wait()
+            if self.ending and self.ending.side == ASSISTANT:
+                await self._drain_playout()
+            downlink.cancel()
+            await asyncio.gather(downlink, return_exceptions=True)
+        assert self.ending is not None
+        if self.ending.side == CALLER:
+            await self._close_vapi(send_end=True)
+        else:
+            await self._finish_assistant_side()
+
+    async def _setup(self) -> ClientConnection:
+        job = self.job
+        body = V.create_call_body(
+            assistant_id=self.w.settings.vapi_assistant_id or "",
+            audio_format=self.w.settings.vapi_audio_format,
+            sample_rate=self.w.settings.audio_sample_rate,
+            call_sid=self.sid,
+            from_=job.get(b"from", b"").decode(),
+            to=job.get(b"to", b"").decode(),
+        )
+        call = await self.w.vapi.create_call(body)
+        self.w.writer.command("hset", self.keys.call(self.sid), mapping={"vapi_call_id": call.id})
+        return await self.w.vapi.connect(call)
+
+    # Caller -> assistant ---------------------------------------------------------------------
+
+    async def _consume_inbound(self) -> None:
+        latency = metrics.HOP_LATENCY.labels("twilio_to_vapi")
+        frames = metrics.FRAMES.labels("in", "vapi")
+        while True:
+            entries = await self._inq.get()
+            if self._ws is not None and self._backlog:
+                backlog, self._backlog = self._backlog, []
+                for audio in backlog:
+                    await self._send_audio(audio)
+            for _id, f in entries:
+                kind = f.get(b"k")
+                if kind == S.IN_MEDIA:
+                    audio = f.get(b"a", b"")
+                    if self._ws is None:
+                        self._backlog.append(audio)  # bounded by the stream's MAXLEN upstream
+                        continue
+                    await self._send_audio(audio)
+                    frames.inc()
+                    latency.observe(S.entry_age_ms(f) / 1000)
+                elif kind == S.IN_MARK:
+                    self.playout.on_mark(f.get(b"v", b"").decode())
+                elif kind == S.IN_START:
+                    self._on_stream_start(f.get(b"v", b"{}"))
+                elif kind == S.IN_DTMF:
+                    self._on_dtmf(f.get(b"v", b"").decode())
+                elif kind == S.IN_STOP:
+                    self.stream_live = False
+                    self.request_end(Ending("caller-hangup", CALLER))
+                elif kind == S.IN_DETACH:
+                    self._on_detach(f.get(b"v", b"").decode())
+
+    async def _send_audio(self, ulaw: bytes) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            await ws.send(self.uplink.convert(ulaw))
+        except ConnectionClosed:
+            pass  # the downlink task sees the close and ends the call
+
+    def _on_stream_start(self, raw: bytes) -> None:
+        try:
+            info = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            info = {}
+        now = time.monotonic()
+        self.playout.stream_reset(now)
+        self.stream_live = True
+        self._seen_start = True
+        self._detached.clear()
+        if self._reattach_timer:
+            self._reattach_timer.cancel()
+            self._reattach_timer = None
+        self.w.writer.command("hset", self.keys.call(self.sid), "status", S.STATUS_LIVE)
+        self.w.wake_ticker(self)
+        self.event("stream-start", stream_sid=info.get("stream_sid", ""))
+
+    def _on_detach(self, why: str) -> None:
+        self.stream_live = False
+        self._detached.set()
+        if why == "hangup" or self.ending is not None:
+            return
+        # The socket was lost with the call still up: Twilio re-attaches via <Connect action>.
+        self.event("stream-lost")
+        loop = asyncio.get_running_loop()
+        self._reattach_timer = loop.call_later(
+            10.0, lambda: self.request_end(Ending("stream-lost", ASSISTANT))
+        )
+
+    def _on_dtmf(self, digit: str) -> None:
+        # Keypad entries are forwarded one digit at a time here; gathering lives in issue #3.
+        ws = self._ws
+        self.event("dtmf", digit=digit)
+        if ws is not None:
+            task = asyncio.create_task(self._send_text(V.keypad_entry(digit)))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _send_text(self, text: str) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(text)
+
+    # Assistant -> caller ---------------------------------------------------------------------
+
+    async def _downlink(self, ws: ClientConnection) -> None:
+        frames = metrics.FRAMES.labels("out", "vapi")
+        nbytes = metrics.AUDIO_BYTES.labels("out", "vapi")
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    frames.inc()
+                    nbytes.inc(len(msg))
+                    self.playout.push(self.downlink.convert(msg), time.monotonic())
+                    self.w.wake_ticker(self)
+                else:
+                    self._on_control(msg)
+        except ConnectionClosed:
+            pass
+        self.request_end(Ending("vapi-socket-closed", ASSISTANT,
+                                say=self.w.settings.unavailable_message))
+
+    def _on_control(self, text: str) -> None:
+        try:
+            msg = V.parse(text)
+        except ValueError:
+            metrics.DROPPED.labels("vapi_bad_json").inc()
+            return
+        if isinstance(msg, (V.UserInterrupted, V.SpeechUpdate)):
+            if isinstance(msg, V.SpeechUpdate) and not (msg.role == "user" and msg.status == "started"):
+                return
+            self.barge_in(type(msg).__name__)
+        elif isinstance(msg, V.StatusUpdate):
+            if msg.status == "ended":
+                self.event("vapi-ended", ended_reason=msg.ended_reason or "")
+                self.request_end(Ending("assistant-ended", ASSISTANT, detail=msg.ended_reason or ""))
+        elif isinstance(msg, V.Transcript):
+            if msg.final:
+                self.event("transcript", role=msg.role, text=msg.text[:2000])
+        elif isinstance(msg, V.ToolCalls):
+            for call in msg.calls:
+                if target := V.transfer_target(call):
+                    self.event("transfer-requested", target=target)
+                    self.request_end(Ending("transfer", ASSISTANT, transfer_to=target))
+                    break
+        else:
+            log.debug("vapi message", extra={"type": msg.type})
+
+    def barge_in(self, source: str) -> None:
+        """The caller talks over the assistant: drop what is unsent and flush Twilio's buffer."""
+        now = time.monotonic()
+        if not self.playout.active(now):
+            return
+        turn = self.playout.turn
+        dropped_ms = self.playout.interrupt(now)
+        self.downlink.reset()
+        self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+        metrics.BARGE_INS.inc()
+        rec = self.playout.turns.get(turn)
+        self.event("barge-in", source=source, turn=turn, dropped_ms=dropped_ms,
+                   sent_ms=rec.sent_ms if rec else 0, heard_ms=rec.heard_ms if rec else 0)
+
+    # Ending ----------------------------------------------------------------------------------
+
+    async def _drain_playout(self) -> None:
+        """Let the caller hear the assistant's last words: bounded by what is queued + a margin."""
+        if not self.stream_live:
+            return
+        deadline = time.monotonic() + self.playout.queued_s(time.monotonic()) + 2.0
+        while self.stream_live and time.monotonic() < deadline:
+            if not self.playout.active(time.monotonic()):
+                return
+            await asyncio.sleep(0.02)
+
+    async def _finish_assistant_side(self) -> None:
+        """Record the end, ask the gateway to close the stream, fall back to Twilio REST."""
+        assert self.ending is not None
+        e = self.ending
+        mapping = {"status": S.STATUS_ENDED, "end_reason": e.reason, "ended_at": str(time.time())}
+        if e.say:
+            mapping["say"] = e.say
+        if e.transfer_to:
+            mapping["transfer_to"] = e.transfer_to
+        self.w.writer.command("hset", self.keys.call(self.sid), mapping=mapping)
+        self.w.writer.xadd(self.out_key, S.entry(S.OUT_HANGUP), self.w.settings.stream_maxlen)
+        await self._close_vapi(send_end=True)
+        # A live socket (or one about to connect, which the gateway will refuse) is closed by the
+        # gateway and Twilio then asks <Connect action>; a lost one leaves only REST.
+        gone = self._seen_start and not self.stream_live
+        try:
+            if gone:
+                raise TimeoutError
+            await asyncio.wait_for(self._detached.wait(), self.w.settings.hangup_grace_s)
+        except TimeoutError:
+            outcome = await self.w.twilio.complete(self.sid)
+            self.event("rest-hangup", outcome=outcome)
+            log.info("ended the call over Twilio REST", extra={"outcome": outcome})
+
+    async def _close_vapi(self, send_end: bool) -> None:
+        ws, self._ws = self._ws, None
+        if ws is None:
+            return
+        with contextlib.suppress(Exception):
+            if send_end:
+                await asyncio.wait_for(ws.send(V.END_CALL), 0.5)
+            await ws.close()
+        metrics.VAPI_SOCKETS.dec()
