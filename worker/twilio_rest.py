@@ -15,18 +15,27 @@ log = logging.getLogger("callbridge.twilio")
 
 class TwilioRest:
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._enabled = bool(settings.twilio_account_sid and settings.auth_token)
-        self._http = AsyncTwilioHttpClient(timeout=5)
-        self._client = Client(settings.twilio_account_sid, settings.auth_token, http_client=self._http)
-        if settings.twilio_api_base_url:
-            self._client.api.base_url = settings.twilio_api_base_url.rstrip("/")
+        self._http: AsyncTwilioHttpClient | None = None
+        self._client: Client | None = None
+
+    def _get_client(self) -> Client:
+        # aiohttp (under the twilio client) must be created inside the running loop.
+        if self._client is None:
+            s = self._settings
+            self._http = AsyncTwilioHttpClient(timeout=5)
+            self._client = Client(s.twilio_account_sid, s.auth_token, http_client=self._http)
+            if s.twilio_api_base_url:
+                self._client.api.base_url = s.twilio_api_base_url.rstrip("/")
+        return self._client
 
     async def complete(self, call_sid: str) -> str:
         """Hang up: 'completed', 'already-ended' (404/20404), 'disabled' or 'failed'."""
         if not self._enabled:
             return "disabled"
         try:
-            await self._client.calls(call_sid).update_async(status="completed")
+            await self._get_client().calls(call_sid).update_async(status="completed")
             return "completed"
         except TwilioRestException as exc:
             if exc.status == 404 or exc.code == 20404:

@@ -1,0 +1,137 @@
+"""`callbridge demo`: the whole product on one machine, no phone and no accounts.
+
+Runs the gateway and a worker (as `dev` does), the Vapi stand-in with a greeter assistant and the
+Twilio simulator, places one call with two caller turns, prints a report and writes the call as
+a stereo WAV (caller left, assistant right). Always uses the stand-ins, never real services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+import uuid
+
+from callbridge.redis_server import free_port
+from shared.logs import setup_logging
+from shared.settings import Settings
+
+DEMO_ACCOUNT = "AC" + "d" * 32
+DEMO_TOKEN = "demo-auth-token"
+DEMO_KEY = "demo-vapi-key"
+
+
+async def _until(pred: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
+    from callbridge.cli import run_dev
+    from sim import voices
+    from sim.twilio import TwilioSim
+    from sim.vapi import VapiSim, greeter
+
+    vapi = VapiSim(api_key=DEMO_KEY, assistant=greeter(answers=2, end_after=True))
+    await vapi.start()
+    public = f"http://127.0.0.1:{port}"
+    twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=DEMO_ACCOUNT,
+                       auth_token=DEMO_TOKEN)
+    await twilio.start()
+    settings.vapi_base_url = vapi.base_url
+    settings.twilio_api_base_url = twilio.rest_base_url
+    stop, ready = asyncio.Event(), asyncio.Event()
+    dev = asyncio.create_task(run_dev(settings, "127.0.0.1", port, stop, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 15)
+        print(f"gateway + worker up on {public}; Vapi stand-in {vapi.base_url}; placing a call…")
+        call = await twilio.place_call(from_="+15550001111", to="+15550002222")
+
+        def heard_done(n: int) -> object:
+            def check() -> bool:
+                segs = call.heard_segments()
+                return len(segs) >= n and call.now() - segs[n - 1][1] > 0.3
+            return check
+
+        ok = await _until(heard_done(1), 10)
+        for turn in range(2):
+            if not ok:
+                break
+            call.say_pcm(voices.utterance("caller", turn, 0.8, 8000))
+            ok = await _until(heard_done(turn + 2), 10)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await call.wait_ended(15)
+        if not call.ended.is_set():
+            await call.hangup()
+        call.write_wav(args.wav)
+
+        pcm = call.heard_pcm16()
+        print("\ncallbridge demo report")
+        print(f"  call            {call.call_sid}  format={settings.vapi_audio_format}")
+        print(f"  ended           {call.end_reason}")
+        print("  caller heard    ", end="")
+        segs = call.heard_segments(min_silence_s=0.015)
+        print(", ".join(
+            f"{voices.identify(pcm[int(a * 8000) * 2:int(b * 8000) * 2], 8000)} "
+            f"{a:.2f}-{b:.2f}s" for a, b in segs) or "nothing")
+        sent = call.sent_segments()
+        for i, (a, b) in enumerate(sent):
+            reply = next((s for s in segs if s[0] > b), None)
+            if reply:
+                print(f"  turn {i + 1} latency  {1000 * (reply[0] - b):.0f} ms from end of caller speech "
+                      f"to first assistant audio (includes the stand-in's 400 ms end-of-turn wait)")
+        session = next(iter(vapi.sessions.values()), None)
+        if session is not None:
+            print(f"  vapi received   {len(session.received_frames)} frames for "
+                  f"{len(call.sent) // 160} caller frames sent")
+        print(f"  marks echoed    {len(call.marks_echoed)}; protocol errors: {len(call.protocol_errors)}")
+        print(f"  wav             {args.wav} (left: caller, right: assistant)")
+        success = (call.end_reason == "hangup" and len(segs) >= 3 and not call.protocol_errors
+                   and session is not None and len(session.received_frames) == len(call.sent) // 160)
+        print(f"  result          {'OK' if success else 'FAILED'}")
+        return 0 if success else 1
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(dev, 15)
+        await twilio.stop()
+        await vapi.stop()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    settings = Settings(  # type: ignore[call-arg]
+        REDIS_PREFIX=f"demo-{uuid.uuid4().hex[:6]}:",
+        TWILIO_ACCOUNT_SID=DEMO_ACCOUNT, TWILIO_AUTH_TOKEN=DEMO_TOKEN,
+        VAPI_API_KEY=DEMO_KEY, VAPI_ASSISTANT_ID="demo-assistant",
+    )
+    env = Settings()
+    settings.redis_url = env.redis_url
+    settings.vapi_audio_format = args.format or env.vapi_audio_format
+    settings.log_level = "WARNING"
+    settings.log_format = "text"
+    setup_logging(settings.log_level, settings.log_format, role="demo")
+    port = free_port()
+    settings.public_url = f"http://127.0.0.1:{port}"
+    redis_server = None
+    if not settings.redis_url:
+        from callbridge.redis_server import start_redis
+
+        redis_server = start_redis()
+        settings.redis_url = redis_server.url
+    try:
+        return asyncio.run(_demo(args, settings, port))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(argparse.Namespace(wav="callbridge-demo.wav", format=None)))

@@ -1,0 +1,233 @@
+"""End to end: `callbridge gateway` and `callbridge worker` as separate processes on a real Redis,
+with the Twilio simulator placing calls and the Vapi stand-in answering them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as aioredis
+
+from callbridge.redis_server import free_port
+from shared.audio import Uplink
+from shared.streams import Keys
+from sim import voices
+from sim.twilio import SimCall, TwilioSim
+from sim.vapi import AssistantScript, VapiSession, VapiSim, greeter
+from tests.conftest import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    VAPI_KEY,
+    Proc,
+    base_env,
+    gateway_proc,
+    worker_proc,
+)
+
+UNAVAILABLE = "Sorry, the assistant is not available right now. Please try again later."
+
+
+async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition on a deadline (for conditions that change with time alone)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Stack:
+    twilio: TwilioSim
+    vapi: VapiSim
+    gateway: Proc
+    worker: Proc
+    keys: Keys
+    redis: aioredis.Redis
+    fmt: str
+
+    async def call(self) -> SimCall:
+        return await self.twilio.place_call()
+
+
+async def make_stack(redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
+                     fmt: str = "pcm_s16le", assistant: AssistantScript | None = None,
+                     **env_extra: object) -> AsyncIterator[Stack]:
+    vapi = VapiSim(api_key=VAPI_KEY, assistant=assistant or greeter(answers=2))
+    await vapi.start()
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
+                       auth_token=AUTH_TOKEN)
+    await twilio.start()
+    env = base_env(redis_url, prefix, PUBLIC_URL=public, VAPI_BASE_URL=vapi.base_url,
+                   TWILIO_API_BASE_URL=twilio.rest_base_url, VAPI_AUDIO_FORMAT=fmt,
+                   ENDED_TTL_S=2, HANGUP_GRACE_S=2, **env_extra)
+    gw = gateway_proc(env, port).start()
+    wk = worker_proc(env).start()
+    procs += [gw, wk]
+    try:
+        await gw.wait_ready()
+        await wk.wait_ready()
+        yield Stack(twilio, vapi, gw, wk, Keys(prefix), redis, fmt)
+    finally:
+        await twilio.stop()
+        await vapi.stop()
+
+
+@pytest.fixture(params=["pcm_s16le", "mulaw"])
+async def stack(request: pytest.FixtureRequest, redis_url: str, prefix: str, procs: list[Proc],
+                redis: aioredis.Redis) -> AsyncIterator[Stack]:
+    async for s in make_stack(redis_url, prefix, procs, redis, fmt=request.param):
+        yield s
+
+
+def labels_heard(call: SimCall, min_silence_s: float = 0.06) -> list[tuple[str | None, float]]:
+    """(utterance label, seconds) for each run of audio the caller heard."""
+    pcm = call.heard_pcm16()
+    out = []
+    for start, end in call.heard_segments(min_silence_s=min_silence_s):
+        seg = pcm[int(start * 8000) * 2: int(end * 8000) * 2]
+        out.append((voices.identify(seg, 8000), end - start))
+    return out
+
+
+async def wait_heard(call: SimCall, n: int, timeout: float = 10.0) -> None:
+    """Until the caller has heard n utterances in full (the n-th ended 0.3 s ago)."""
+    def done() -> bool:
+        segs = call.heard_segments()
+        return len(segs) >= n and call.now() - segs[n - 1][1] > 0.3
+    await until(done, timeout, f"{n} assistant utterances")
+
+
+def caller_utterance(index: int, seconds: float = 0.8) -> bytes:
+    return voices.utterance("caller", index, seconds, 8000)
+
+
+def assert_every_frame_delivered(call: SimCall, session: VapiSession, fmt: str) -> None:
+    """Vapi got each caller frame, in order, converted exactly as one-shot conversion would."""
+    expected = Uplink(fmt).convert(call.sent)
+    frame = 640 if fmt == "pcm_s16le" else 160
+    assert session.received_frames == [frame] * (len(call.sent) // 160)
+    assert bytes(session.received_audio) == expected
+
+
+async def assert_keys_expire(stack: Stack, sid: str) -> None:
+    keys = stack.keys.all_call_keys(sid)
+    deadline = time.monotonic() + 10
+    while await stack.redis.exists(*keys):
+        assert time.monotonic() < deadline, "call keys did not expire"
+        await asyncio.sleep(0.1)
+
+
+async def test_call_with_greeting_two_turns_and_hangup(stack: Stack) -> None:
+    call = await stack.call()
+    session = await stack.vapi.wait_session(10)
+    assert session.audio_format == stack.fmt
+    overrides = session.body["assistantOverrides"]
+    assert overrides["variableValues"]["twilioCallSid"] == call.call_sid
+    assert overrides["metadata"]["from"] == call.from_
+
+    await wait_heard(call, 1)
+    call.say_pcm(caller_utterance(0))
+    await wait_heard(call, 2)
+    call.say_pcm(caller_utterance(1))
+    await wait_heard(call, 3)
+    await call.hangup()
+    assert await call.wait_ended(5) == "caller-hangup"
+
+    heard = labels_heard(call)
+    assert [label for label, _ in heard] == ["greeting", "answer:0", "answer:1"]
+    # No gap inside an utterance: even a single missing 20 ms frame would split a run here.
+    fine = labels_heard(call, min_silence_s=0.015)
+    assert [label for label, _ in fine] == ["greeting", "answer:0", "answer:1"]
+    for (_, seconds), expected in zip(fine, (1.0, 1.2, 1.2), strict=True):
+        assert abs(seconds - expected) < 0.05, fine
+    assert not call.protocol_errors
+
+    await session.wait_closed(2)
+    assert session.received_control("end-call"), "Vapi was told the caller hung up"
+    assert_every_frame_delivered(call, session, stack.fmt)
+    assert stack.vapi.open_sessions() == 0
+    record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
+    assert record.get(b"end_reason") == b"caller-hangup"
+    await assert_keys_expire(stack, call.call_sid)
+
+
+async def test_slow_vapi_loses_no_caller_audio(redis_url: str, prefix: str, procs: list[Proc],
+                                               redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis,
+                                  assistant=greeter(answers=1, greeting_s=None)):
+        stack.vapi.create_delay = 1.5
+        call = await stack.call()
+        call.say_pcm(caller_utterance(2, seconds=1.0))  # the caller talks before Vapi is ready
+        session = await stack.vapi.wait_session(10)
+        await session.wait_connected(5)
+        await wait_heard(call, 1, timeout=10)
+        assert [label for label, _ in labels_heard(call)] == ["answer:0"]
+        await call.hangup()
+        await session.wait_closed(3)
+        assert_every_frame_delivered(call, session, stack.fmt)
+        assert len(session.caller_turns) == 1
+
+
+@pytest.mark.parametrize(("status", "reason"), [(400, "vapi-rejected"), (429, "vapi-rate-limited"),
+                                                (500, "vapi-error")])
+async def test_vapi_refusing_the_call_ends_it_cleanly(redis_url: str, prefix: str, procs: list[Proc],
+                                                      redis: aioredis.Redis, status: int,
+                                                      reason: str) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis):
+        stack.vapi.fail_status = status
+        call = await stack.call()
+        assert await call.wait_ended(10) == "hangup"
+        assert call.say_texts == [UNAVAILABLE], "the caller hears why, then a hang-up"
+        record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
+        assert record[b"end_reason"] == reason.encode()
+        events = [f[b"k"] for _i, f in await stack.redis.xrange(stack.keys.events(call.call_sid))]
+        assert b"call-ended" in events
+        assert stack.vapi.open_sessions() == 0
+        assert stack.worker.proc is not None and stack.worker.proc.poll() is None
+
+
+async def test_vapi_socket_dropping_mid_call_ends_the_call(redis_url: str, prefix: str,
+                                                            procs: list[Proc],
+                                                            redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis):
+        call = await stack.call()
+        session = await stack.vapi.wait_session(10)
+        await wait_heard(call, 1)
+        await session.drop()
+        assert await call.wait_ended(10) == "hangup"
+        assert call.say_texts == [UNAVAILABLE]
+        record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
+        assert record[b"end_reason"] == b"vapi-socket-closed"
+        # The worker survived and serves the next call.
+        second = await stack.call()
+        await wait_heard(second, 1)
+        await second.hangup()
+        assert stack.worker.proc is not None and stack.worker.proc.poll() is None
+
+
+async def test_assistant_ending_the_call_hangs_up_after_its_goodbye(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis
+) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis,
+                                  assistant=greeter(answers=1, end_after=True)):
+        call = await stack.call()
+        await wait_heard(call, 1)
+        call.say_pcm(caller_utterance(0))
+        assert await call.wait_ended(15) == "hangup"
+        # The stand-in says its goodbye right after the answer, so the two form one run.
+        runs = call.heard_segments(min_silence_s=0.015)
+        assert len(runs) == 2, runs
+        start, end = runs[-1]
+        assert abs((end - start) - 2.0) < 0.05, "answer (1.2 s) and goodbye (0.8 s) play to the end"
+        pcm = call.heard_pcm16()
+        tail = pcm[int((end - 0.7) * 8000) * 2: int(end * 8000) * 2]
+        assert voices.identify(tail, 8000) == "goodbye"
+        assert call.say_texts == []
+        record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
+        assert record[b"end_reason"] == b"assistant-ended"
