@@ -1,0 +1,760 @@
+"""Tests for the Twilio simulator (sim/twilio.py) against a tiny throwaway gateway.
+
+Everything runs over real loopback sockets: the gateway below is a FastAPI app under uvicorn
+(in-process), the simulator is the real thing. Waits are event-driven with timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import re
+import socket
+import time
+import warnings
+import wave
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response, WebSocket
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from sim.twilio import SimCall, TwilioSim, TwilioSimError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "sim-test-auth-token"
+SID_RE = re.compile(r"^(CA|MZ)[0-9a-f]{32}$")
+
+
+# ----------------------------------------------------------------------------- audio helpers
+
+
+def tone_ulaw(seconds: float, freq: float = 440.0, amp: int = 8000) -> bytes:
+    n = int(seconds * 8000)
+    pcm = b"".join(
+        int(amp * math.sin(2 * math.pi * freq * i / 8000)).to_bytes(2, "little", signed=True)
+        for i in range(n)
+    )
+    return audioop.lin2ulaw(pcm, 2)
+
+
+TONE_400MS = tone_ulaw(0.4)
+TONE_1S = tone_ulaw(1.0, freq=600.0)
+
+
+# ----------------------------------------------------------------------------- test gateway
+
+
+class Waitable:
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not pred():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("condition not met")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+
+class Conn(Waitable):
+    """The gateway's view of one Media Stream socket."""
+
+    def __init__(self, ws: WebSocket, signature: str) -> None:
+        super().__init__()
+        self.ws = ws
+        self.signature = signature
+        self.connected: dict[str, Any] = {}
+        self.start: dict[str, Any] = {}
+        self.raw: list[str] = []  # every text frame after `start`, as received
+        self.messages: list[tuple[float, dict[str, Any]]] = []  # (arrival, parsed)
+        self.inbound = bytearray()  # concatenated inbound media payloads
+        self.closed = asyncio.Event()
+        self.echo = False
+        self._echo_buf = bytearray()
+        self._echo_n = 0
+
+    @property
+    def sid(self) -> str:
+        return str(self.start["streamSid"])
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [m for _, m in self.messages if m["event"] == event]
+
+    def media_arrivals(self) -> list[float]:
+        return [t for t, m in self.messages if m["event"] == "media"]
+
+    def mark_echo(self, name: str) -> tuple[float, dict[str, Any]] | None:
+        for t, m in self.messages:
+            if m["event"] == "mark" and m["mark"]["name"] == name:
+                return t, m
+        return None
+
+    async def send(self, doc: dict[str, Any]) -> None:
+        await self.ws.send_text(json.dumps(doc))
+
+    async def send_media(self, ulaw: bytes) -> None:
+        payload = base64.b64encode(ulaw).decode()
+        await self.send({"event": "media", "streamSid": self.sid, "media": {"payload": payload}})
+
+    async def send_mark(self, name: str) -> None:
+        await self.send({"event": "mark", "streamSid": self.sid, "mark": {"name": name}})
+
+    async def send_clear(self) -> None:
+        await self.send({"event": "clear", "streamSid": self.sid})
+
+
+class FakeGateway(Waitable):
+    """A minimal, strict gateway: validates signatures, echoes, closes/clears on DTMF."""
+
+    def __init__(self, auth_token: str) -> None:
+        super().__init__()
+        self.validator = RequestValidator(auth_token)
+        self.public = ""
+        self.url = ""
+        self.voice_mode = "connect"  # connect | connect-no-action | say-hangup | http-500
+        self.reject_ws = False
+        self.echo = False
+        self.action_replies: list[str] = []  # consumed per action request; default hangup
+        self.webhooks: list[tuple[str, dict[str, str], bool]] = []  # (path, params, sig ok)
+        self.stream_status: list[dict[str, str]] = []
+        self.conns: list[Conn] = []
+        self.app = self._build()
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return self.public.replace("https://", "wss://").replace("http://", "ws://") + "/twilio/media"
+
+    async def next_conn(self, n: int = 1, timeout: float = 3.0) -> Conn:  # noqa: ASYNC109
+        await self.wait_for(lambda: len(self.conns) >= n, timeout)
+        return self.conns[n - 1]
+
+    def _connect_twiml(self, call_sid: str, say: str | None = None, action: bool = True) -> str:
+        resp = VoiceResponse()
+        connect = Connect(action=self.public + "/twilio/stream-ended" if action else None)
+        stream = connect.stream(
+            url=self.ws_url, status_callback=self.public + "/twilio/stream-status"
+        )
+        stream.parameter(name="token", value="tok-" + call_sid)
+        stream.parameter(name="greeting", value="hello & welcome")
+        resp.append(connect)
+        if say:
+            resp.say(say)
+        return str(resp)
+
+    async def _form(self, request: Request) -> tuple[dict[str, str], bool]:
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        url = self.public + request.url.path
+        ok = self.validator.validate(url, form, request.headers.get("x-twilio-signature", ""))
+        self.webhooks.append((request.url.path, form, ok))
+        self.changed()
+        return form, ok
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/twilio/voice")
+        async def voice(request: Request) -> Response:
+            form, ok = await self._form(request)
+            if not ok:
+                return Response("bad signature", status_code=403)
+            if self.voice_mode == "http-500":
+                return Response("boom", status_code=500)
+            if self.voice_mode == "say-hangup":
+                resp = VoiceResponse()
+                resp.say("Goodbye")
+                resp.hangup()
+                return Response(str(resp), media_type="application/xml")
+            if self.voice_mode == "connect-no-action":
+                twiml = self._connect_twiml(form["CallSid"], say="Bye for now", action=False)
+                return Response(twiml, media_type="application/xml")
+            return Response(self._connect_twiml(form["CallSid"]), media_type="application/xml")
+
+        @app.post("/twilio/stream-ended")
+        async def stream_ended(request: Request) -> Response:
+            form, ok = await self._form(request)
+            if not ok:
+                return Response("bad signature", status_code=403)
+            reply = self.action_replies.pop(0) if self.action_replies else "hangup"
+            resp = VoiceResponse()
+            if reply == "dial":
+                resp.say("Transferring you now")
+                resp.dial().number("+15557654321")
+                return Response(str(resp), media_type="application/xml")
+            if reply == "reconnect":
+                return Response(self._connect_twiml(form["CallSid"]), media_type="text/xml")
+            resp.hangup()
+            return Response(str(resp), media_type="application/xml")
+
+        @app.post("/twilio/stream-status")
+        async def stream_status(request: Request) -> Response:
+            form, _ = await self._form(request)
+            self.stream_status.append(form)
+            return Response(status_code=204)
+
+        @app.websocket("/twilio/media")
+        async def media(ws: WebSocket) -> None:
+            sig = ws.headers.get("x-twilio-signature", "")
+            if self.reject_ws or not self.validator.validate(self.ws_url, {}, sig):
+                await ws.close(code=1008)  # before accept: handshake rejected (HTTP 403)
+                return
+            await ws.accept()
+            conn = Conn(ws, sig)
+            conn.echo = self.echo
+            conn.connected = json.loads(await ws.receive_text())
+            conn.start = json.loads(await ws.receive_text())
+            self.conns.append(conn)
+            self.changed()
+            try:
+                while True:
+                    msg = await ws.receive()
+                    if msg["type"] == "websocket.disconnect":
+                        break
+                    text = msg.get("text")
+                    if text is None:
+                        continue
+                    doc = json.loads(text)
+                    conn.raw.append(text)
+                    conn.messages.append((time.monotonic(), doc))
+                    await self._on_message(conn, doc)
+                    conn.changed()
+            finally:
+                conn.closed.set()
+                conn.changed()
+
+        return app
+
+    async def _on_message(self, conn: Conn, doc: dict[str, Any]) -> None:
+        event = doc["event"]
+        if event == "media":
+            audio = base64.b64decode(doc["media"]["payload"])
+            conn.inbound += audio
+            if conn.echo:  # echo in 100 ms chunks, each followed by a mark
+                conn._echo_buf += audio
+                if len(conn._echo_buf) >= 800:
+                    chunk, conn._echo_buf = bytes(conn._echo_buf[:800]), conn._echo_buf[800:]
+                    conn._echo_n += 1
+                    await conn.send_media(chunk)
+                    await conn.send_mark(f"echo-{conn._echo_n}")
+        elif event == "dtmf":
+            digit = doc["dtmf"]["digit"]
+            if digit == "#":
+                await conn.ws.close(code=1000)
+            elif digit == "*":
+                await conn.send_clear()
+
+    async def start(self, public_url: str | None = None) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # → TCP_NODELAY
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.public = (public_url or self.url).rstrip("/")
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="off", ws="websockets-sansio",
+            timeout_graceful_shutdown=1,
+        )
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]))
+        for _ in range(300):
+            if server.started:
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("gateway did not start")
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            done, _ = await asyncio.wait({self._task}, timeout=5)
+            if not done:
+                self._task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def environment(
+    public_url: str | None = None, sim_public_url: str | None = None, auth_token: str = AUTH_TOKEN
+) -> AsyncIterator[tuple[FakeGateway, TwilioSim]]:
+    gw = FakeGateway(AUTH_TOKEN)
+    await gw.start(public_url)
+    sim = TwilioSim(
+        gateway_url=gw.url,
+        public_url=sim_public_url or gw.public,
+        account_sid=ACCOUNT_SID,
+        auth_token=auth_token,
+    )
+    await sim.start()
+    try:
+        yield gw, sim
+    finally:
+        await sim.stop()
+        await gw.stop()
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[tuple[FakeGateway, TwilioSim]]:
+    async with environment() as pair:
+        yield pair
+
+
+def assert_consecutive_seq(conn: Conn) -> None:
+    """One string counter shared by every message after `start` ("1")."""
+    seqs = [m["sequenceNumber"] for _, m in conn.messages]
+    assert all(isinstance(s, str) for s in seqs)
+    assert [int(s) for s in seqs] == list(range(2, 2 + len(seqs)))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+async def test_webhook_start_and_string_counters(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    call = await sim.place_call(from_="+15551230000", to="+15559870000")
+    conn = await gw.next_conn()
+
+    path, params, sig_ok = gw.webhooks[0]
+    assert path == "/twilio/voice" and sig_ok
+    assert SID_RE.match(params["CallSid"]) and params["CallSid"] == call.call_sid
+    assert params["AccountSid"] == ACCOUNT_SID
+    assert params["From"] == params["Caller"] == "+15551230000"
+    assert params["To"] == params["Called"] == "+15559870000"
+    assert params["CallStatus"] == "ringing"
+    assert params["Direction"] == "inbound"
+    assert params["ApiVersion"] == "2010-04-01"
+    assert sim.calls[call.call_sid] is call
+
+    assert conn.connected == {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+    sid = conn.sid
+    assert SID_RE.match(sid) and sid.startswith("MZ") and call.streams == [sid]
+    assert conn.start == {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "accountSid": ACCOUNT_SID,
+            "streamSid": sid,
+            "callSid": call.call_sid,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "customParameters": {"token": "tok-" + call.call_sid, "greeting": "hello & welcome"},
+        },
+        "streamSid": sid,
+    }
+    assert call.custom_parameters["greeting"] == "hello & welcome"
+
+    await conn.wait_for(lambda: len(conn.of("media")) >= 5)
+    call.send_dtmf("7")
+    await conn.wait_for(lambda: bool(conn.of("dtmf")))
+    await conn.wait_for(lambda: conn.messages[-1][1]["event"] == "media")
+    await call.hangup()
+    await asyncio.wait_for(conn.closed.wait(), 3)
+
+    assert call.end_reason == "caller-hangup" and call.ended.is_set()
+    assert_consecutive_seq(conn)
+    media = conn.of("media")
+    for i, m in enumerate(media):
+        assert list(m) == ["event", "sequenceNumber", "media", "streamSid"]
+        assert m["streamSid"] == sid
+        assert m["media"]["track"] == "inbound"
+        assert m["media"]["chunk"] == str(i + 1)
+        assert m["media"]["timestamp"] == str(i * 20)
+        assert len(base64.b64decode(m["media"]["payload"], validate=True)) == 160
+    (dtmf,) = conn.of("dtmf")
+    assert dtmf == {
+        "event": "dtmf",
+        "streamSid": sid,
+        "sequenceNumber": dtmf["sequenceNumber"],
+        "dtmf": {"track": "inbound_track", "digit": "7"},
+    }
+    stop = conn.messages[-1][1]
+    assert stop == {
+        "event": "stop",
+        "sequenceNumber": stop["sequenceNumber"],
+        "stop": {"accountSid": ACCOUNT_SID, "callSid": call.call_sid},
+        "streamSid": sid,
+    }
+    # Silence is sent continuously while the caller says nothing.
+    assert set(conn.inbound) == {0xFF}
+    # <Stream statusCallback> got stream-started (fire-and-forget, so wait for it).
+    await gw.wait_for(lambda: any(s["StreamEvent"] == "stream-stopped" for s in gw.stream_status))
+    assert [s["StreamEvent"] for s in gw.stream_status] == ["stream-started", "stream-stopped"]
+    assert all(s["StreamSid"] == sid for s in gw.stream_status)
+
+
+async def test_pacing_and_caller_audio(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    calls = [await sim.place_call() for _ in range(8)]  # all share the one 20 ms ticker
+    conns = [await gw.next_conn(i + 1) for i in range(len(calls))]
+    speech = tone_ulaw(0.5) + b"\x00" * 100  # 100 bytes → last frame padded with 0xFF
+    calls[0].say(speech)
+    calls[1].say_pcm(audioop.ulaw2lin(speech, 2))
+
+    t1 = time.monotonic() + 0.1
+    for conn in conns:
+        await conn.wait_for(lambda c=conn: bool(c.media_arrivals()) and c.media_arrivals()[-1] >= t1 + 1.0)
+    for conn in conns:
+        n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 1.0)
+        assert abs(n - 50) <= 2, n
+
+    await calls[0].wait_speaking_done(timeout=3)
+    await calls[1].wait_speaking_done(timeout=3)
+    padded = speech + b"\xff" * 60
+    for call, conn in zip(calls[:2], conns[:2], strict=True):
+        assert padded in bytes(conn.inbound)
+        assert padded in call.sent
+    # `sent` is a call-time timeline: frame k of the stream sits at offset0 + 160 k.
+    frames = calls[0].sent_frames
+    offs = [pos for _, pos in frames]
+    assert offs == [offs[0] + 160 * k for k in range(len(offs))]
+    assert [t for t, _ in frames] == sorted(t for t, _ in frames)
+    seg = calls[0].sent_segments()
+    assert len(seg) == 1 and abs((seg[0][1] - seg[0][0]) - 0.5125) < 0.01
+    # Each frame goes out once its 20 ms of audio exist, i.e. after the audio's call time.
+    t_sent = calls[0].sent_time_at(seg[0][1] - 0.001)
+    assert t_sent is not None and seg[0][1] - 0.001 < t_sent < seg[0][1] + 0.1
+    for call in calls:
+        await call.hangup()
+    for conn in conns:
+        assert_consecutive_seq(conn)
+
+
+async def test_mark_echo_waits_for_playout(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+
+    await conn.send_media(TONE_400MS)
+    await conn.send_mark("after-400ms")
+    await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+    (t_rx, name_rx), (t_echo, name_echo) = call.marks_sent_by_server[0], call.marks_echoed[0]
+    assert name_rx == name_echo == "after-400ms"
+    t_media = call.received_media_times[0][0]
+    assert t_echo - t_media >= 0.399  # echoed only when the 400 ms had played
+    assert t_rx < t_echo < t_media + 0.65
+
+    # Buffer empty now: the next mark comes back at once.
+    await conn.send_mark("empty")
+    await call.wait_for(lambda: len(call.marks_echoed) == 2, timeout=3)
+    assert call.marks_echoed[1][1] == "empty"
+    assert call.marks_echoed[1][0] - call.marks_sent_by_server[1][0] < 0.01
+
+    # Two chunks with a mark after each: echoes come in order, one chunk apart.
+    chunk = TONE_400MS[:1600]  # 200 ms
+    await conn.send_media(chunk)
+    await conn.send_mark("a")
+    await conn.send_media(chunk)
+    await conn.send_mark("b")
+    await call.wait_for(lambda: len(call.marks_echoed) == 4, timeout=3)
+    (ta, na), (tb, nb) = call.marks_echoed[2:]
+    assert (na, nb) == ("a", "b")
+    assert 0.19 <= tb - ta < 0.3
+    await conn.wait_for(lambda: conn.mark_echo("b") is not None)
+    echo = conn.mark_echo("b")
+    assert echo is not None
+    assert list(echo[1]) == ["event", "sequenceNumber", "streamSid", "mark"]
+    assert echo[1]["streamSid"] == conn.sid
+    # What the caller heard: the tone, then the two chunks back to back (the 2nd was queued).
+    heard = call.heard
+    assert TONE_400MS in heard and chunk + chunk in heard
+    segs = call.heard_segments()
+    assert abs(segs[0][0] - t_media) < 0.002
+    t_chunk = call.received_media_times[1][0]  # plays at max(arrival, end of the tone)
+    assert abs(segs[-1][1] - (max(t_chunk, t_media + 0.4) + 0.4)) < 0.002
+    await call.hangup()
+    assert_consecutive_seq(conn)
+
+
+async def test_clear_drops_unplayed_audio_and_echoes_marks(
+    env: tuple[FakeGateway, TwilioSim],
+) -> None:
+    gw, sim = env
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+
+    await conn.send_media(TONE_1S)
+    await conn.send_mark("first-second")
+    await conn.send_media(TONE_1S)
+    await conn.send_mark("second-second")
+    await call.wait_for(lambda: len(call.marks_sent_by_server) == 2, timeout=3)
+    t_media = call.received_media_times[0][0]
+    await asyncio.sleep(0.25)  # let ~250 ms play; assertions use the recorded clear time
+    call.send_dtmf("*")  # the test gateway answers '*' with a clear
+    await call.wait_for(lambda: len(call.marks_echoed) == 2, timeout=3)
+
+    (t_clear,) = call.clears
+    assert [n for _, n in call.marks_echoed] == ["first-second", "second-second"]
+    assert all(t - t_clear < 0.01 for t, _ in call.marks_echoed)  # at once, not after playout
+    await conn.wait_for(lambda: conn.mark_echo("second-second") is not None)
+
+    # Only what played before the clear was heard; the rest never was.
+    played = t_clear - t_media
+    segs = call.heard_segments()
+    assert len(segs) == 1
+    start, end = segs[0]
+    assert abs(start - t_media) < 0.002
+    assert abs(end - t_clear) < 0.002
+    assert 0.2 < played < 0.6
+    n_played = len(call.heard) - int(t_media * 8000)
+    assert call.heard[int(t_media * 8000) :] == TONE_1S[:n_played]
+
+    # After a clear the buffer is empty: new audio plays immediately, marks follow it.
+    await conn.send_media(TONE_400MS[:800])
+    await conn.send_mark("after-clear")
+    await call.wait_for(lambda: len(call.marks_echoed) == 3, timeout=3)
+    t_rx = call.marks_sent_by_server[-1][0]
+    assert 0.099 <= call.marks_echoed[-1][0] - t_rx < 0.3
+    await call.hangup()
+    assert_consecutive_seq(conn)
+
+
+async def test_signatures_over_public_url() -> None:
+    public = "https://cb.example.com"
+    async with environment(public_url=public) as (gw, sim):
+        call = await sim.place_call()
+        conn = await gw.next_conn()
+        assert gw.webhooks[0][2]  # the gateway validated against https://cb.example.com/...
+        expected = RequestValidator(AUTH_TOKEN).compute_signature(
+            "wss://cb.example.com/twilio/media", {}
+        )
+        assert conn.signature == expected
+        assert call.twiml_log and "wss://cb.example.com/twilio/media" in call.twiml_log[0]
+        await call.hangup()
+
+    # A sim that signs another public URL, or with another token, is rejected (403).
+    async with environment(public_url=public, sim_public_url="https://other.example.com") as (
+        gw,
+        sim,
+    ):
+        with pytest.raises(TwilioSimError, match="403"):
+            await sim.place_call()
+        assert gw.webhooks and not gw.webhooks[0][2]
+    async with environment(auth_token="wrong-token") as (gw, sim):
+        with pytest.raises(TwilioSimError, match="403") as info:
+            await sim.place_call()
+        assert info.value.call is not None and info.value.call.end_reason == "error"
+
+
+async def test_place_call_failures(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    gw.reject_ws = True
+    with pytest.raises(TwilioSimError, match=r"31920.*403"):
+        await sim.place_call()
+
+    gw.reject_ws = False
+    gw.voice_mode = "say-hangup"
+    with pytest.raises(TwilioSimError, match="no <Connect><Stream>") as info:
+        await sim.place_call()
+    call = info.value.call
+    assert isinstance(call, SimCall)
+    assert call.say_texts == ["Goodbye"] and call.end_reason == "hangup"
+
+    gw.voice_mode = "http-500"
+    with pytest.raises(TwilioSimError, match="HTTP 500"):
+        await sim.place_call()
+
+
+async def test_action_hangup_after_server_close(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    gw.action_replies = ["hangup"]
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+    call.send_dtmf("#")  # the test gateway closes the socket on '#'
+    assert await call.wait_ended(timeout=3) == "hangup"
+    path, params, ok = gw.webhooks[-1]
+    assert path == "/twilio/stream-ended" and ok
+    assert params["CallStatus"] == "in-progress" and params["CallSid"] == call.call_sid
+    assert conn.closed.is_set()
+    assert not conn.of("stop")  # Twilio does not send `stop` when the server closed first
+    closed = [d for _, k, d in call.events if k == "stream-closed"]
+    assert closed and closed[0]["by"] == "server"
+
+
+async def test_no_action_continues_document(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    gw.voice_mode = "connect-no-action"
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+    await conn.ws.close(code=1000)
+    # Without <Connect action>, Twilio runs the verbs after </Connect>, then the call ends.
+    assert await call.wait_ended(timeout=3) == "completed"
+    assert call.say_texts == ["Bye for now"]
+    assert [p for p, _, _ in gw.webhooks if p != "/twilio/stream-status"] == ["/twilio/voice"]
+
+
+async def test_action_dial(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    gw.action_replies = ["dial"]
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+    await conn.ws.close(code=1000)
+    assert await call.wait_ended(timeout=3) == "dial"
+    assert call.dial_target == "+15557654321"
+    assert call.say_texts == ["Transferring you now"]
+    assert "<Dial>" in call.twiml_log[-1]
+
+
+async def test_action_reconnect_opens_fresh_stream(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    gw.action_replies = ["reconnect", "hangup"]
+    call = await sim.place_call()
+    conn1 = await gw.next_conn(1)
+    await conn1.wait_for(lambda: len(conn1.of("media")) >= 3)
+    call.send_dtmf("#")
+    conn2 = await gw.next_conn(2)
+    assert call.end_reason is None
+    sid2 = await call.wait_streams(2, timeout=3)
+    assert sid2 == conn2.sid != conn1.sid
+    assert conn2.start["sequenceNumber"] == "1"
+    assert conn2.start["start"]["callSid"] == call.call_sid
+    await conn2.wait_for(lambda: len(conn2.of("media")) >= 3)
+    first = conn2.of("media")[0]
+    assert first["sequenceNumber"] == "2"
+    assert first["media"]["chunk"] == "1" and first["media"]["timestamp"] == "0"
+    # Playout continues on the new socket.
+    await conn2.send_media(TONE_400MS[:800])
+    await conn2.send_mark("on-second-stream")
+    await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+    call.send_dtmf("#")
+    assert await call.wait_ended(timeout=3) == "hangup"
+    assert call.streams == [conn1.sid, conn2.sid]
+    assert len(call.twiml_log) == 3
+    assert_consecutive_seq(conn2)
+    # The second stream's frames continue the call-time `sent` timeline.
+    offs = [pos for _, pos in call.sent_frames]
+    assert offs == sorted(offs) and len(set(offs)) == len(offs)
+
+
+async def test_rest_api(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+    base = f"{sim.rest_base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Calls"
+    auth = (ACCOUNT_SID, AUTH_TOKEN)
+    async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
+        r = await http.post(f"{base}/{call.call_sid}.json", data={"Status": "completed"},
+                            auth=(ACCOUNT_SID, "nope"))
+        assert r.status_code == 401 and r.json()["code"] == 20003
+        assert call.end_reason is None
+
+        unknown = "CA" + "f" * 32
+        r = await http.post(f"{base}/{unknown}.json", data={"Status": "completed"}, auth=auth)
+        assert r.status_code == 404
+        body = r.json()
+        assert body["code"] == 20404 and body["status"] == 404
+        assert body["more_info"] == "https://www.twilio.com/docs/errors/20404"
+        assert unknown in body["message"] and "was not found" in body["message"]
+
+        r = await http.post(f"{base}/{call.call_sid}.json", data={"Status": "completed"}, auth=auth)
+        assert r.status_code == 200
+        assert r.json()["sid"] == call.call_sid and r.json()["status"] == "completed"
+        assert call.end_reason == "rest-completed"
+        await asyncio.wait_for(conn.closed.wait(), 3)
+        assert conn.messages[-1][1]["event"] == "stop"
+
+        r = await http.post(f"{base}/{call.call_sid}.json", data={"Status": "completed"}, auth=auth)
+        assert r.status_code == 404 and r.json()["code"] == 20404
+
+        # Twiml=<Dial> on a live call: the stream is torn down and the call transfers.
+        call2 = await sim.place_call()
+        conn2 = await gw.next_conn(2)
+        twiml = "<Response><Dial><Sip>sip:agent@pbx.example.com</Sip></Dial></Response>"
+        r = await http.post(f"{base}/{call2.call_sid}.json", data={"Twiml": twiml}, auth=auth)
+        assert r.status_code == 200
+        assert await call2.wait_ended(timeout=3) == "dial"
+        assert call2.dial_target == "sip:agent@pbx.example.com"
+        assert twiml in call2.twiml_log
+        await asyncio.wait_for(conn2.closed.wait(), 3)
+        assert conn2.messages[-1][1]["event"] == "stop"
+
+
+async def test_protocol_errors_are_recorded_and_ignored(
+    env: tuple[FakeGateway, TwilioSim],
+) -> None:
+    gw, sim = env
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+    sid = conn.sid
+    good = base64.b64encode(TONE_400MS[:160]).decode()
+    await conn.ws.send_bytes(b"\x01\x02\x03")
+    await conn.send({"event": "media", "streamSid": "MZ" + "0" * 32, "media": {"payload": good}})
+    await conn.send({"event": "media", "media": {"payload": good}})
+    await conn.send({"event": "mark", "streamSid": sid, "mark": {}})
+    await conn.send({"event": "mark", "streamSid": sid})
+    await conn.send({"event": "media", "streamSid": sid, "media": {"payload": "@@not-b64@@"}})
+    await conn.send({"event": "dance", "streamSid": sid})
+    await conn.ws.send_text("this is not json")
+    await conn.send({"event": "clear", "streamSid": sid, "extra": 1})
+    await conn.send_mark("still-alive")
+    await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+
+    errs = call.protocol_errors
+    assert len(errs) == 9, errs
+    assert errs[0].startswith("31950")
+    assert all(e.startswith("31951") for e in errs[1:])
+    for needle in ("wrong streamSid", "missing streamSid", "mark.name", "mark.name",
+                   "base64", "unknown event", "not JSON", "extra field"):
+        assert any(needle in e for e in errs), needle
+    assert call.marks_echoed[0][1] == "still-alive"
+    assert call.received_media_times == [] and call.heard_segments() == []
+    n = len(conn.of("media"))
+    await conn.wait_for(lambda: len(conn.of("media")) >= n + 3)  # media still flows
+    assert call.end_reason is None
+    await call.hangup()
+
+
+async def test_echo_recording_and_wav(env: tuple[FakeGateway, TwilioSim], tmp_path: Path) -> None:
+    gw, sim = env
+    gw.echo = True
+    call = await sim.place_call()
+    conn = await gw.next_conn()
+    speech = tone_ulaw(0.3, freq=500.0)
+    call.say(speech)
+    await call.wait_speaking_done(timeout=3)
+    await call.wait_for(lambda: any(n == "echo-8" for _, n in call.marks_echoed), timeout=3)
+    await call.hangup()
+    assert_consecutive_seq(conn)
+
+    heard = call.heard
+    # Echo chunks play whole and in order; a chunk that arrives after the previous one has
+    # finished leaves a (real) underrun gap, so compare with silence removed.
+    assert speech.replace(b"\xff", b"") in heard.replace(b"\xff", b"")
+    (s_start, s_end), = call.sent_segments()
+    h_segs = call.heard_segments()
+    assert len(h_segs) == 1
+    assert h_segs[0][0] > s_start  # heard after it was said
+    assert abs((h_segs[0][1] - h_segs[0][0]) - (s_end - s_start)) < 0.03
+    assert all(n == 800 for _, n in call.received_media_times)
+
+    path = tmp_path / "call.wav"
+    call.write_wav(str(path))
+    with wave.open(str(path), "rb") as wf:
+        assert (wf.getnchannels(), wf.getsampwidth(), wf.getframerate()) == (2, 2, 8000)
+        frames = wf.readframes(wf.getnframes())
+        assert wf.getnframes() == max(len(call.sent), len(heard))
+    left = audioop.tomono(frames, 2, 1, 0)
+    right = audioop.tomono(frames, 2, 0, 1)
+    i0 = int(s_start * 8000)
+    assert audioop.rms(left[2 * i0 : 2 * (i0 + 800)], 2) > 1000
+    assert audioop.rms(right[2 * i0 : 2 * (i0 + 80)], 2) < 50 or h_segs[0][0] - s_start < 0.01
+    j0 = int(h_segs[0][0] * 8000)
+    assert audioop.rms(right[2 * j0 : 2 * (j0 + 800)], 2) > 1000
