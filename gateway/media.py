@@ -226,7 +226,7 @@ async def _receive_loop(
 async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound) -> bool:
     """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed)."""
     frames = metrics.FRAMES.labels("out", "twilio")
-    latency = metrics.HOP_LATENCY.labels("redis_to_twilio")
+    latency = metrics.HOP_LATENCY.labels("worker_to_twilio")
     send = ws.send_text
     while True:
         entries = await queue.get()

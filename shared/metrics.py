@@ -12,7 +12,8 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 disable_created_metrics()
 
 # Latency buckets sized for a real-time audio path: sub-millisecond to a couple of seconds.
-_LAT = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LAT = (0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01,
+        0.015, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SETUP = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 END_REASONS = frozenset(
@@ -67,7 +68,8 @@ DROPPED = Counter(
 )
 HOP_LATENCY = Histogram(
     "callbridge_hop_latency_seconds",
-    "Latency added per hop: twilio_to_redis, redis_to_vapi, vapi_to_redis, redis_to_twilio.",
+    "Latency the bridge adds, per direction: twilio_to_vapi (gateway receive -> worker send to Vapi, "
+    "through Redis) and worker_to_twilio (worker playout -> gateway send to Twilio, through Redis).",
     ["hop"],
     buckets=_LAT,
 )

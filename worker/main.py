@@ -65,6 +65,7 @@ class Worker:
             on_job=self._on_job,
         )
         self.draining = False
+        self._frames_out = metrics.FRAMES.labels("out", "redis")
 
     # Jobs and sessions ------------------------------------------------------------------------
 
@@ -128,11 +129,22 @@ class Worker:
         self._playing.add(session)
         self._tick_wake.set()
 
-    async def _ticker(self) -> None:
-        """Every 10 ms, hand each call's due frames to the batch writer (one pipeline for all)."""
-        maxlen = self.settings.stream_maxlen
+    def emit_due(self, session: CallSession, now: float) -> None:
+        """Hand a call's due frames to the batch writer. Called on arrival (paced audio leaves
+        at once, no tick wait) and by the ticker (the rest of a burst, on the playout clock)."""
+        if not session.stream_live:
+            return  # hold audio until Twilio's socket is there
         xadd = self.writer.xadd
-        frames_out = metrics.FRAMES.labels("out", "redis")
+        maxlen = self.settings.stream_maxlen
+        out_key = session.out_key
+        for frame in session.playout.due(now):
+            xadd(out_key, S.entry(S.OUT_MEDIA, frame.audio), maxlen)
+            self._frames_out.inc()
+            if frame.mark:
+                xadd(out_key, S.entry(S.OUT_MARK, value=frame.mark), maxlen)
+
+    async def _ticker(self) -> None:
+        """Every 10 ms, emit what has come due for every playing call (one pipeline for all)."""
         next_t = time.monotonic()
         while True:
             if not self._playing:
@@ -141,15 +153,8 @@ class Worker:
                 next_t = time.monotonic()
             now = time.monotonic()
             for session in list(self._playing):
-                if not session.stream_live:
-                    continue  # hold audio until Twilio's socket is there
-                playout = session.playout
-                for frame in playout.due(now):
-                    xadd(session.out_key, S.entry(S.OUT_MEDIA, frame.audio), maxlen)
-                    frames_out.inc()
-                    if frame.mark:
-                        xadd(session.out_key, S.entry(S.OUT_MARK, value=frame.mark), maxlen)
-                if playout.idle:
+                self.emit_due(session, now)
+                if session.playout.idle:
                     self._playing.discard(session)
             next_t += TICK_S
             delay = next_t - time.monotonic()

@@ -268,7 +268,9 @@ class CallSession:
                 if isinstance(msg, bytes):
                     frames.inc()
                     nbytes.inc(len(msg))
-                    self.playout.push(self.downlink.convert(msg), time.monotonic())
+                    now = time.monotonic()
+                    self.playout.push(self.downlink.convert(msg), now)
+                    self.w.emit_due(self, now)
                     self.w.wake_ticker(self)
                 else:
                     self._on_control(msg)
