@@ -40,21 +40,42 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> Any:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_app, drain
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format, role="gateway")
     app = create_app(settings)
-    uvicorn.Server(uvicorn_config(app, settings, args.host, args.port)).run()
+    server = uvicorn.Server(uvicorn_config(app, settings, args.host, args.port))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    async def main(stop: asyncio.Event) -> None:
+        serving = asyncio.create_task(server.serve())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            # SIGTERM: /readyz turns 503 and new sockets are refused at once; live streams are
+            # handed back to Twilio; then uvicorn stops within the drain timeout.
+            await drain(app.state.gw)
+            server.should_exit = True
+            await serving
+        stopping.cancel()
+
+    _run_until_signal(main)
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal while draining: leave now
+                os._exit(1)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
         await main(stop)
 
     with contextlib.suppress(ImportError):

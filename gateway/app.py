@@ -44,6 +44,21 @@ def build_state(settings: Settings) -> GatewayState:
     )
 
 
+async def drain(state: GatewayState) -> None:
+    """Stop taking streams and hand live ones back to Twilio, which re-attaches each call through
+    `<Connect action>` to a gateway that is not draining (the worker keeps the Vapi side up)."""
+    state.draining = True
+    live = list(state.sockets)
+    log.info("draining", extra={"sockets": len(live)})
+    for ws in live:
+        with contextlib.suppress(Exception):
+            await ws.close(code=1001)  # type: ignore[attr-defined]
+    deadline = asyncio.get_running_loop().time() + state.settings.gateway_drain_timeout_s
+    while state.sockets and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    await state.writer.flush()
+
+
 def create_app(settings: Settings) -> FastAPI:
     settings.require("REDIS_URL", "PUBLIC_URL", "TWILIO_AUTH_TOKEN")
     state = build_state(settings)

@@ -167,7 +167,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
         await asyncio.gather(sender, return_exceptions=True)
         if not stopped:
             # The worker must know the stream is gone even when Twilio did not say `stop`.
-            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=b"hangup" if hung_up else b"lost"), maxlen)
+            why = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
+            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=why), maxlen)
         if ws.client_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close(code=NORMAL)

@@ -208,7 +208,7 @@ class Worker:
                                         "max_calls": self.settings.worker_max_calls})
         try:
             await stop.wait()
-            await self.drain()
+            await self.drain(self.settings.worker_drain_timeout_s)
         finally:
             if server is not None:
                 server.should_exit = True
@@ -221,12 +221,21 @@ class Worker:
         """Stop claiming; let calls finish for `timeout`; release the rest for a takeover."""
         self.draining = True
         self.claimer.paused = True
+        log.info("draining", extra={"calls": len(self.sessions), "timeout_s": timeout})
         deadline = time.monotonic() + timeout
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        released = [s.job_id for s in self.sessions.values()]
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if released:
+            # Make the jobs look long idle so a live worker's next XAUTOCLAIM takes them at once.
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.xclaim(self.keys.calls, WORKER_GROUP, self.worker_id, 0, released,
+                                        idle=10 * 24 * 3600 * 1000, justid=True)
+            log.info("released calls for takeover", extra={"calls": len(released)})
+        await self.writer.flush()
 
     async def close(self) -> None:
         await self.inbox.close()

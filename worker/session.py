@@ -116,6 +116,12 @@ class CallSession:
         if status is None or status.decode() == S.STATUS_ENDED:
             log.info("job for a call that is already over; skipping")
             return True
+        if self.takeover and status.decode() == S.STATUS_LIVE:
+            # The gateway still holds Twilio's socket: play to it right away.
+            self.stream_live = True
+            self._seen_start = True
+            self.playout.stream_reset(time.monotonic())
+            self.event("takeover", worker=self.w.worker_id)
         return False
 
     async def _serve(self) -> None:
