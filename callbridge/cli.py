@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from shared.logs import setup_logging
@@ -17,6 +17,21 @@ from shared.settings import ConfigError, Settings, load_settings
 
 def _settings() -> Settings:
     return load_settings()
+
+
+def quiet_server(config: Any) -> Any:
+    """A uvicorn server that leaves signals to us: SIGTERM means drain, not stop listening."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+        def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+            pass
+
+    return _Server(config)
 
 
 def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> Any:
@@ -38,15 +53,13 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> Any:
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
-    import uvicorn
 
     from gateway.app import create_app, drain
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format, role="gateway")
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings, args.host, args.port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = quiet_server(uvicorn_config(app, settings, args.host, args.port))
 
     async def main(stop: asyncio.Event) -> None:
         serving = asyncio.create_task(server.serve())
@@ -103,14 +116,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
 async def run_dev(settings: Settings, host: str, port: int, stop: asyncio.Event,
                   ready: asyncio.Event | None = None) -> None:
     """Gateway and worker in one event loop: the one-machine, no-Docker way to run it."""
-    import uvicorn
 
     from gateway.app import create_app
     from worker.main import Worker
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings, host, port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = quiet_server(uvicorn_config(app, settings, host, port))
     worker = Worker(settings)
     gw_task = asyncio.create_task(server.serve())
     wk_task = asyncio.create_task(worker.run(stop, serve_http=False))

@@ -13,11 +13,10 @@ import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from callbridge.cli import uvicorn_config
+from callbridge.cli import quiet_server, uvicorn_config
 from callbridge.redis_server import free_port
 from gateway.app import create_app
 from shared.settings import Settings
@@ -37,8 +36,7 @@ class Gw:
 
 
 async def _serve(settings: Settings, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, "127.0.0.1", port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = quiet_server(uvicorn_config(create_app(settings), settings, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), "gateway failed to start"

@@ -201,8 +201,9 @@ class Worker:
             config = uvicorn.Config(self.http_app(), host=self.settings.worker_http_host,
                                     port=self.settings.worker_http_port, log_level="warning",
                                     lifespan="off", access_log=False)
-            server = uvicorn.Server(config)
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            from callbridge.cli import quiet_server
+
+            server = quiet_server(config)
             background.append(asyncio.create_task(server.serve(), name="worker-http"))
         log.info("worker ready", extra={"worker_id": self.worker_id,
                                         "max_calls": self.settings.worker_max_calls})

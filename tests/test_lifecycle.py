@@ -1,0 +1,148 @@
+"""Deploys without dropping calls: gateway and worker SIGTERM with real processes and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from callbridge.redis_server import free_port
+from shared.streams import Keys
+from sim.twilio import TwilioSim
+from sim.vapi import VapiSim, greeter
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, VAPI_KEY, Proc, base_env, gateway_proc, worker_proc
+from tests.test_e2e import caller_utterance, labels_heard, wait_heard
+
+PUBLIC = "https://cb.example.test"  # one public name in front of several gateways
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[tuple[TwilioSim, VapiSim]]:
+    vapi = VapiSim(api_key=VAPI_KEY, assistant=greeter(answers=3))
+    await vapi.start()
+    twilio = TwilioSim(gateway_url="http://127.0.0.1:1", public_url=PUBLIC, account_sid=ACCOUNT_SID,
+                       auth_token=AUTH_TOKEN)
+    await twilio.start()
+    yield twilio, vapi
+    await twilio.stop()
+    await vapi.stop()
+
+
+def _env(redis_url: str, prefix: str, twilio: TwilioSim, vapi: VapiSim, **extra: object) -> dict[str, str]:
+    return base_env(redis_url, prefix, PUBLIC_URL=PUBLIC, VAPI_BASE_URL=vapi.base_url,
+                    TWILIO_API_BASE_URL=twilio.rest_base_url, ENDED_TTL_S=5, **extra)
+
+
+async def _wait_exit(proc: Proc, timeout: float) -> int:
+    assert proc.proc is not None
+    deadline = time.monotonic() + timeout
+    while proc.proc.poll() is None:
+        assert time.monotonic() < deadline, f"{proc.name} did not exit:\n{proc.logs()[-3000:]}"
+        await asyncio.sleep(0.05)
+    return proc.proc.returncode
+
+
+async def test_gateway_sigterm_hands_the_call_to_another_gateway(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
+    sims: tuple[TwilioSim, VapiSim],
+) -> None:
+    twilio, vapi = sims
+    env = _env(redis_url, prefix, twilio, vapi, GATEWAY_DRAIN_TIMEOUT_S=5)
+    p1, p2 = free_port(), free_port()
+    gw1, gw2 = gateway_proc(env, p1).start(), gateway_proc(env, p2).start()
+    wk = worker_proc(env).start()
+    procs += [gw1, gw2, wk]
+    for p in (gw1, gw2, wk):
+        await p.wait_ready()
+
+    twilio.gateway_url = f"http://127.0.0.1:{p1}"
+    call = await twilio.place_call()
+    await wait_heard(call, 1)
+
+    # The load balancer stops sending to gateway 1; then it gets SIGTERM.
+    twilio.gateway_url = f"http://127.0.0.1:{p2}"
+    gw1.signal(signal.SIGTERM)
+    await call.wait_streams(2, timeout=10)
+    assert await _wait_exit(gw1, 10) == 0
+
+    call.say_pcm(caller_utterance(0))
+    await wait_heard(call, 2)
+    await call.hangup()
+    assert await call.wait_ended(5) == "caller-hangup"
+    assert [label for label, _ in labels_heard(call)] == ["greeting", "answer:0"]
+    assert len(vapi.sessions) == 1, "the assistant session survived the gateway restart"
+    events = [f[b"k"] for _i, f in await redis.xrange(Keys(prefix).events(call.call_sid))]
+    assert events.count(b"stream-start") == 2 and b"stream-lost" in events
+
+
+async def test_gateway_draining_refuses_new_streams_and_reports_not_ready(
+    redis_url: str, prefix: str, procs: list[Proc], sims: tuple[TwilioSim, VapiSim],
+) -> None:
+    twilio, vapi = sims
+    env = _env(redis_url, prefix, twilio, vapi, GATEWAY_DRAIN_TIMEOUT_S=3)
+    port = free_port()
+    gw = gateway_proc(env, port).start()
+    wk = worker_proc(env).start()
+    procs += [gw, wk]
+    await gw.wait_ready()
+    await wk.wait_ready()
+    twilio.gateway_url = f"http://127.0.0.1:{port}"
+    call = await twilio.place_call()
+    await wait_heard(call, 1)
+    gw.signal(signal.SIGTERM)
+    # While it drains (its one stream is closed, Twilio's re-attach comes back to the same,
+    # draining gateway), /readyz says 503 and the new stream is refused.
+    async with httpx.AsyncClient() as client:
+        saw_503 = False
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not saw_503:
+            try:
+                saw_503 = (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 503
+            except httpx.HTTPError:
+                break
+            await asyncio.sleep(0.02)
+    assert saw_503
+    assert await _wait_exit(gw, 10) == 0
+
+
+async def test_worker_sigterm_releases_its_calls_to_another_worker(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
+    sims: tuple[TwilioSim, VapiSim],
+) -> None:
+    twilio, vapi = sims
+    env = _env(redis_url, prefix, twilio, vapi, WORKER_DRAIN_TIMEOUT_S=0.5, CLAIM_LEASE_S=1.5)
+    port = free_port()
+    gw = gateway_proc(env, port).start()
+    wk1 = worker_proc(env).start()
+    procs += [gw, wk1]
+    await gw.wait_ready()
+    await wk1.wait_ready()
+    twilio.gateway_url = f"http://127.0.0.1:{port}"
+    call = await twilio.place_call()
+    first = await vapi.wait_session(10)
+    await wait_heard(call, 1)
+
+    wk2 = worker_proc(env).start()
+    procs.append(wk2)
+    await wk2.wait_ready()
+    wk1.signal(signal.SIGTERM)
+    assert await _wait_exit(wk1, 10) == 0
+    await first.wait_closed(2)
+    assert first.received_control("end-call"), "the released Vapi session was ended, not leaked"
+
+    second = await vapi.wait_session(10)  # worker 2 took the call over with a new session
+    await wait_heard(call, 2)  # ...whose greeting the caller hears
+    call.say_pcm(caller_utterance(1))
+    await wait_heard(call, 3)
+    await call.hangup()
+    assert await call.wait_ended(5) == "caller-hangup"
+    await second.wait_closed(3)
+    assert vapi.open_sessions() == 0
+    assert [label for label, _ in labels_heard(call)] == ["greeting", "greeting", "answer:0"]
+    record = await redis.hgetall(Keys(prefix).call(call.call_sid))
+    assert record[b"end_reason"] == b"caller-hangup"
