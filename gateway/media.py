@@ -155,9 +155,9 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     st.sockets.add(ws)
     log.info("media stream started")
     sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)))
-    stopped = False
+    ended = "closed"
     try:
-        stopped = await _receive_loop(ws, st, in_key, maxlen, sender)
+        ended = await _receive_loop(ws, st, in_key, maxlen, sender)
     finally:
         st.hub.detach(out_key)
         st.sockets.discard(ws)
@@ -165,33 +165,45 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-        if not stopped:
+        cause = ended
+        if ended != "stop":
             # The worker must know the stream is gone even when Twilio did not say `stop`.
-            why = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
-            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=why), maxlen)
+            cause = "hangup" if hung_up else "drain" if st.draining else (
+                "idle_timeout" if ended == "idle_timeout" else "lost")
+            detach = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
+            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach), maxlen)
+        metrics.MEDIA_CLOSED.labels(cause).inc()
         if ws.client_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close(code=NORMAL)
-        log.info("media stream closed", extra={"stop": stopped, "hung_up": bool(hung_up)})
+        log.info("media stream closed", extra={"cause": cause})
 
 
 async def _receive_loop(
     ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, sender: asyncio.Task[bool]
-) -> bool:
-    """Twilio -> Redis until `stop` (returns True) or the socket closes (False)."""
+) -> str:
+    """Twilio -> Redis until `stop`, the socket closes, or Twilio goes silent; returns which."""
     limit = st.settings.max_message_bytes
     xadd = st.writer.xadd
     frames = metrics.FRAMES.labels("in", "twilio")
     nbytes = metrics.AUDIO_BYTES.labels("in", "twilio")
+    idle = st.settings.media_idle_timeout_s
     receive = asyncio.ensure_future(ws.receive())
     try:
         while True:
-            done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({receive, sender}, timeout=idle,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                # Twilio sends a frame every 20 ms for as long as the call lives.
+                log.warning("twilio socket went silent; closing it", extra={"idle_s": idle})
+                with contextlib.suppress(Exception):
+                    await ws.close(code=1011)
+                return "idle_timeout"
             if receive not in done:
-                return False  # the sender closed the socket (hangup) or failed
+                return "closed"  # the sender closed the socket (hangup) or failed
             msg = receive.result()
             if msg["type"] == "websocket.disconnect":
-                return False
+                return "closed"
             receive = asyncio.ensure_future(ws.receive())
             text = msg.get("text")
             if text is None:
@@ -215,7 +227,7 @@ async def _receive_loop(
                 xadd(in_key, S.entry(S.IN_DTMF, value=event.digit), maxlen)
             elif isinstance(event, Stop):
                 xadd(in_key, S.entry(S.IN_STOP), maxlen)
-                return True
+                return "stop"
             elif isinstance(event, Unknown):
                 _drop("unknown_event")
             else:

@@ -68,5 +68,5 @@ def setup_logging(level: str = "INFO", fmt: str = "json", **process_fields: str)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access", "twilio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

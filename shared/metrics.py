@@ -50,6 +50,12 @@ MEDIA_REJECTED = Counter(
     "Media Stream sockets refused before audio flowed, by cause.",
     ["cause"],
 )
+MEDIA_CLOSED = Counter(
+    "callbridge_gateway_media_closed_total",
+    "Media Stream sockets ended, by cause: stop (caller hung up), hangup (worker asked), "
+    "drain, idle_timeout (Twilio went silent), lost (closed without stop).",
+    ["cause"],
+)
 CALLS_ANSWERED = Counter("callbridge_gateway_calls_answered_total", "Calls answered with TwiML.")
 
 # Both tiers ----------------------------------------------------------------------------------
@@ -94,5 +100,11 @@ VAPI_SETUP = Histogram(
 )
 VAPI_ERRORS = Counter(
     "callbridge_vapi_errors_total", "Vapi failures by kind (http_4xx, http_429, http_5xx, connect, socket).", ["kind"]
+)
+TURN_LATENCY = Histogram(
+    "callbridge_turn_latency_seconds",
+    "Bridge view of voice-to-voice latency: end of caller speech (detected on the inbound audio) "
+    "to the first assistant frame sent to Twilio. Includes Vapi's own time.",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0),
 )
 BARGE_INS = Counter("callbridge_barge_ins_total", "Assistant audio cleared because the caller spoke.")

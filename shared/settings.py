@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     vapi_ping_timeout_s: float = Field(default=5.0, alias="VAPI_PING_TIMEOUT_S")
     gateway_drain_timeout_s: float = Field(default=10.0, alias="GATEWAY_DRAIN_TIMEOUT_S")
     worker_drain_timeout_s: float = Field(default=30.0, alias="WORKER_DRAIN_TIMEOUT_S")
+    reattach_timeout_s: float = Field(default=10.0, alias="REATTACH_TIMEOUT_S")
+    keypad_timeout_s: float = Field(default=2.0, alias="KEYPAD_TIMEOUT_S")
+    media_idle_timeout_s: float = Field(default=5.0, alias="MEDIA_IDLE_TIMEOUT_S")
+    twilio_ping_interval_s: float = Field(default=5.0, alias="TWILIO_PING_INTERVAL_S")
+    twilio_ping_timeout_s: float = Field(default=5.0, alias="TWILIO_PING_TIMEOUT_S")
     hangup_grace_s: float = Field(default=3.0, alias="HANGUP_GRACE_S")
     unavailable_message: str = Field(
         default="Sorry, the assistant is not available right now. Please try again later.",

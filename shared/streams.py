@@ -17,6 +17,7 @@ IN_DTMF = b"dtmf"
 IN_MARK = b"mark"
 IN_STOP = b"stop"
 IN_DETACH = b"detach"  # the Twilio socket closed without `stop` (gateway drain or network)
+IN_SILENCE = b"silence"  # worker-local only: caller audio stalled, keep Vapi fed
 
 # Entry kinds on call:{sid}:out (worker -> gateway).
 OUT_MEDIA = b"m"

@@ -138,6 +138,8 @@ class Worker:
         maxlen = self.settings.stream_maxlen
         out_key = session.out_key
         for frame in session.playout.due(now):
+            if frame.first:
+                session.on_turn_started()
             xadd(out_key, S.entry(S.OUT_MEDIA, frame.audio), maxlen)
             self._frames_out.inc()
             if frame.mark:
@@ -161,6 +163,20 @@ class Worker:
             if delay < -0.1:
                 next_t = time.monotonic()  # we fell far behind (GC, overload): do not burst
             await asyncio.sleep(max(0.0, delay))
+
+    async def _silence_keeper(self) -> None:
+        """Keep Vapi fed with silence while a call's caller audio is stalled (gateway restart,
+        network), so Vapi's silence timeout reflects the caller, not our transport."""
+        frames = metrics.FRAMES.labels("in", "silence_fill")
+        fill = [(b"0-0", {b"k": S.IN_SILENCE})]
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            for session in self.sessions.values():
+                if session.vapi_connected and now - session.last_media_at > 0.1:
+                    session.last_media_at += 0.02
+                    session.on_inbound(fill)  # type: ignore[arg-type]
+                    frames.inc()
 
     # Process lifecycle ------------------------------------------------------------------------
 
@@ -195,6 +211,7 @@ class Worker:
         background = [
             asyncio.create_task(self._ticker(), name="playout-ticker"),
             asyncio.create_task(self.claimer.run(), name="claimer"),
+            asyncio.create_task(self._silence_keeper(), name="silence-keeper"),
         ]
         server = None
         if serve_http and self.settings.worker_http_port:

@@ -22,6 +22,7 @@ SILENCE = 0xFF
 class Frame:
     audio: bytes
     mark: str | None = None  # a mark to send right after this frame
+    first: bool = False  # the first frame of an assistant turn
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Playout:
             if rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms or not self._buf:
                 mark = f"{self.turn}:{rec.sent_ms}"
                 self._pending_marks.append(mark)
-            out.append(Frame(chunk, mark))
+            out.append(Frame(chunk, mark, first=before == 0))
         return out
 
     def interrupt(self, now: float) -> int:

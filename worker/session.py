@@ -22,10 +22,11 @@ from websockets.exceptions import ConnectionClosed
 from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
-from shared.audio import Downlink, Uplink
+from shared.audio import SILENCE_FRAME, Downlink, Uplink
 from shared.logs import call_sid_var
 from shared.redisio import Entries
 from worker.playback import Playout
+from worker.turns import KeypadGather, SpeechEnd
 from worker.vapi_client import VapiError
 
 if TYPE_CHECKING:
@@ -69,6 +70,19 @@ class CallSession:
         self._reattach_timer: asyncio.TimerHandle | None = None
         self._completed = False  # ended for good (not released for a takeover)
         self._seen_start = False
+        self.keypad = KeypadGather(timeout_s=s.keypad_timeout_s)
+        self._keypad_timer: asyncio.TimerHandle | None = None
+        self.speech = SpeechEnd()
+        self._turn_measured_for: float | None = None  # last_voiced_at already paired with a turn
+        # After a barge-in, audio Vapi had in flight for the cut turn must not play: drop Vapi
+        # audio until it announces the next assistant turn (bounded, in case it never does).
+        self._stale_until = 0.0
+        self.last_media_at = time.monotonic()
+        self._bg: set[asyncio.Task[None]] = set()
+
+    @property
+    def vapi_connected(self) -> bool:
+        return self._ws is not None
 
     # Called by the worker's shared reader: must not block.
     def on_inbound(self, entries: Entries) -> None:
@@ -105,8 +119,12 @@ class CallSession:
             self._completed = True
         finally:
             consumer.cancel()
-            if self._reattach_timer:
-                self._reattach_timer.cancel()
+            for timer in (self._reattach_timer, self._keypad_timer):
+                if timer:
+                    timer.cancel()
+            for task in self._bg:
+                task.cancel()
+            self.record_turns()
             await self._close_vapi(send_end=True)
             await asyncio.gather(consumer, return_exceptions=True)
             self.w.session_done(self, completed=self._completed)
@@ -195,6 +213,8 @@ class CallSession:
                 kind = f.get(b"k")
                 if kind == S.IN_MEDIA:
                     audio = f.get(b"a", b"")
+                    self.last_media_at = time.monotonic()
+                    self.speech.frame(audio, int(f.get(b"t", b"0")) / 1e9)
                     if self._ws is None:
                         self._backlog.append(audio)  # bounded by the stream's MAXLEN upstream
                         continue
@@ -212,6 +232,8 @@ class CallSession:
                     self.request_end(Ending("caller-hangup", CALLER))
                 elif kind == S.IN_DETACH:
                     self._on_detach(f.get(b"v", b"").decode())
+                elif kind == S.IN_SILENCE:
+                    await self._send_audio(SILENCE_FRAME)
 
     async def _send_audio(self, ulaw: bytes) -> None:
         ws = self._ws
@@ -248,16 +270,33 @@ class CallSession:
         self.event("stream-lost")
         loop = asyncio.get_running_loop()
         self._reattach_timer = loop.call_later(
-            10.0, lambda: self.request_end(Ending("stream-lost", ASSISTANT))
+            self.w.settings.reattach_timeout_s,
+            lambda: self.request_end(Ending("stream-lost", ASSISTANT)),
         )
 
     def _on_dtmf(self, digit: str) -> None:
-        # Keypad entries are forwarded one digit at a time here; gathering lives in issue #3.
-        ws = self._ws
+        """Keypad: gathered like Vapi's keypadInputPlan (`#` or a pause ends the entry)."""
         self.event("dtmf", digit=digit)
-        if ws is not None:
-            task = asyncio.create_task(self._send_text(V.keypad_entry(digit)))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        entry = self.keypad.press(digit, time.monotonic())
+        if self._keypad_timer:
+            self._keypad_timer.cancel()
+            self._keypad_timer = None
+        if entry:
+            self._send_keypad(entry)
+        elif self.keypad.pending:
+            self._keypad_timer = asyncio.get_running_loop().call_later(
+                self.keypad.timeout_s, self._keypad_timeout)
+
+    def _keypad_timeout(self) -> None:
+        self._keypad_timer = None
+        if entry := self.keypad.due(time.monotonic() + 1e-3):
+            self._send_keypad(entry)
+
+    def _send_keypad(self, entry: str) -> None:
+        self.event("keypad-entry", digits=entry)
+        task = asyncio.create_task(self._send_text(V.keypad_entry(entry)))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def _send_text(self, text: str) -> None:
         if self._ws is not None:
@@ -275,6 +314,9 @@ class CallSession:
                     frames.inc()
                     nbytes.inc(len(msg))
                     now = time.monotonic()
+                    if now < self._stale_until:
+                        metrics.DROPPED.labels("stale_after_barge_in").inc()
+                        continue
                     self.playout.push(self.downlink.convert(msg), now)
                     self.w.emit_due(self, now)
                     self.w.wake_ticker(self)
@@ -292,8 +334,11 @@ class CallSession:
             metrics.DROPPED.labels("vapi_bad_json").inc()
             return
         if isinstance(msg, (V.UserInterrupted, V.SpeechUpdate)):
-            if isinstance(msg, V.SpeechUpdate) and not (msg.role == "user" and msg.status == "started"):
-                return
+            if isinstance(msg, V.SpeechUpdate):
+                if msg.role == "assistant" and msg.status == "started":
+                    self._stale_until = 0.0  # the next turn: its audio plays
+                if not (msg.role == "user" and msg.status == "started"):
+                    return
             self.barge_in(type(msg).__name__)
         elif isinstance(msg, V.StatusUpdate):
             if msg.status == "ended":
@@ -318,12 +363,31 @@ class CallSession:
             return
         turn = self.playout.turn
         dropped_ms = self.playout.interrupt(now)
+        self._stale_until = now + 2.0
         self.downlink.reset()
         self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
         metrics.BARGE_INS.inc()
         rec = self.playout.turns.get(turn)
         self.event("barge-in", source=source, turn=turn, dropped_ms=dropped_ms,
                    sent_ms=rec.sent_ms if rec else 0, heard_ms=rec.heard_ms if rec else 0)
+
+    def on_turn_started(self) -> None:
+        """The first frame of an assistant turn left for Twilio: measure the bridge's view of
+        voice-to-voice latency (end of caller speech -> first assistant audio sent)."""
+        ended = self.speech.last_voiced_at
+        if ended is None or self.speech.speaking or ended == self._turn_measured_for:
+            return
+        self._turn_measured_for = ended
+        latency = time.time() - ended
+        if 0 <= latency < 30:
+            metrics.TURN_LATENCY.observe(latency)
+            self.event("turn-latency", turn=self.playout.turn, ms=round(latency * 1000, 1))
+
+    def record_turns(self) -> None:
+        turns = [{"turn": t, "sent_ms": r.sent_ms, "heard_ms": r.heard_ms, "interrupted": r.interrupted}
+                 for t, r in sorted(self.playout.turns.items())]
+        if turns:
+            self.event("assistant-turns", turns=turns)
 
     # Ending ----------------------------------------------------------------------------------
 

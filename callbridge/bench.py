@@ -1,0 +1,825 @@
+"""`callbridge bench`: N concurrent simulated calls through real gateway and worker processes.
+
+A measurement tool, not a test: it asserts nothing and prints what it measured.
+
+Set-up: a private redis-server (unless REDIS_URL is set), one `callbridge gateway` process and
+W `callbridge worker` processes, with the Twilio simulator and the Vapi stand-in running in this
+process (on uvloop when installed).
+
+Scenario (worst-case full duplex): every call's assistant talks for the whole run (one long,
+non-interruptible first message, no answers) while the caller sends Twilio's continuous 20 ms
+silence frames. Calls are placed at RAMP_PER_S; once all are connected (Vapi socket open and
+Twilio stream live) the run warms up for WARMUP_S, measures a window of `--seconds`, lets the
+audio of the window drain for GRACE_S, hangs every call up and waits for the calls to end.
+
+Figures (all for the measurement window):
+1. One-way latency the bridge adds, seen from outside on one monotonic clock:
+   inbound  = Twilio sim send of caller frame k -> Vapi stand-in receive of frame k;
+   outbound = Vapi stand-in send of assistant frame k -> Twilio sim receive of media message k.
+   Send times are taken right after the frame was written to the socket (the sims' own
+   per-tick timestamps are earlier by the time the sim needs to serve all calls in one tick;
+   that skew is reported separately as "sim send skew").
+2. The bridge's own `callbridge_hop_latency_seconds` histograms (window delta of /metrics of the
+   gateway and of every worker), quantiles estimated like Prometheus' histogram_quantile.
+3. Frames lost per direction, protocol errors seen by the Twilio sim, calls that ended early.
+4. CPU of the gateway, each worker, redis-server and this process, from /proc/PID/stat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from callbridge.redis_server import RedisServer, free_port, start_redis
+
+RAMP_PER_S = 25.0
+CONNECT_TIMEOUT_S = 30.0  # after the last call was placed
+WARMUP_S = 2.0
+GRACE_S = 1.0  # after the window, before hanging up: late frames of the window still count
+TAIL_EXCLUDE_S = 0.5  # outbound frames sent this close to the window end are not counted as lost
+END_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+ACCOUNT_SID = "AC" + "b" * 32
+AUTH_TOKEN = "bench-auth-token-" + "x" * 16
+VAPI_KEY = "bench-vapi-key"
+ASSISTANT_ID = "bench-assistant"
+HOP_METRIC = "callbridge_hop_latency_seconds"
+
+TARGET_CALLS = 100
+TARGET_P50_MS = 3.0
+TARGET_P99_MS = 10.0
+TARGET_CORE_PCT_PER_CALL = 0.6
+
+_mono = time.monotonic
+
+
+# ------------------------------------------------------------------------------------------
+# Child processes
+
+
+@dataclass
+class _Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    http_port: int
+    popen: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        fd, path = tempfile.mkstemp(prefix=f"callbridge-bench-{self.name}-", suffix=".log")
+        self.log_path = Path(path)
+        with os.fdopen(fd, "wb") as log:
+            # Own session: a Ctrl-C in the terminal reaches only the bench, which stops us in order.
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "callbridge.cli", *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def stop(self, deadline: float) -> None:
+        """Wait for the process to exit until `deadline` (monotonic), then kill it."""
+        p = self.popen
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(max(0.1, deadline - _mono()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+            self.log_path = None
+
+
+def _child_env(redis_url: str, prefix: str, **extra: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_"))}
+    env.update({
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "VAPI_API_KEY": VAPI_KEY,
+        "VAPI_ASSISTANT_ID": ASSISTANT_ID,
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "text",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def _wait_ready(procs: list[_Proc], timeout: float) -> str | None:  # noqa: ASYNC109
+    """None when every process answers /readyz 200, else what went wrong."""
+    import httpx
+
+    deadline = _mono() + timeout
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for p in procs:
+            while True:
+                if not p.alive():
+                    return f"{p.name} exited early:\n{p.log_tail()}"
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(p.base_url + "/readyz", timeout=1)).status_code == 200:
+                        break
+                if _mono() > deadline:
+                    return f"{p.name} not ready within {timeout:.0f} s:\n{p.log_tail()}"
+                await asyncio.sleep(0.05)
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# CPU and metrics
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all threads) from /proc/PID/stat; None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def _runqueue_wait_seconds(pid: int) -> float | None:
+    """Time the process's threads were runnable but waiting for a CPU (/proc/PID/task/*/schedstat)."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _machine_busy_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return 0, 0
+    vals = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle, sum(vals)
+
+
+def _redis_pid(redis_url: str, private: RedisServer | None) -> int | None:
+    if private is not None:
+        return private.proc.pid
+    host = urlsplit(redis_url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        try:
+            pid = int(client.info("server").get("process_id", 0))
+        finally:
+            client.close()
+        comm = Path(f"/proc/{pid}/comm").read_text()
+    except Exception:
+        return None
+    return pid if "redis" in comm else None
+
+
+Buckets = dict[str, dict[float, float]]  # hop -> {le: cumulative count}
+COUNTERS = ("callbridge_messages_dropped_total", "callbridge_redis_errors_total")
+
+
+@dataclass
+class _Scrape:
+    hops: Buckets = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)  # 'name{label}' -> value
+
+
+async def _scrape(urls: Iterable[str]) -> _Scrape:
+    """Hop-latency buckets and problem counters, summed over all given /metrics URLs."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = _Scrape()
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for url in urls:
+            try:
+                text = (await client.get(url, timeout=5)).text
+            except httpx.HTTPError:
+                continue
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    if s.name == HOP_METRIC + "_bucket":
+                        b = out.hops.setdefault(s.labels.get("hop", ""), {})
+                        le = float(s.labels["le"])
+                        b[le] = b.get(le, 0.0) + float(s.value)
+                    elif s.name in COUNTERS:
+                        label = ",".join(s.labels.values())
+                        key = f"{s.name.removeprefix('callbridge_').removesuffix('_total')}{{{label}}}"
+                        out.counters[key] = out.counters.get(key, 0.0) + float(s.value)
+    return out
+
+
+def _delta(after: _Scrape, before: _Scrape) -> _Scrape:
+    hops = {hop: {le: n - before.hops.get(hop, {}).get(le, 0.0) for le, n in b.items()}
+            for hop, b in after.hops.items()}
+    counters = {k: v - before.counters.get(k, 0.0) for k, v in after.counters.items()}
+    return _Scrape(hops, {k: v for k, v in counters.items() if v})
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative buckets {le: count} (linear interpolation
+    inside the bucket; lowest bucket starts at 0; a rank in +Inf gives the highest finite le)."""
+    les = sorted(buckets)
+    if not les or les[-1] != float("inf"):
+        return None
+    total = buckets[les[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_n = 0.0, 0.0
+    for le in les:
+        n = buckets[le]
+        if n >= rank:
+            if le == float("inf"):
+                return les[-2] if len(les) > 1 else None
+            if n == prev_n:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_n) / (n - prev_n)
+        prev_le, prev_n = le, n
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Recording hooks in the sims (bench process only; behaviour unchanged)
+
+
+def caller_tone_frame() -> bytes:
+    """20 ms of a 1 kHz tone at about -53 dBFS RMS as μ-law: below every -40 dBFS voice gate
+    (Vapi stand-in VAD, worker end-of-speech), so to the bridge the caller is silent, but never
+    digital silence, so the Vapi stand-in can tell the caller's frames from silence the worker
+    injects itself. 8 samples per period: every frame is the same."""
+    import math
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+    pcm = array("h", (round(100 * math.sin(2 * math.pi * (i + 0.5) / 8)) for i in range(160)))
+    return audioop.lin2ulaw(pcm.tobytes(), 2)
+
+
+def _is_caller_audio(data: bytes, fmt: str) -> bool:
+    """True for a frame carrying the caller tone, False for digital silence (worker fill).
+    Only the last quarter is looked at: the resampler's history bleeds into a frame's start."""
+    q = len(data) // 4
+    tail = data[-q:] if q else data
+    if fmt == "mulaw":
+        return tail.strip(b"\xff\x7f") != b""
+    return tail.strip(b"\x00") != b""
+
+
+@dataclass
+class _Recorder:
+    vapi_sent: dict[str, array[float]] = field(default_factory=dict)  # Vapi call id -> send times
+    twilio_sent: dict[str, array[float]] = field(default_factory=dict)  # CallSid -> send times
+    twilio_tone: dict[str, bytearray] = field(default_factory=dict)  # CallSid -> 1 per tone frame
+    vapi_caller: dict[str, bytearray] = field(default_factory=dict)  # Vapi call id -> 1 per tone frame
+    _undo: list[Callable[[], None]] = field(default_factory=list)
+
+    def install(self, tone: bytes) -> None:
+        from sim.twilio import SimCall
+        from sim.vapi import VapiSession
+
+        orig_send = VapiSession._send_audio
+        vapi_sent = self.vapi_sent
+        orig_binary = VapiSession._on_binary
+        vapi_caller = self.vapi_caller
+
+        def on_binary(session: VapiSession, data: bytes) -> None:
+            orig_binary(session, data)
+            flags = vapi_caller.get(session.id)
+            if flags is None:
+                flags = vapi_caller[session.id] = bytearray()
+            flags.append(_is_caller_audio(data, session.audio_format))
+
+        def send_audio(session: VapiSession, frame: bytes) -> None:
+            n = session.sent_frames
+            orig_send(session, frame)
+            if session.sent_frames != n:
+                t = vapi_sent.get(session.id)
+                if t is None:
+                    t = vapi_sent[session.id] = array("d")
+                t.append(_mono())
+
+        orig_record = SimCall._record_sent
+        twilio_sent = self.twilio_sent
+        twilio_tone = self.twilio_tone
+
+        def record_sent(call: SimCall, now: float, pos: int, frame: bytes) -> None:
+            orig_record(call, now, pos, frame)
+            t = twilio_sent.get(call.call_sid)
+            if t is None:
+                t = twilio_sent[call.call_sid] = array("d")
+                twilio_tone[call.call_sid] = bytearray()
+            t.append(_mono())  # the frame has just been written to the socket
+            twilio_tone[call.call_sid].append(frame is tone or frame == tone)
+
+        VapiSession._send_audio = send_audio  # type: ignore[method-assign,assignment]
+        VapiSession._on_binary = on_binary  # type: ignore[method-assign,assignment]
+        SimCall._record_sent = record_sent  # type: ignore[method-assign,assignment]
+
+        def undo() -> None:
+            VapiSession._send_audio = orig_send  # type: ignore[method-assign]
+            VapiSession._on_binary = orig_binary  # type: ignore[method-assign]
+            SimCall._record_sent = orig_record  # type: ignore[method-assign]
+
+        self._undo.append(undo)
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Config:
+    calls: int
+    seconds: float
+    fmt: str
+    workers: int
+    as_json: bool
+
+
+@dataclass
+class _Window:
+    start: float = 0.0
+    end: float = 0.0
+    cpu0: dict[str, float | None] = field(default_factory=dict)
+    cpu1: dict[str, float | None] = field(default_factory=dict)
+    wait0: dict[str, float | None] = field(default_factory=dict)
+    wait1: dict[str, float | None] = field(default_factory=dict)
+    busy0: tuple[int, int] = (0, 0)
+    busy1: tuple[int, int] = (0, 0)
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    a = np.asarray(values) * 1000.0
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": round(float(p50), 2), "p90": round(float(p90), 2), "p99": round(float(p99), 2),
+            "max": round(float(a.max()), 2)}
+
+
+async def _gather_bounded(aws: Iterable[Awaitable[Any]], timeout: float) -> None:  # noqa: ASYNC109
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=2)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: no "exception was never retrieved" noise
+
+
+async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[_Proc]) -> int:
+    from sim import voices
+    from sim.twilio import SimCall, TwilioSim
+    from sim.vapi import AssistantScript, VapiSession, VapiSim
+
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            if me is not None:
+                loop.add_signal_handler(sig, me.cancel)
+
+    n = cfg.calls
+    ramp_s = n / RAMP_PER_S
+    greeting_s = float(round(ramp_s + CONNECT_TIMEOUT_S + WARMUP_S + cfg.seconds + GRACE_S + 10))
+    rate = 16000 if cfg.fmt == "pcm_s16le" else 8000
+    voices.frames("greeting", 0, greeting_s, rate, cfg.fmt)  # build the cached utterance up front
+    script = AssistantScript(name="bench", greeting_s=greeting_s, answers=0, end_after=False,
+                             first_message_interruptible=False, interruptible=False)
+
+    tone = caller_tone_frame()
+    tone_run = tone * round((greeting_s + 5) * 50)  # the caller "talks" (quietly) all along
+    rec = _Recorder()
+    rec.install(tone)
+    vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False)
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
+                       auth_token=AUTH_TOKEN)
+    placed: list[SimCall] = []
+    try:
+        await vapi.start()
+        await twilio.start()
+        prefix = f"bench{os.getpid()}-{int(time.time()) % 100000}:"
+        common = {"PUBLIC_URL": public, "VAPI_BASE_URL": vapi.base_url,
+                  "TWILIO_API_BASE_URL": twilio.rest_base_url, "VAPI_AUDIO_FORMAT": cfg.fmt,
+                  "WORKER_MAX_CALLS": max(n, 1), "WORKER_HTTP_HOST": "127.0.0.1"}
+        env = _child_env(redis_url, prefix, **common)
+        gw = _Proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env, port)
+        procs.append(gw)
+        for i in range(cfg.workers):
+            hp = free_port()
+            wenv = dict(env, WORKER_ID=f"bench-w{i + 1}")
+            procs.append(_Proc(f"worker-{i + 1}", ["worker", "--http-port", str(hp)], wenv, hp))
+        for p in procs:
+            p.start()
+        problem = await _wait_ready(procs, READY_TIMEOUT_S)
+        if problem:
+            print(f"callbridge bench: {problem}", file=sys.stderr)
+            return 1
+
+        # Place the calls on a ramp.
+        t_place = _mono()
+        failures: list[str] = []
+
+        async def place(i: int) -> None:
+            await asyncio.sleep(max(0.0, t_place + i / RAMP_PER_S - _mono()))
+            try:
+                call = await twilio.place_call(from_=f"+1555{i:07d}", to="+15550000000")
+                call.say(tone_run)
+                placed.append(call)
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
+
+        placing = [asyncio.create_task(place(i)) for i in range(n)]
+        await asyncio.gather(*placing)
+
+        by_sid: dict[str, VapiSession] = {}
+
+        def connected() -> list[tuple[SimCall, VapiSession]]:
+            for s in vapi.sessions.values():
+                sid = s.body.get("assistantOverrides", {}).get("variableValues", {}).get("twilioCallSid")
+                if isinstance(sid, str):
+                    by_sid[sid] = s
+            out = []
+            for c in placed:
+                vs = by_sid.get(c.call_sid)
+                if vs is not None and vs.is_open and c.stream_live:
+                    out.append((c, vs))
+            return out
+
+        deadline = _mono() + CONNECT_TIMEOUT_S
+        while True:  # polled: the condition spans two simulators
+            if len(connected()) >= len(placed) or _mono() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        pairs = connected()
+        t_connected = _mono() - t_place
+        print(f"callbridge bench: {len(pairs)}/{n} calls connected after {t_connected:.1f} s; "
+              f"warm-up {WARMUP_S:.0f} s, then measuring {cfg.seconds:g} s…", file=sys.stderr)
+        if not pairs:
+            print("callbridge bench: no call connected", file=sys.stderr)
+            for p in procs:
+                print(f"----- {p.name} log -----\n{p.log_tail()}", file=sys.stderr)
+            return 1
+        await asyncio.sleep(WARMUP_S)
+
+        # Measure.
+        metric_urls = [p.base_url + "/metrics" for p in procs]
+        scrape0 = await _scrape(metric_urls)
+        pids = {p.name: p.pid for p in procs}
+        pids["redis-server"] = redis_pid
+        pids["bench (sims)"] = os.getpid()
+        win = _Window()
+        win.busy0 = _machine_busy_jiffies()
+        win.wait0 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
+        win.cpu0 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
+        win.start = _mono()
+        await asyncio.sleep(cfg.seconds)
+        win.end = _mono()
+        win.cpu1 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
+        win.wait1 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
+        win.busy1 = _machine_busy_jiffies()
+        early = [c for c, s in pairs if c.ended.is_set() or not s.is_open]
+        scraped = _delta(await _scrape(metric_urls), scrape0)
+        await asyncio.sleep(GRACE_S)
+
+        # Tear the calls down (bounded), then compute.
+        early_ids = {c.call_sid for c in early}
+        early_ids |= {c.call_sid for c, s in pairs if c.ended.is_set() or not s.is_open}
+        await _gather_bounded((c.hangup() for c in placed if not c.ended.is_set()), END_TIMEOUT_S)
+        await _gather_bounded((c.ended.wait() for c in placed), END_TIMEOUT_S)
+        not_ended = sum(1 for c in placed if not c.ended.is_set())
+
+        result = _compute(cfg, pairs, rec, win, scraped, pids, failures, len(early_ids), not_ended)
+        print(_render(result))
+        if cfg.as_json:
+            print(json.dumps(result))
+        return 0 if len(pairs) == n else 1
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(twilio.stop(), 20)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(vapi.stop(), 10)
+        rec.uninstall()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _Window,
+             scraped: _Scrape, pids: dict[str, int | None], failures: list[str], early: int,
+             not_ended: int) -> dict[str, Any]:
+    w0, w1 = win.start, win.end
+    secs = w1 - w0
+    inbound: list[float] = []
+    outbound: list[float] = []
+    skew: list[float] = []
+    in_sent = in_lost = out_sent = out_lost = out_tail_missing = out_recv_window = 0
+    protocol_errors = in_fill = misaligned_in = misaligned_out = 0
+    for call, session in pairs:
+        protocol_errors += len(call.protocol_errors)
+        # inbound: caller (tone) frame k sent by the Twilio sim -> caller frame k at Vapi; frames
+        # of digital silence at Vapi were not sent by the caller (worker silence fill)
+        sent_all = np.frombuffer(rec.twilio_sent.get(call.call_sid, array("d")), dtype=np.float64)
+        tone = np.frombuffer(bytes(rec.twilio_tone.get(call.call_sid, b"")), dtype=np.uint8)
+        tick = np.array([call._t0 + t for t, _ in call.sent_frames], dtype=np.float64)
+        got_all = np.asarray(session.received_times, dtype=np.float64)
+        flags = np.frombuffer(bytes(rec.vapi_caller.get(session.id, b"")), dtype=np.uint8)
+        n_flags = min(flags.size, got_all.size)
+        got = got_all[:n_flags][flags[:n_flags] == 1]
+        fill = got_all[:n_flags][flags[:n_flags] == 0]
+        in_fill += int(((fill >= w0) & (fill < w1)).sum())
+        sent = sent_all[tone[: sent_all.size] == 1] if tone.size == sent_all.size else sent_all
+        if got.size > sent.size:
+            misaligned_in += 1
+        ks = np.flatnonzero((sent >= w0) & (sent < w1))
+        in_sent += ks.size
+        ok = ks[ks < got.size]
+        in_lost += ks.size - ok.size
+        inbound.extend((got[ok] - sent[ok]).tolist())
+        if tick.size == sent_all.size:
+            kw = (sent_all >= w0) & (sent_all < w1)
+            skew.extend((sent_all[kw] - tick[kw]).tolist())
+        # outbound: assistant frame k (Vapi stand-in) -> Twilio media message k
+        vs = np.frombuffer(rec.vapi_sent.get(session.id, array("d")), dtype=np.float64)
+        tr = np.array([call._t0 + t for t, _ in call.received_media_times], dtype=np.float64)
+        if tr.size > vs.size:
+            misaligned_out += 1
+        ks = np.flatnonzero((vs >= w0) & (vs < w1))
+        out_sent += ks.size
+        ok = ks[ks < tr.size]
+        missing = ks[ks >= tr.size]
+        tail = vs[missing] >= w1 - TAIL_EXCLUDE_S
+        out_lost += int((~tail).sum())
+        out_tail_missing += int(tail.sum())
+        outbound.extend((tr[ok] - vs[ok]).tolist())
+        out_recv_window += int(((tr >= w0) & (tr < w1)).sum())
+
+    n = len(pairs)
+    cpu: dict[str, Any] = {}
+    ours = 0.0
+    for name, pid in pids.items():
+        a, b = win.cpu0.get(name), win.cpu1.get(name)
+        wa, wb = win.wait0.get(name), win.wait1.get(name)
+        wait_pct = None if wa is None or wb is None else round(100 * (wb - wa) / secs, 1)
+        if a is None or b is None:
+            cpu[name] = {"pid": pid, "cpu_s": None, "core_pct": None, "core_pct_per_call": None,
+                         "cpu_s_per_call_min": None, "runqueue_wait_pct": wait_pct}
+            continue
+        used = b - a
+        ours += used
+        cpu[name] = {
+            "pid": pid,
+            "cpu_s": round(used, 2),
+            "core_pct": round(100 * used / secs, 1),
+            "core_pct_per_call": round(100 * used / secs / n, 3),
+            "cpu_s_per_call_min": round(used / (n * secs / 60), 3),
+            "runqueue_wait_pct": wait_pct,
+        }
+    busy = (win.busy1[0] - win.busy0[0]) / _CLK_TCK
+    machine_busy = round(busy / secs, 2) if win.busy1[1] else None
+    other_busy = round(max(0.0, busy - ours) / secs, 2) if win.busy1[1] else None
+
+    hist: dict[str, Any] = {}
+    for hop, where in (("twilio_to_vapi", "worker"), ("worker_to_twilio", "gateway")):
+        hb = scraped.hops.get(hop, {})
+        p50 = histogram_quantile(0.5, hb)
+        p99 = histogram_quantile(0.99, hb)
+        hist[hop] = {"process": where, "count": int(hb.get(float("inf"), 0)),
+                     "p50_ms": None if p50 is None else round(p50 * 1000, 2),
+                     "p99_ms": None if p99 is None else round(p99 * 1000, 2)}
+
+    lat_in, lat_out = _pcts(inbound), _pcts(outbound)
+    gw = cpu.get("gateway", {}).get("core_pct_per_call")
+    wk = [v.get("core_pct_per_call") for k, v in cpu.items() if k.startswith("worker-")]
+    targets = {
+        "calls_100": n >= TARGET_CALLS,
+        "zero_frames_lost": in_lost == 0 and out_lost == 0 and in_sent > 0 and out_sent > 0,
+        "latency_p50_lt_3ms": all(d["p50"] is not None and d["p50"] < TARGET_P50_MS
+                                  for d in (lat_in, lat_out)),
+        "latency_p99_lt_10ms": all(d["p99"] is not None and d["p99"] < TARGET_P99_MS
+                                   for d in (lat_in, lat_out)),
+        "gateway_lt_0.6pct_core_per_call": gw is not None and gw < TARGET_CORE_PCT_PER_CALL,
+        "workers_lt_0.6pct_core_per_call": bool(wk) and all(
+            v is not None and v < TARGET_CORE_PCT_PER_CALL for v in wk),
+    }
+    return {
+        "context": {
+            "calls": cfg.calls, "calls_connected": n, "calls_failed_to_place": len(failures),
+            "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers,
+            "cores": os.cpu_count(), "machine_busy_cores": machine_busy,
+            "other_processes_busy_cores": other_busy,
+            "media_msgs_per_s_in": round(in_sent / secs, 1),
+            "media_msgs_per_s_out": round(out_recv_window / secs, 1),
+        },
+        "latency_ms": {
+            "inbound": {**lat_in, "frames": len(inbound)},
+            "outbound": {**lat_out, "frames": len(outbound)},
+        },
+        "sim_send_skew_ms": {k: v for k, v in _pcts(skew).items() if k in ("p50", "p99", "max")},
+        "bridge_histograms": hist,
+        "bridge_counters": {k: int(v) for k, v in sorted(scraped.counters.items())},
+        "frames": {
+            "inbound_sent": in_sent, "inbound_lost": in_lost,
+            "outbound_sent": out_sent, "outbound_lost": out_lost,
+            "outbound_tail_not_received": out_tail_missing,
+            "inbound_silence_injected_by_worker": in_fill,
+            "calls_misaligned_in": misaligned_in, "calls_misaligned_out": misaligned_out,
+        },
+        "errors": {"protocol_errors": protocol_errors, "calls_ended_early": early,
+                   "calls_not_ended_after_hangup": not_ended,
+                   "placement_errors": failures[:3]},
+        "cpu": cpu,
+        "targets": targets,
+    }
+
+
+def _f(v: Any, width: int, prec: int = 2) -> str:
+    if v is None:
+        return "-".rjust(width)
+    if isinstance(v, float):
+        return f"{v:{width}.{prec}f}"
+    return f"{v!s:>{width}}"
+
+
+def _render(r: dict[str, Any]) -> str:
+    c, lat, fr, err = r["context"], r["latency_ms"], r["frames"], r["errors"]
+    lines = [
+        f"callbridge bench: {c['calls_connected']}/{c['calls']} calls, {c['seconds']:g} s window, "
+        f"{c['format']}, {c['workers']} worker(s), {c['cores']} cores "
+        f"(busy in the window: {_f(c['machine_busy_cores'], 0)} cores, of which other processes "
+        f"{_f(c['other_processes_busy_cores'], 0)})",
+        f"media msgs/s: in {c['media_msgs_per_s_in']:.0f} (Twilio sim -> gateway), "
+        f"out {c['media_msgs_per_s_out']:.0f} (gateway -> Twilio sim)",
+        "",
+        "added one-way latency, sims' clocks (ms)     p50     p90     p99     max   frames    lost",
+    ]
+    for key, label in (("inbound", "inbound  Twilio send -> Vapi recv   "),
+                       ("outbound", "outbound Vapi send -> Twilio recv   ")):
+        d = lat[key]
+        lost = fr["inbound_lost"] if key == "inbound" else fr["outbound_lost"]
+        lines.append(f"  {label}      {_f(d['p50'], 7)} {_f(d['p90'], 7)} {_f(d['p99'], 7)} "
+                     f"{_f(d['max'], 7)} {_f(d['frames'], 8)} {_f(lost, 7)}")
+    sk = r["sim_send_skew_ms"]
+    lines.append(f"  (sim send skew, tick -> socket write: p50 {_f(sk['p50'], 0)} "
+                 f"p99 {_f(sk['p99'], 0)} max {_f(sk['max'], 0)} ms; not counted above)")
+    lines.append("bridge hop histograms, window delta (ms, estimated from buckets with linear "
+                 "interpolation, as Prometheus histogram_quantile):")
+    for hop, d in r["bridge_histograms"].items():
+        lines.append(f"  {hop:<17} [{d['process']:<7}]  p50 {_f(d['p50_ms'], 6)}  "
+                     f"p99 {_f(d['p99_ms'], 6)}  n={d['count']}")
+    bc = r["bridge_counters"]
+    lines.append("  bridge counters in the window: "
+                 + (", ".join(f"{k} {v}" for k, v in bc.items()) if bc else "no drops, no Redis errors"))
+    lines.append(
+        f"frames: inbound sent {fr['inbound_sent']} lost {fr['inbound_lost']}; outbound sent "
+        f"{fr['outbound_sent']} lost {fr['outbound_lost']} (last {TAIL_EXCLUDE_S:g} s not received: "
+        f"{fr['outbound_tail_not_received']})")
+    lines.append(
+        f"  extra silence frames Vapi got that the caller never sent (worker fill): "
+        f"{fr['inbound_silence_injected_by_worker']}; calls with more frames received than sent: "
+        f"in {fr['calls_misaligned_in']}, out {fr['calls_misaligned_out']}")
+    lines.append(
+        f"errors: protocol {err['protocol_errors']}, calls ended early {err['calls_ended_early']}, "
+        f"failed to place {c['calls_failed_to_place']}, not ended after hangup "
+        f"{err['calls_not_ended_after_hangup']}")
+    for e in err["placement_errors"]:
+        lines.append(f"  placement error: {e}")
+    lines.append("")
+    lines.append("CPU over the window          pid     cpu s  % core  % core/call  cpu s/call-min"
+                 "  runq wait %")
+    for name, d in r["cpu"].items():
+        lines.append(f"  {name:<22} {_f(d['pid'], 7)} {_f(d['cpu_s'], 8)} {_f(d['core_pct'], 7, 1)} "
+                     f"{_f(d['core_pct_per_call'], 12, 3)} {_f(d['cpu_s_per_call_min'], 15, 3)} "
+                     f"{_f(d['runqueue_wait_pct'], 12, 1)}")
+    lines.append("  (runq wait %: share of the window the process was runnable but waiting for a CPU)")
+    t = r["targets"]
+    lines.append("")
+    lines.append("targets: " + ", ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    cfg = _Config(
+        calls=int(getattr(args, "calls", 100)),
+        seconds=float(getattr(args, "seconds", 20.0)),
+        fmt=str(getattr(args, "format", "pcm_s16le") or "pcm_s16le"),
+        workers=int(getattr(args, "workers", 1) or 1),
+        as_json=bool(getattr(args, "json", False)),
+    )
+    if cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw"):
+        print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
+              "--format pcm_s16le|mulaw", file=sys.stderr)
+        return 2
+    procs: list[_Proc] = []
+    private: RedisServer | None = None
+    try:
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            try:
+                private = start_redis()
+            except RuntimeError as exc:
+                print(f"callbridge bench: cannot start redis: {exc}", file=sys.stderr)
+                return 1
+            redis_url = private.url
+        return _run(_bench(cfg, redis_url, _redis_pid(redis_url, private), procs))
+    except KeyboardInterrupt:
+        print("callbridge bench: interrupted", file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("callbridge bench: terminated", file=sys.stderr)
+        return 143
+    finally:
+        for p in procs:  # all at once, then wait for each (by its own pid)
+            p.terminate()
+        deadline = _mono() + STOP_TIMEOUT_S
+        for p in procs:
+            p.stop(deadline)
+        if private is not None:
+            private.stop()

@@ -1,0 +1,209 @@
+"""Conversation quality end to end: barge-in, bursty Vapi, keypad, transfer, endings, dead peers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+import websockets
+
+from shared.streams import Keys
+from sim.twilio import SimCall
+from sim.vapi import greeter, interrupter
+from tests.conftest import Proc, call_sid, sign
+from tests.test_e2e import caller_utterance, labels_heard, make_stack, until, wait_heard
+
+
+async def events(redis: aioredis.Redis, keys: Keys, sid: str, kind: bytes) -> list[dict[str, object]]:
+    out = []
+    for _id, f in await redis.xrange(keys.events(sid)):
+        if f[b"k"] == kind:
+            out.append(orjson.loads(f.get(b"v", b"{}")))
+    return out
+
+
+def heard_between(call: SimCall, start: float, end: float) -> bytes:
+    pcm = call.heard_pcm16()
+    return pcm[int(start * 8000) * 2: int(end * 8000) * 2]
+
+
+async def _barge_in(stack_iter: object, redis: aioredis.Redis) -> None:
+    async for stack in stack_iter:  # type: ignore[attr-defined]
+        call = await stack.call()
+        await until(lambda: call.heard_segments() and call.now() - call.heard_segments()[0][0] > 1.5,
+                    10, "1.5 s of the long utterance")
+        call.say_pcm(caller_utterance(0))
+        await until(lambda: bool(call.clears), 5, "clear")
+        clear_t = call.clears[0]
+        await wait_heard(call, 2, timeout=10)
+        runs = labels_heard(call)
+        assert [label for label, _ in runs] == ["greeting", "answer:0"], runs
+        cut = call.heard_segments()[0]
+        assert cut[1] <= clear_t + 0.03, "not one frame of the interrupted turn after clear"
+        # Between the clear and the answer the caller hears nothing of the old turn.
+        gap = heard_between(call, clear_t + 0.02, call.heard_segments()[1][0])
+        samples = np.frombuffer(gap, dtype=np.int16)
+        assert samples.size == 0 or int(np.abs(samples).max()) <= 64
+        # The next turn plays normally, whole.
+        answer = labels_heard(call, min_silence_s=0.015)[-1]
+        assert answer[0] == "answer:0" and abs(answer[1] - 1.2) < 0.05
+        # The barge-in record says what was heard, within one mark interval (100 ms).
+        (barge,) = await events(redis, stack.keys, call.call_sid, b"barge-in")
+        heard_s = cut[1] - cut[0]
+        assert abs(int(barge["heard_ms"]) / 1000 - heard_s) <= 0.12, (barge, heard_s)  # type: ignore[call-overload]
+        assert int(barge["sent_ms"]) >= int(barge["heard_ms"])  # type: ignore[call-overload]
+        await call.hangup()
+
+
+async def test_barge_in_stops_the_assistant_at_once(redis_url: str, prefix: str, procs: list[Proc],
+                                                    redis: aioredis.Redis) -> None:
+    await _barge_in(make_stack(redis_url, prefix, procs, redis, assistant=interrupter(long_s=6.0)), redis)
+
+
+async def test_barge_in_with_bursty_vapi(redis_url: str, prefix: str, procs: list[Proc],
+                                         redis: aioredis.Redis) -> None:
+    stack_iter = make_stack(redis_url, prefix, procs, redis, assistant=interrupter(long_s=6.0))
+
+    async def burst() -> object:
+        async for stack in stack_iter:
+            stack.vapi.downlink = "burst"
+            yield stack
+
+    await _barge_in(burst(), redis)
+
+
+async def test_bursty_vapi_is_paced_into_continuous_audio(redis_url: str, prefix: str,
+                                                          procs: list[Proc],
+                                                          redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis,
+                                  assistant=greeter(answers=0, greeting_s=5.0)):
+        stack.vapi.downlink = "burst"  # 5 s of speech handed over in a few ms
+        call = await stack.call()
+        await wait_heard(call, 1, timeout=10)
+        runs = labels_heard(call, min_silence_s=0.015)
+        assert len(runs) == 1 and runs[0][0] == "greeting" and abs(runs[0][1] - 5.0) < 0.05, runs
+        # Paced: no media arrives more than the lead (100 ms) + scheduling slack ahead of its play
+        # time, so Twilio's buffer never holds seconds of audio.
+        media = [(t, n) for t, n in call.received_media_times if n]
+        first = media[0][0]
+        played = 0.0
+        for t, n in media:
+            assert t >= first + played - 0.1 - 0.04, (t, first + played)
+            played += n / 8000
+        assert media[-1][0] - first > 4.5
+        await call.hangup()
+
+
+async def test_keypad_digits_reach_vapi_as_one_entry(redis_url: str, prefix: str, procs: list[Proc],
+                                                     redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis, assistant=greeter(answers=3),
+                                  KEYPAD_TIMEOUT_S=0.6):
+        call = await stack.call()
+        session = await stack.vapi.wait_session(10)
+        await wait_heard(call, 1)
+        for d in "123#":
+            call.send_dtmf(d)
+        first = await session.wait_control("add-message", 5)
+        assert first["message"] == {"role": "user", "content": "User's Keypad Entry: 123"}
+        for d in "45":  # no terminator: the pause ends the entry
+            call.send_dtmf(d)
+        second = await session.wait_control("add-message", 5, count=2)
+        assert second["message"]["content"] == "User's Keypad Entry: 45"
+        assert len(session.received_control("add-message")) == 2
+        await call.hangup()
+
+
+async def test_transfer_dials_the_target_after_the_last_words(redis_url: str, prefix: str,
+                                                              procs: list[Proc],
+                                                              redis: aioredis.Redis) -> None:
+    script = greeter(answers=1, tool_call_after=0, tool_call_name="transferCall",
+                     tool_call_arguments={"destination": "+14155550100"})
+    async for stack in make_stack(redis_url, prefix, procs, redis, assistant=script):
+        call = await stack.call()
+        session = await stack.vapi.wait_session(10)
+        await wait_heard(call, 1)
+        call.say_pcm(caller_utterance(0))
+        assert await call.wait_ended(15) == "dial"
+        assert call.dial_target == "+14155550100"
+        runs = labels_heard(call, min_silence_s=0.015)
+        assert [r[0] for r in runs] == ["greeting", "answer:0"] and abs(runs[-1][1] - 1.2) < 0.05
+        await session.wait_closed(3)
+        assert session.received_control("end-call"), "Vapi is told the call ended"
+        record = await redis.hgetall(stack.keys.call(call.call_sid))
+        assert record[b"end_reason"] == b"transfer" and record[b"transfer_to"] == b"+14155550100"
+
+
+async def test_caller_hangup_ends_the_vapi_session_within_a_second(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis
+) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis):
+        call = await stack.call()
+        session = await stack.vapi.wait_session(10)
+        await wait_heard(call, 1)
+        t0 = time.monotonic()
+        await call.hangup()
+        await session.wait_closed(2)
+        assert session.closed_at is not None and session.closed_at - t0 < 1.0
+        assert session.received_control("end-call")
+
+
+async def test_silent_vapi_socket_is_detected_and_the_call_ends(redis_url: str, prefix: str,
+                                                                procs: list[Proc],
+                                                                redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis, VAPI_PING_INTERVAL_S=0.5,
+                                  VAPI_PING_TIMEOUT_S=0.5):
+        stack.vapi.respond_to_pings = False
+        call = await stack.call()
+        t0 = time.monotonic()
+        assert await call.wait_ended(10) == "hangup"
+        assert time.monotonic() - t0 < 4, "detected within a few seconds"
+        record = await redis.hgetall(stack.keys.call(call.call_sid))
+        assert record[b"end_reason"] == b"vapi-socket-closed"
+        assert call.say_texts, "the caller hears why before the hang-up"
+        assert stack.worker.proc is not None and stack.worker.proc.poll() is None
+
+
+async def test_silent_twilio_socket_is_detected_and_the_call_ends(redis_url: str, prefix: str,
+                                                                  procs: list[Proc],
+                                                                  redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis, MEDIA_IDLE_TIMEOUT_S=1,
+                                  REATTACH_TIMEOUT_S=1):
+        # A "Twilio" that answers, starts a stream, sends one second of audio, then goes silent.
+        import xml.etree.ElementTree as ET
+
+        import httpx
+
+        from tests.test_gateway import _media_msg, _start_msg
+
+        sid = call_sid()
+        base = stack.twilio.gateway_url
+        form = {"AccountSid": stack.twilio.account_sid, "CallSid": sid, "From": "+1555", "To": "+1666"}
+        async with httpx.AsyncClient() as client:
+            resp = await client.post(base + "/twilio/voice", data=form,
+                                     headers={"X-Twilio-Signature": sign(base + "/twilio/voice", form)})
+        token = ET.fromstring(resp.text).find("./Connect/Stream/Parameter").get("value")  # type: ignore[union-attr]
+        url = base.replace("http", "ws", 1) + "/twilio/media"
+        ws = await websockets.connect(url, additional_headers={"X-Twilio-Signature": sign(url)})
+        await ws.send(_start_msg(sid, str(token)))
+        for i in range(50):
+            await ws.send(_media_msg(b"\xff" * 160, seq=i + 2))
+        session = await stack.vapi.wait_session(10)
+        t0 = time.monotonic()
+        with_audio = len(session.received_frames)
+        async def read_until_closed() -> None:
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                async for _msg in ws:  # the assistant's greeting keeps arriving meanwhile
+                    pass
+
+        await asyncio.wait_for(read_until_closed(), 5)  # the gateway gives up on the socket
+        assert time.monotonic() - t0 < 3
+        await session.wait_closed(10)
+        record = await redis.hgetall(stack.keys.call(sid))
+        assert record[b"end_reason"] == b"stream-lost"
+        # While the caller's audio was missing, Vapi was kept fed with silence.
+        assert len(session.received_frames) > with_audio + 25
+        assert stack.worker.proc is not None and stack.worker.proc.poll() is None
