@@ -81,7 +81,7 @@ async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
             f"{voices.identify(pcm[int(a * 8000) * 2:int(b * 8000) * 2], 8000)} "
             f"{a:.2f}-{b:.2f}s" for a, b in segs) or "nothing")
         sent = call.sent_segments()
-        for i, (a, b) in enumerate(sent):
+        for i, (_start, b) in enumerate(sent):
             reply = next((s for s in segs if s[0] > b), None)
             if reply:
                 print(f"  turn {i + 1} latency  {1000 * (reply[0] - b):.0f} ms from end of caller speech "
@@ -105,11 +105,11 @@ async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    settings = Settings(  # type: ignore[call-arg]
-        REDIS_PREFIX=f"demo-{uuid.uuid4().hex[:6]}:",
-        TWILIO_ACCOUNT_SID=DEMO_ACCOUNT, TWILIO_AUTH_TOKEN=DEMO_TOKEN,
-        VAPI_API_KEY=DEMO_KEY, VAPI_ASSISTANT_ID="demo-assistant",
-    )
+    settings = Settings.model_validate({
+        "REDIS_PREFIX": f"demo-{uuid.uuid4().hex[:6]}:",
+        "TWILIO_ACCOUNT_SID": DEMO_ACCOUNT, "TWILIO_AUTH_TOKEN": DEMO_TOKEN,
+        "VAPI_API_KEY": DEMO_KEY, "VAPI_ASSISTANT_ID": "demo-assistant",
+    })
     env = Settings()
     settings.redis_url = env.redis_url
     settings.vapi_audio_format = args.format or env.vapi_audio_format

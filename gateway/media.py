@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -84,7 +85,7 @@ async def _authorize(st: GatewayState, start: Start) -> None:
     if not verify_stream_token(st.settings.token_secret, start.call_sid, token):
         raise Rejected("bad_token")
     try:
-        status = await st.redis.hget(st.keys.call(start.call_sid), "status")
+        status: Any = await st.redis.hget(st.keys.call(start.call_sid), "status")
     except (RedisError, OSError):
         raise Rejected("redis_error") from None
     if status is None:
@@ -100,7 +101,8 @@ async def media_socket(ws: WebSocket) -> None:
         metrics.MEDIA_REJECTED.labels("draining").inc()
         await ws.close(code=TRY_LATER)
         return
-    if not ws_signature_ok(st.settings.auth_token, st.settings.stream_url, ws.headers.get("x-twilio-signature")):
+    signature = ws.headers.get("x-twilio-signature")
+    if not ws_signature_ok(st.settings.auth_token, st.settings.stream_url, signature):
         metrics.MEDIA_REJECTED.labels("bad_signature").inc()
         log.warning("rejected media socket: invalid signature")
         await ws.close(code=POLICY)  # before accept: the handshake fails with 403
@@ -139,7 +141,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     try:
         # Follow `out` from its current end, taken *before* announcing ourselves, so nothing the
         # worker writes in reply to `start` can slip between the two.
-        last = await st.redis.xrevrange(out_key, count=1)
+        last: Any = await st.redis.xrevrange(out_key, count=1)
         from_id = last[0][0].decode() if last else "0-0"
         queue = await st.hub.attach(out_key, from_id)
     except (RedisError, OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from redis.exceptions import RedisError
@@ -24,7 +25,8 @@ XML = "application/xml"
 
 
 def _state(request: Request) -> GatewayState:
-    return request.app.state.gw  # type: ignore[no-any-return]
+    state: GatewayState = request.app.state.gw
+    return state
 
 
 async def _signed_form(request: Request, route: str) -> dict[str, str] | Response:
@@ -109,7 +111,7 @@ async def stream_ended(request: Request) -> Response:
     st = _state(request)
     sid = form["CallSid"]
     try:
-        call = await st.redis.hgetall(st.keys.call(sid))
+        call: Any = await st.redis.hgetall(st.keys.call(sid))
     except (RedisError, OSError):
         return _unavailable("stream_ended")
     fields = {k.decode(): v.decode() for k, v in call.items()}

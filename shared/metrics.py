@@ -99,7 +99,9 @@ VAPI_SETUP = Histogram(
     buckets=_SETUP,
 )
 VAPI_ERRORS = Counter(
-    "callbridge_vapi_errors_total", "Vapi failures by kind (http_4xx, http_429, http_5xx, connect, socket).", ["kind"]
+    "callbridge_vapi_errors_total",
+    "Vapi failures by kind (http_4xx, http_429, http_5xx, connect, socket, bad_response).",
+    ["kind"],
 )
 TURN_LATENCY = Histogram(
     "callbridge_turn_latency_seconds",

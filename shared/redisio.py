@@ -197,9 +197,9 @@ class MultiReader:
         backoff = 0.05
         wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
         while True:
-            streams = {self._wake_key: wake_id, **self._ids}
+            streams: dict[Any, Any] = {self._wake_key: wake_id, **self._ids}
             try:
-                resp = await self._redis.xread(streams, count=self._count, block=self._block_ms)
+                resp: Any = await self._redis.xread(streams, count=self._count, block=self._block_ms)
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise

@@ -158,9 +158,9 @@ class Outbound:
 
     def __init__(self, stream_sid: str) -> None:
         sid = _sid(stream_sid)
-        self._media_prefix = '{"event":"media","streamSid":%s,"media":{"payload":"' % sid
-        self._mark_prefix = '{"event":"mark","streamSid":%s,"mark":{"name":' % sid
-        self._clear = '{"event":"clear","streamSid":%s}' % sid
+        self._media_prefix = f'{{"event":"media","streamSid":{sid},"media":{{"payload":"'
+        self._mark_prefix = f'{{"event":"mark","streamSid":{sid},"mark":{{"name":'
+        self._clear = f'{{"event":"clear","streamSid":{sid}}}'
 
     def media(self, ulaw: bytes) -> str:
         return self._media_prefix + binascii.b2a_base64(ulaw, newline=False).decode("ascii") + '"}}'

@@ -102,7 +102,8 @@ VapiMessage = StatusUpdate | UserInterrupted | SpeechUpdate | Transcript | ToolC
 
 def _tool_call(item: dict[str, Any]) -> ToolCall:
     """Tool calls come as {id, function:{name, arguments}} (spec) or {id, name, parameters}."""
-    fn = item.get("function") if isinstance(item.get("function"), dict) else {}
+    raw_fn = item.get("function")
+    fn: dict[str, Any] = raw_fn if isinstance(raw_fn, dict) else {}
     name = fn.get("name") or item.get("name") or ""
     args: Any = fn.get("arguments", item.get("parameters", item.get("arguments", {})))
     if isinstance(args, str):
@@ -110,7 +111,8 @@ def _tool_call(item: dict[str, Any]) -> ToolCall:
             args = orjson.loads(args)
         except orjson.JSONDecodeError:
             args = {"raw": args}
-    return ToolCall(id=str(item.get("id", "")), name=str(name), arguments=args if isinstance(args, dict) else {})
+    arguments = args if isinstance(args, dict) else {}
+    return ToolCall(id=str(item.get("id", "")), name=str(name), arguments=arguments)
 
 
 def parse(text: str | bytes) -> VapiMessage:

@@ -372,7 +372,7 @@ class SimCall:
         """The caller hangs up: `stop` on the live socket, close it, end the call."""
         await self._finish("caller-hangup")
 
-    async def wait_speaking_done(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_speaking_done(self, timeout: float | None = None) -> None:
         """Wait until all queued caller audio has been sent (or the call ended)."""
         if timeout is None:
             timeout = len(self._say_q) * w.FRAME_S + 10.0
@@ -388,13 +388,13 @@ class SimCall:
         if not done:
             raise TimeoutError(f"{self.call_sid}: caller audio still queued after {timeout}s")
 
-    async def wait_ended(self, timeout: float) -> str:  # noqa: ASYNC109
+    async def wait_ended(self, timeout: float) -> str:
         """Wait for the call to end; returns end_reason (TimeoutError otherwise)."""
         await asyncio.wait_for(self.ended.wait(), timeout)
         assert self.end_reason is not None
         return self.end_reason
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until predicate() is true; re-checked whenever the call records something
         (stream start/close, media, marks, clear, protocol error, end)."""
         deadline = _mono() + timeout
@@ -409,7 +409,7 @@ class SimCall:
         finally:
             self._waiters -= 1
 
-    async def wait_streams(self, n: int, timeout: float) -> str:  # noqa: ASYNC109
+    async def wait_streams(self, n: int, timeout: float) -> str:
         """Wait until the n-th Media Stream has started; returns its streamSid."""
         await self.wait_for(lambda: len(self.streams) >= n or self.ended.is_set(), timeout)
         if len(self.streams) < n:
@@ -1090,7 +1090,7 @@ class TwilioSim:
         from_: str = "+15550001111",
         to: str = "+15550002222",
         call_sid: str | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109 - every wait is bounded
+        timeout: float = 30.0,
     ) -> SimCall:
         """Place an inbound call: signed voice webhook, TwiML, Media Stream.
 

@@ -408,7 +408,7 @@ class VapiSession:
 
     # -- waiting (tests) ---------------------------------------------------------------------
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until ``predicate()`` holds (re-checked on every recorded event)."""
         if predicate():
             return
@@ -421,18 +421,18 @@ class VapiSession:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(entry)
 
-    async def wait_connected(self, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_connected(self, timeout: float) -> None:
         await self.wait_for(lambda: self.connected, timeout)
 
-    async def wait_closed(self, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_closed(self, timeout: float) -> None:
         await self.wait_for(lambda: self._closed, timeout)
 
-    async def wait_control(self, type_: str, timeout: float, count: int = 1) -> dict[str, Any]:  # noqa: ASYNC109
+    async def wait_control(self, type_: str, timeout: float, count: int = 1) -> dict[str, Any]:
         """Wait for the ``count``-th received control message of ``type_``; return it."""
         await self.wait_for(lambda: len(self.received_control(type_)) >= count, timeout)
         return self.received_control(type_)[count - 1]
 
-    async def wait_sent(self, type_: str, timeout: float, count: int = 1) -> dict[str, Any]:  # noqa: ASYNC109
+    async def wait_sent(self, type_: str, timeout: float, count: int = 1) -> dict[str, Any]:
         """Wait for the ``count``-th sent control message of ``type_``; return it."""
         await self.wait_for(lambda: len(self.sent_of(type_)) >= count, timeout)
         return self.sent_of(type_)[count - 1]
@@ -452,14 +452,14 @@ class VapiSession:
         if self._proto is not None and not self._closed:
             self._proto.send_binary(data)
 
-    async def end(self, reason: str = "assistant-ended-call", timeout: float = 3.0) -> None:  # noqa: ASYNC109
+    async def end(self, reason: str = "assistant-ended-call", timeout: float = 3.0) -> None:
         """End the call from Vapi's side: status-update ended, close 1000, wait for the close."""
         self._end(reason)
         if self._proto is not None:
             with contextlib.suppress(TimeoutError):
                 await self.wait_closed(timeout)
 
-    async def drop(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+    async def drop(self, timeout: float = 2.0) -> None:
         """Abort the TCP connection mid-call: no status-update, no close frame."""
         if self._proto is None or self._closed:
             return
@@ -1425,7 +1425,7 @@ class VapiSim:
             del self.sessions[k]
         return len(gone)
 
-    async def wait_session(self, timeout: float) -> VapiSession:  # noqa: ASYNC109
+    async def wait_session(self, timeout: float) -> VapiSession:
         """The next session created (the first call returns the first one ever created)."""
         return await asyncio.wait_for(self._new_sessions.get(), timeout)
 

@@ -33,11 +33,15 @@ def heard_between(call: SimCall, start: float, end: float) -> bytes:
 
 async def _barge_in(stack_iter: object, redis: aioredis.Redis) -> None:
     async for stack in stack_iter:  # type: ignore[attr-defined]
-        call = await stack.call()
-        await until(lambda: call.heard_segments() and call.now() - call.heard_segments()[0][0] > 1.5,
-                    10, "1.5 s of the long utterance")
+        call: SimCall = await stack.call()
+
+        def long_enough(c: SimCall = call) -> bool:
+            segs = c.heard_segments()
+            return bool(segs) and c.now() - segs[0][0] > 1.5
+
+        await until(long_enough, 10, "1.5 s of the long utterance")
         call.say_pcm(caller_utterance(0))
-        await until(lambda: bool(call.clears), 5, "clear")
+        await until(lambda c=call: bool(c.clears), 5, "clear")
         clear_t = call.clears[0]
         await wait_heard(call, 2, timeout=10)
         runs = labels_heard(call)

@@ -65,7 +65,7 @@ class Waitable:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_for(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:  # noqa: ASYNC109
+    async def wait_for(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             remaining = deadline - time.monotonic()
@@ -145,7 +145,7 @@ class FakeGateway(Waitable):
     def ws_url(self) -> str:
         return self.public.replace("https://", "wss://").replace("http://", "ws://") + "/twilio/media"
 
-    async def next_conn(self, n: int = 1, timeout: float = 3.0) -> Conn:  # noqa: ASYNC109
+    async def next_conn(self, n: int = 1, timeout: float = 3.0) -> Conn:
         await self.wait_for(lambda: len(self.conns) >= n, timeout)
         return self.conns[n - 1]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -70,7 +71,7 @@ class Claimer:
                 await asyncio.sleep(0.2)
                 continue
             try:
-                resp = await self._redis.xreadgroup(
+                resp: Any = await self._redis.xreadgroup(
                     WORKER_GROUP, self._consumer, {self._stream: ">"}, count=min(free, 10), block=1000
                 )
                 backoff = 0.1
@@ -103,7 +104,7 @@ class Claimer:
                 log.warning("lease maintenance failed", extra={"error": type(exc).__name__})
 
     async def refresh(self) -> None:
-        ids = list(self._owned())
+        ids: list[Any] = list(self._owned())
         if ids:
             await self._redis.xclaim(self._stream, WORKER_GROUP, self._consumer, 0, ids, justid=True)
 
@@ -111,7 +112,7 @@ class Claimer:
         free = self._free_slots()
         if free <= 0:
             return
-        resp = await self._redis.xautoclaim(
+        resp: Any = await self._redis.xautoclaim(
             self._stream, WORKER_GROUP, self._consumer, self._lease_ms, "0-0", count=min(free, 10)
         )
         entries = resp[1] if len(resp) > 1 else []

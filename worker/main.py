@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 import uvicorn
@@ -91,7 +92,7 @@ class Worker:
         from_id = "0-0"
         if takeover:
             with contextlib.suppress(RedisError, OSError):
-                last = await self.redis.xrevrange(in_key, count=1)
+                last: Any = await self.redis.xrevrange(in_key, count=1)
                 from_id = last[0][0].decode() if last else "0-0"
         await self.inbox.add(in_key, from_id)
         await session.run()
@@ -168,14 +169,14 @@ class Worker:
         """Keep Vapi fed with silence while a call's caller audio is stalled (gateway restart,
         network), so Vapi's silence timeout reflects the caller, not our transport."""
         frames = metrics.FRAMES.labels("in", "silence_fill")
-        fill = [(b"0-0", {b"k": S.IN_SILENCE})]
+        fill: Entries = [(b"0-0", {b"k": S.IN_SILENCE})]
         while True:
             await asyncio.sleep(0.02)
             now = time.monotonic()
             for session in self.sessions.values():
                 if session.vapi_connected and now - session.last_media_at > 0.1:
                     session.last_media_at += 0.02
-                    session.on_inbound(fill)  # type: ignore[arg-type]
+                    session.on_inbound(fill)
                     frames.inc()
 
     # Process lifecycle ------------------------------------------------------------------------
@@ -243,7 +244,7 @@ class Worker:
         deadline = time.monotonic() + timeout
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        released = [s.job_id for s in self.sessions.values()]
+        released: list[Any] = [s.job_id for s in self.sessions.values()]
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

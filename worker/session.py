@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection
@@ -130,7 +130,7 @@ class CallSession:
             self.w.session_done(self, completed=self._completed)
 
     async def _already_over(self) -> bool:
-        status = await self.w.redis.hget(self.keys.call(self.sid), "status")
+        status: Any = await self.w.redis.hget(self.keys.call(self.sid), "status")
         if status is None or status.decode() == S.STATUS_ENDED:
             log.info("job for a call that is already over; skipping")
             return True
