@@ -198,7 +198,7 @@ async def test_silent_twilio_socket_is_detected_and_the_call_ends(redis_url: str
         session = await stack.vapi.wait_session(10)
         t0 = time.monotonic()
         with_audio = len(session.received_frames)
-        async def read_until_closed() -> None:
+        async def read_until_closed(ws: websockets.ClientConnection = ws) -> None:
             with contextlib.suppress(websockets.exceptions.ConnectionClosed):
                 async for _msg in ws:  # the assistant's greeting keeps arriving meanwhile
                     pass

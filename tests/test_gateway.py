@@ -270,7 +270,7 @@ async def test_bad_messages_are_counted_and_dropped_and_the_call_continues(
     await ws.send(_media_msg(good, seq=4))
     await ws.send('{"event":"dtmf","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"7"}}')
     await ws.send('{"event":"mark","sequenceNumber":"6","mark":{"name":"0:100"}}')
-    await ws.send('{"event":"stop","sequenceNumber":"7","stop":{"callSid":"%s"}}' % sid)
+    await ws.send(f'{{"event":"stop","sequenceNumber":"7","stop":{{"callSid":"{sid}"}}}}')
     for _ in range(300):
         entries = await _entries(redis, gw.keys.inbound(sid))
         if entries and entries[-1][b"k"] == b"stop":

@@ -5,7 +5,9 @@ from __future__ import annotations
 from worker.playback import FRAME_BYTES, Playout
 
 
-def frames_until(p: Playout, start: float, end: float, step: float = 0.005) -> list[tuple[float, bytes, str | None]]:
+def frames_until(
+    p: Playout, start: float, end: float, step: float = 0.005
+) -> list[tuple[float, bytes, str | None]]:
     out = []
     t = start
     while t <= end + 1e-9:
