@@ -146,3 +146,36 @@ async def test_worker_sigterm_releases_its_calls_to_another_worker(
     assert [label for label, _ in labels_heard(call)] == ["greeting", "greeting", "answer:0"]
     record = await redis.hgetall(Keys(prefix).call(call.call_sid))
     assert record[b"end_reason"] == b"caller-hangup"
+
+
+async def test_a_killed_worker_s_call_is_taken_over_after_the_lease(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
+    sims: tuple[TwilioSim, VapiSim],
+) -> None:
+    twilio, vapi = sims
+    env = _env(redis_url, prefix, twilio, vapi, CLAIM_LEASE_S=1.5)
+    port = free_port()
+    gw = gateway_proc(env, port).start()
+    wk1 = worker_proc(env).start()
+    procs += [gw, wk1]
+    await gw.wait_ready()
+    await wk1.wait_ready()
+    twilio.gateway_url = f"http://127.0.0.1:{port}"
+    call = await twilio.place_call()
+    first = await vapi.wait_session(10)
+    await wait_heard(call, 1)
+    wk2 = worker_proc(env).start()
+    procs.append(wk2)
+    await wk2.wait_ready()
+
+    wk1.signal(signal.SIGKILL)  # no drain, no goodbye: the lease must expire
+    killed_at = time.monotonic()
+    await first.wait_closed(5)  # the OS closed its socket; Vapi ends that session
+    second = await vapi.wait_session(10)
+    assert time.monotonic() - killed_at < 1.5 + 0.5 + 2.0, "taken over within lease + one round"
+    await wait_heard(call, 2)
+    await call.hangup()
+    await second.wait_closed(3)
+    assert vapi.open_sessions() == 0
+    claims = await redis.xpending(Keys(prefix).calls, "workers")
+    assert claims["pending"] == 0, "the job was acknowledged by the new owner"
