@@ -256,6 +256,7 @@ async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound
                 await send(out.mark(f.get(b"v", b"").decode()))
             elif kind == S.OUT_CLEAR:
                 await send(out.clear())
+                metrics.CLEAR_LATENCY.observe(S.entry_age_ms(f) / 1000)
             elif kind == S.OUT_HANGUP:
                 await ws.close(code=NORMAL)
                 return True

@@ -109,4 +109,9 @@ TURN_LATENCY = Histogram(
     "to the first assistant frame sent to Twilio. Includes Vapi's own time.",
     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0),
 )
+CLEAR_LATENCY = Histogram(
+    "callbridge_barge_in_clear_seconds",
+    "From the interruption reaching the worker to `clear` leaving the gateway for Twilio.",
+    buckets=_LAT,
+)
 BARGE_INS = Counter("callbridge_barge_ins_total", "Assistant audio cleared because the caller spoke.")

@@ -61,6 +61,17 @@ async def _barge_in(stack_iter: object, redis: aioredis.Redis) -> None:
         assert abs(int(barge["heard_ms"]) / 1000 - heard_s) <= 0.12, (barge, heard_s)  # type: ignore[call-overload]
         assert int(barge["sent_ms"]) >= int(barge["heard_ms"])  # type: ignore[call-overload]
         await call.hangup()
+        # At the end the call records, per assistant turn, what was said and what was heard.
+        found: list[dict[str, object]] = []
+        for _ in range(100):
+            found = await events(redis, stack.keys, call.call_sid, b"assistant-turns")
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        said = found[0]["turns"]  # type: ignore[index]
+        assert said[0]["interrupted"] and said[0]["heard_ms"] == barge["heard_ms"]
+        assert not said[1]["interrupted"] and said[1]["sent_ms"] == 1200
+        assert abs(said[1]["heard_ms"] - 1200) <= 100
 
 
 async def test_barge_in_stops_the_assistant_at_once(redis_url: str, prefix: str, procs: list[Proc],
