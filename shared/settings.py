@@ -23,7 +23,10 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # Compose turns an unset ${VAR} into "": treat empty as unset so `require()` still names it.
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True
+    )
 
     # Externally visible names (fixed by the product contract).
     redis_url: str | None = Field(default=None, alias="REDIS_URL")
