@@ -114,4 +114,10 @@ CLEAR_LATENCY = Histogram(
     "From the interruption reaching the worker to `clear` leaving the gateway for Twilio.",
     buckets=_LAT,
 )
+FAST_BARGE_INS = Counter(
+    "callbridge_fast_barge_in_total",
+    "Local-detector barge-in actions: pause (caller talked over the bot) and resume (Vapi did "
+    "not confirm, so the held audio played on). resume/pause is the false-trigger ratio.",
+    ["action"],
+)
 BARGE_INS = Counter("callbridge_barge_ins_total", "Assistant audio cleared because the caller spoke.")

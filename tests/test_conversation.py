@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 import websockets
 
 from shared.streams import Keys
+from sim import voices
 from sim.twilio import SimCall
 from sim.vapi import greeter, interrupter
 from tests.conftest import Proc, call_sid, sign
@@ -222,3 +223,38 @@ async def test_silent_twilio_socket_is_detected_and_the_call_ends(redis_url: str
         # While the caller's audio was missing, Vapi was kept fed with silence.
         assert len(session.received_frames) > with_audio + 25
         assert stack.worker.proc is not None and stack.worker.proc.poll() is None
+
+
+async def test_fast_barge_in_pauses_then_vapi_confirms(redis_url: str, prefix: str, procs: list[Proc],
+                                                       redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis, assistant=interrupter(long_s=6.0),
+                                  FAST_BARGE_IN=1):
+        call = await stack.call()
+        await until(lambda c=call: bool(c.heard_segments()) and c.now() > 1.5, 10, "greeting")
+        call.say_pcm(caller_utterance(0))
+        await wait_heard(call, 2, timeout=10)
+        assert [label for label, _ in labels_heard(call)] == ["greeting", "answer:0"]
+        kinds = [f[b"k"] for _i, f in await redis.xrange(stack.keys.events(call.call_sid))]
+        assert b"fast-pause" in kinds and b"barge-in" in kinds and b"fast-resume" not in kinds
+        # The local detector acted before Vapi's confirmation arrived.
+        assert kinds.index(b"fast-pause") < kinds.index(b"barge-in")
+        await call.hangup()
+
+
+async def test_fast_barge_in_resumes_when_vapi_does_not_confirm(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis
+) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis,
+                                  assistant=greeter(answers=1, greeting_s=4.0), FAST_BARGE_IN=1):
+        call = await stack.call()
+        await until(lambda c=call: bool(c.heard_segments()) and c.now() > 1.0, 10, "greeting")
+        # A short sound: the local detector pauses, Vapi (200 ms minimum) never calls it a turn.
+        call.say_pcm(voices.utterance("caller", 0, 0.16, 8000))
+        await wait_heard(call, 2, timeout=10)
+        kinds = [f[b"k"] for _i, f in await redis.xrange(stack.keys.events(call.call_sid))]
+        assert b"fast-pause" in kinds and b"fast-resume" in kinds and b"barge-in" not in kinds
+        # Held, not dropped: the whole greeting reaches the caller, in two parts.
+        runs = labels_heard(call, min_silence_s=0.015)
+        assert {label for label, _ in runs} == {"greeting"}
+        assert abs(sum(seconds for _, seconds in runs) - 4.0) < 0.06, runs
+        await call.hangup()

@@ -10,6 +10,7 @@ Pure state machine: the caller passes `now` (monotonic seconds) and writes what 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,6 +54,12 @@ class Playout:
     # A pause this long between pushes, with nothing left to send, starts a new assistant turn.
     turn_gap_s: float = 0.300
 
+    # Fast barge-in (`pause`/`resume`): frames recently handed to Twilio, as (play time, turn,
+    # frame), so a pause can take back what Twilio had not played yet. Only the last `lead` + 40 ms
+    # can still be unplayed, so the ring stays that short.
+    _sent: deque[tuple[float, int, Frame]] = field(default_factory=deque)
+    _paused: bool = False
+
     def push(self, ulaw: bytes, now: float) -> None:
         if not ulaw:
             return
@@ -87,7 +94,7 @@ class Playout:
     def due(self, now: float) -> list[Frame]:
         """Frames whose send time has come: each frame goes out `lead` before it plays."""
         out: list[Frame] = []
-        if not self._buf:
+        if not self._buf or self._paused:
             return out
         if self._play_at < now:
             self._play_at = now  # Twilio's buffer ran dry: playback restarts now
@@ -106,7 +113,12 @@ class Playout:
             if rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms or not self._buf:
                 mark = f"{self.turn}:{rec.sent_ms}"
                 self._pending_marks.append(mark)
-            out.append(Frame(chunk, mark, first=before == 0))
+            frame = Frame(chunk, mark, first=before == 0)
+            self._sent.append((self._play_at - FRAME_S, self.turn, frame))
+            out.append(frame)
+        keep = math.ceil((self.lead_s + 0.040) / FRAME_S) + 1
+        while len(self._sent) > keep:
+            self._sent.popleft()
         return out
 
     def interrupt(self, now: float) -> int:
@@ -116,10 +128,48 @@ class Playout:
         self._flushed.update(self._pending_marks)
         self._pending_marks.clear()
         self._play_at = now
+        self._sent.clear()
+        self._paused = False  # the next turn plays as soon as it arrives
         if self.turn in self.turns:
             self.turns[self.turn].interrupted = True
         self.turn += 1
         return dropped
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self, now: float) -> None:
+        """Fast barge-in: stop sending and take back what Twilio has not played yet.
+
+        The caller sends Twilio `clear` right after this, which flushes Twilio's buffer: the
+        frames whose play time (by our clock) is after `now` go back to the front of our buffer,
+        in order, and their marks will echo as flushed, not heard. Their ms come off `sent_ms`,
+        so resending them re-creates the same mark names at the same offsets. Twilio plays a
+        little behind our clock (network delay), so the caller may miss that much at the seam.
+        While paused `due()` sends nothing and `push()` keeps buffering; `resume()` goes on,
+        `interrupt()` drops it all.
+        """
+        if self._paused:
+            return
+        self._paused = True
+        back = [(turn, f) for play_at, turn, f in self._sent if play_at >= now - 1e-9]
+        self._sent.clear()
+        self._buf[:0] = b"".join(f.audio for _, f in back)
+        for turn, f in back:
+            if turn in self.turns:
+                self.turns[turn].sent_ms -= len(f.audio) // 8
+            if f.mark is not None and f.mark in self._pending_marks:
+                self._pending_marks.remove(f.mark)
+                self._flushed.add(f.mark)
+        self._play_at = now  # Twilio's buffer is empty once `clear` lands
+
+    def resume(self, now: float) -> None:
+        """No interruption after all: the held audio plays from `now` (lead refilled at once)."""
+        if not self._paused:
+            return
+        self._paused = False
+        self._play_at = now
 
     def on_mark(self, name: str) -> bool:
         """A mark echo: Twilio has played everything before it (unless `clear` flushed it)."""
@@ -145,4 +195,5 @@ class Playout:
         """A new Twilio socket: its buffer is empty and old marks will never echo."""
         self._pending_marks.clear()
         self._flushed.clear()
+        self._sent.clear()
         self._play_at = now

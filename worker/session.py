@@ -27,6 +27,7 @@ from shared.logs import call_sid_var
 from shared.redisio import Entries
 from worker.playback import Playout
 from worker.turns import KeypadGather, SpeechEnd
+from worker.vad import Action, FastBargeIn, VoiceDetector
 from worker.vapi_client import VapiError
 
 if TYPE_CHECKING:
@@ -79,6 +80,10 @@ class CallSession:
         self._stale_until = 0.0
         self.last_media_at = time.monotonic()
         self._bg: set[asyncio.Task[None]] = set()
+        self.fast: FastBargeIn | None = None
+        if s.fast_barge_in:
+            self.fast = FastBargeIn(VoiceDetector(aggressiveness=s.fast_barge_in_aggressiveness),
+                                    confirm_window_s=s.fast_barge_in_confirm_ms / 1000)
 
     @property
     def vapi_connected(self) -> bool:
@@ -213,8 +218,10 @@ class CallSession:
                 kind = f.get(b"k")
                 if kind == S.IN_MEDIA:
                     audio = f.get(b"a", b"")
-                    self.last_media_at = time.monotonic()
+                    self.last_media_at = now = time.monotonic()
                     self.speech.frame(audio, int(f.get(b"t", b"0")) / 1e9)
+                    if self.fast is not None:
+                        self._fast_barge_in(audio, now)
                     if self._ws is None:
                         self._backlog.append(audio)  # bounded by the stream's MAXLEN upstream
                         continue
@@ -356,9 +363,27 @@ class CallSession:
         else:
             log.debug("vapi message", extra={"type": msg.type})
 
+    def _fast_barge_in(self, audio: bytes, now: float) -> None:
+        """Local voice detector: hold the assistant's audio the moment the caller talks over it,
+        give it back if Vapi does not confirm an interruption in time."""
+        assert self.fast is not None
+        action = self.fast.frame(audio, now, self.playout.active(now)) or self.fast.tick(now)
+        if action is Action.PAUSE:
+            self.playout.pause(now)
+            self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+            metrics.FAST_BARGE_INS.labels("pause").inc()
+            self.event("fast-pause", turn=self.playout.turn)
+        elif action is Action.RESUME:
+            self.playout.resume(now)
+            self.w.wake_ticker(self)
+            metrics.FAST_BARGE_INS.labels("resume").inc()
+            self.event("fast-resume", turn=self.playout.turn)
+
     def barge_in(self, source: str) -> None:
         """The caller talks over the assistant: drop what is unsent and flush Twilio's buffer."""
         now = time.monotonic()
+        if self.fast is not None:
+            self.fast.confirmed()
         if not self.playout.active(now):
             return
         turn = self.playout.turn
