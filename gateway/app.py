@@ -16,7 +16,7 @@ from gateway import media, webhooks
 from gateway.hub import OutboundHub
 from gateway.state import GatewayState
 from shared import metrics
-from shared.redisio import BatchWriter, connect
+from shared.redisio import BatchWriter, connect, media_latency_observer
 from shared.settings import Settings
 from shared.streams import Keys
 
@@ -24,7 +24,10 @@ log = logging.getLogger("callbridge.gateway")
 
 
 def _redis_error(op: str) -> None:
-    metrics.REDIS_ERRORS.labels(op).inc()
+    if op == "reconnect":
+        metrics.REDIS_RECONNECTS.inc()
+    else:
+        metrics.REDIS_ERRORS.labels(op).inc()
 
 
 def build_state(settings: Settings) -> GatewayState:
@@ -38,7 +41,8 @@ def build_state(settings: Settings) -> GatewayState:
         keys=keys,
         redis=redis,
         reader_redis=reader,
-        writer=BatchWriter(redis, on_error=_redis_error),
+        writer=BatchWriter(redis, on_error=_redis_error, on_flushed=media_latency_observer(
+            metrics.HOP_LATENCY.labels("twilio_to_redis").observe)),
         hub=OutboundHub(reader, keys.wake(f"gw-{process_id}"), on_error=_redis_error),
         process_id=process_id,
     )

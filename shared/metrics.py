@@ -74,12 +74,16 @@ DROPPED = Counter(
 )
 HOP_LATENCY = Histogram(
     "callbridge_hop_latency_seconds",
-    "Latency the bridge adds, per direction: twilio_to_vapi (gateway receive -> worker send to Vapi, "
-    "through Redis) and worker_to_twilio (worker playout -> gateway send to Twilio, through Redis).",
+    "Latency per hop, from the sender's stamp: twilio_to_redis (gateway receive -> XADD acked), "
+    "twilio_to_vapi (gateway receive -> worker send to Vapi, i.e. through Redis), worker_to_redis "
+    "(worker playout -> XADD acked), worker_to_twilio (worker playout -> gateway send to Twilio).",
     ["hop"],
     buckets=_LAT,
 )
 REDIS_ERRORS = Counter("callbridge_redis_errors_total", "Redis command failures, by operation.", ["op"])
+REDIS_RECONNECTS = Counter(
+    "callbridge_redis_reconnects_total", "Redis recovered after failures (first success after errors)."
+)
 
 # Worker --------------------------------------------------------------------------------------
 CALLS_ACTIVE = Gauge("callbridge_worker_calls_active", "Calls this worker currently owns.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,21 @@ Fields = dict[bytes, bytes]
 Entries = list[tuple[bytes, Fields]]
 OnEntries = Callable[[bytes, Entries], None]
 OnError = Callable[[str], None]
+Batch = list[tuple[str, tuple[Any, ...], dict[str, Any]]]
+OnFlushed = Callable[[Batch, int], None]
+
+
+def media_latency_observer(observe: Callable[[float], None], kind: bytes = b"m") -> OnFlushed:
+    """A flush hook timing each audio entry from its sender stamp to Redis acknowledging it."""
+
+    def on_flushed(batch: Batch, now_ns: int) -> None:
+        for name, args, _kw in batch:
+            if name == "xadd":
+                fields = args[1]
+                if fields.get(b"k") == kind and b"t" in fields:
+                    observe((now_ns - int(fields[b"t"])) / 1e9)
+
+    return on_flushed
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -47,9 +63,15 @@ class BatchWriter:
     """Pipelines commands issued in the same loop iteration; order preserved per process."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, max_pending: int = 200_000, on_error: OnError | None = None
+        self,
+        redis: aioredis.Redis,
+        *,
+        max_pending: int = 200_000,
+        on_error: OnError | None = None,
+        on_flushed: OnFlushed | None = None,
     ) -> None:
         self._redis = redis
+        self._on_flushed = on_flushed
         self._pending: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._wake = asyncio.Event()
         self._max_pending = max_pending
@@ -100,6 +122,7 @@ class BatchWriter:
 
     async def _run(self) -> None:
         backoff = 0.05
+        failing = False
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -113,7 +136,12 @@ class BatchWriter:
             try:
                 await pipe.execute(raise_on_error=False)
                 backoff = 0.05
+                if failing:
+                    failing = False
+                    if self._on_error:
+                        self._on_error("reconnect")
             except (RedisError, OSError) as exc:
+                failing = True
                 # Redis is away: keep the batch (bounded) and retry, so an outage costs latency
                 # rather than audio, up to max_pending entries.
                 if self._on_error:
@@ -127,6 +155,8 @@ class BatchWriter:
                 backoff = min(backoff * 2, 2.0)
                 continue
             self.batches += 1
+            if self._on_flushed is not None:
+                self._on_flushed(batch, time.time_ns())
             if not self._pending:
                 self._idle.set()
 
@@ -195,15 +225,21 @@ class MultiReader:
 
     async def _run(self) -> None:
         backoff = 0.05
+        failing = False
         wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
         while True:
             streams: dict[Any, Any] = {self._wake_key: wake_id, **self._ids}
             try:
                 resp: Any = await self._redis.xread(streams, count=self._count, block=self._block_ms)
                 backoff = 0.05
+                if failing:
+                    failing = False
+                    if self._on_error:
+                        self._on_error("reconnect")
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                failing = True
                 if self._on_error:
                     self._on_error("read")
                 log.warning("redis read failed, retrying", extra={"error": type(exc).__name__})

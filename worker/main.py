@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from shared import metrics
 from shared import streams as S
-from shared.redisio import BatchWriter, Entries, MultiReader, connect
+from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
 from shared.settings import Settings
 from shared.streams import WORKER_GROUP, Keys
 from worker.claims import Claimer
@@ -35,7 +35,10 @@ TICK_S = 0.010
 
 
 def _redis_error(op: str) -> None:
-    metrics.REDIS_ERRORS.labels(op).inc()
+    if op == "reconnect":
+        metrics.REDIS_RECONNECTS.inc()
+    else:
+        metrics.REDIS_ERRORS.labels(op).inc()
 
 
 class Worker:
@@ -48,7 +51,8 @@ class Worker:
         self.redis: aioredis.Redis = connect(settings.redis_url)
         self._reader_redis = connect(settings.redis_url, max_connections=2)
         self._claim_redis = connect(settings.redis_url, max_connections=2)
-        self.writer = BatchWriter(self.redis, on_error=_redis_error)
+        self.writer = BatchWriter(self.redis, on_error=_redis_error, on_flushed=media_latency_observer(
+            metrics.HOP_LATENCY.labels("worker_to_redis").observe))
         self.inbox = MultiReader(self._reader_redis, self.keys.wake(f"wk-{self.worker_id}"),
                                  self._on_inbound, on_error=_redis_error)
         self.vapi = VapiClient(settings)
