@@ -151,7 +151,7 @@ def _child_env(redis_url: str, prefix: str, **extra: object) -> dict[str, str]:
     return env
 
 
-async def _wait_ready(procs: list[_Proc], timeout: float) -> str | None:  # noqa: ASYNC109
+async def _wait_ready(procs: list[_Proc], timeout: float) -> str | None:
     """None when every process answers /readyz 200, else what went wrong."""
     import httpx
 
@@ -202,15 +202,15 @@ def _runqueue_wait_seconds(pid: int) -> float | None:
     return total
 
 
-def _machine_busy_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat."""
+def _machine_jiffies() -> tuple[int, int, int]:
+    """(process time, irq+softirq time, steal) jiffies over all CPUs from /proc/stat. Loopback
+    TCP is largely processed in softirq context, which is charged to no process."""
     try:
         first = Path("/proc/stat").read_text().splitlines()[0].split()
     except (OSError, IndexError):
-        return 0, 0
-    vals = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
-    idle = vals[3] + vals[4]
-    return sum(vals) - idle, sum(vals)
+        return 0, 0, 0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return user + nice + system, irq + softirq, steal
 
 
 def _redis_pid(redis_url: str, private: RedisServer | None) -> int | None:
@@ -411,8 +411,8 @@ class _Window:
     cpu1: dict[str, float | None] = field(default_factory=dict)
     wait0: dict[str, float | None] = field(default_factory=dict)
     wait1: dict[str, float | None] = field(default_factory=dict)
-    busy0: tuple[int, int] = (0, 0)
-    busy1: tuple[int, int] = (0, 0)
+    busy0: tuple[int, int, int] = (0, 0, 0)
+    busy1: tuple[int, int, int] = (0, 0, 0)
 
 
 def _pcts(values: list[float]) -> dict[str, float | None]:
@@ -424,7 +424,7 @@ def _pcts(values: list[float]) -> dict[str, float | None]:
             "max": round(float(a.max()), 2)}
 
 
-async def _gather_bounded(aws: Iterable[Awaitable[Any]], timeout: float) -> None:  # noqa: ASYNC109
+async def _gather_bounded(aws: Iterable[Awaitable[Any]], timeout: float) -> None:
     tasks = [asyncio.ensure_future(a) for a in aws]
     if not tasks:
         return
@@ -542,7 +542,7 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         pids["redis-server"] = redis_pid
         pids["bench (sims)"] = os.getpid()
         win = _Window()
-        win.busy0 = _machine_busy_jiffies()
+        win.busy0 = _machine_jiffies()
         win.wait0 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
         win.cpu0 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
         win.start = _mono()
@@ -550,7 +550,7 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         win.end = _mono()
         win.cpu1 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
         win.wait1 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
-        win.busy1 = _machine_busy_jiffies()
+        win.busy1 = _machine_jiffies()
         early = [c for c, s in pairs if c.ended.is_set() or not s.is_open]
         scraped = _delta(await _scrape(metric_urls), scrape0)
         await asyncio.sleep(GRACE_S)
@@ -586,6 +586,8 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
     inbound: list[float] = []
     outbound: list[float] = []
     skew: list[float] = []
+    in_at: list[float] = []  # send times of the frames in `inbound` / `outbound`
+    out_at: list[float] = []
     in_sent = in_lost = out_sent = out_lost = out_tail_missing = out_recv_window = 0
     protocol_errors = in_fill = misaligned_in = misaligned_out = 0
     for call, session in pairs:
@@ -609,6 +611,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         ok = ks[ks < got.size]
         in_lost += ks.size - ok.size
         inbound.extend((got[ok] - sent[ok]).tolist())
+        in_at.extend(sent[ok].tolist())
         if tick.size == sent_all.size:
             kw = (sent_all >= w0) & (sent_all < w1)
             skew.extend((sent_all[kw] - tick[kw]).tolist())
@@ -625,6 +628,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         out_lost += int((~tail).sum())
         out_tail_missing += int(tail.sum())
         outbound.extend((tr[ok] - vs[ok]).tolist())
+        out_at.extend(vs[ok].tolist())
         out_recv_window += int(((tr >= w0) & (tr < w1)).sum())
 
     n = len(pairs)
@@ -648,9 +652,10 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
             "cpu_s_per_call_min": round(used / (n * secs / 60), 3),
             "runqueue_wait_pct": wait_pct,
         }
-    busy = (win.busy1[0] - win.busy0[0]) / _CLK_TCK
-    machine_busy = round(busy / secs, 2) if win.busy1[1] else None
-    other_busy = round(max(0.0, busy - ours) / secs, 2) if win.busy1[1] else None
+    procs_s, irq_s, steal_s = ((b - a) / _CLK_TCK / secs for a, b in zip(win.busy0, win.busy1,
+                                                                          strict=True))
+    machine_busy = round(procs_s + irq_s, 2)
+    other_busy = round(max(0.0, procs_s - ours / secs), 2)
 
     hist: dict[str, Any] = {}
     for hop, where in (("twilio_to_vapi", "worker"), ("worker_to_twilio", "gateway")):
@@ -662,10 +667,20 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
                      "p99_ms": None if p99 is None else round(p99 * 1000, 2)}
 
     lat_in, lat_out = _pcts(inbound), _pcts(outbound)
+
+    def trend(lat: list[float], at: list[float]) -> list[float | None]:
+        """p50 per quarter of the window, by send time: does the lag grow or recover?"""
+        if not lat:
+            return [None] * 4
+        la, ta = np.asarray(lat), np.asarray(at)
+        q = np.minimum(((ta - w0) / secs * 4).astype(int), 3)
+        return [round(float(np.median(la[q == i])) * 1000, 1) if (q == i).any() else None
+                for i in range(4)]
+
     gw = cpu.get("gateway", {}).get("core_pct_per_call")
     wk = [v.get("core_pct_per_call") for k, v in cpu.items() if k.startswith("worker-")]
     targets = {
-        "calls_100": n >= TARGET_CALLS,
+        "ran_100_calls": n >= TARGET_CALLS,
         "zero_frames_lost": in_lost == 0 and out_lost == 0 and in_sent > 0 and out_sent > 0,
         "latency_p50_lt_3ms": all(d["p50"] is not None and d["p50"] < TARGET_P50_MS
                                   for d in (lat_in, lat_out)),
@@ -681,6 +696,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
             "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers,
             "cores": os.cpu_count(), "machine_busy_cores": machine_busy,
             "other_processes_busy_cores": other_busy,
+            "irq_softirq_cores": round(irq_s, 2), "steal_cores": round(steal_s, 2),
             "media_msgs_per_s_in": round(in_sent / secs, 1),
             "media_msgs_per_s_out": round(out_recv_window / secs, 1),
         },
@@ -688,6 +704,8 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
             "inbound": {**lat_in, "frames": len(inbound)},
             "outbound": {**lat_out, "frames": len(outbound)},
         },
+        "latency_p50_by_quarter_ms": {"inbound": trend(inbound, in_at),
+                                      "outbound": trend(outbound, out_at)},
         "sim_send_skew_ms": {k: v for k, v in _pcts(skew).items() if k in ("p50", "p99", "max")},
         "bridge_histograms": hist,
         "bridge_counters": {k: int(v) for k, v in sorted(scraped.counters.items())},
@@ -719,12 +737,13 @@ def _render(r: dict[str, Any]) -> str:
     lines = [
         f"callbridge bench: {c['calls_connected']}/{c['calls']} calls, {c['seconds']:g} s window, "
         f"{c['format']}, {c['workers']} worker(s), {c['cores']} cores "
-        f"(busy in the window: {_f(c['machine_busy_cores'], 0)} cores, of which other processes "
-        f"{_f(c['other_processes_busy_cores'], 0)})",
+        f"(busy in the window: {_f(c['machine_busy_cores'], 0)} cores, of which irq/softirq "
+        f"{_f(c['irq_softirq_cores'], 0)}, other processes {_f(c['other_processes_busy_cores'], 0)}; "
+        f"steal {_f(c['steal_cores'], 0)})",
         f"media msgs/s: in {c['media_msgs_per_s_in']:.0f} (Twilio sim -> gateway), "
         f"out {c['media_msgs_per_s_out']:.0f} (gateway -> Twilio sim)",
         "",
-        "added one-way latency, sims' clocks (ms)     p50     p90     p99     max   frames    lost",
+        "added one-way latency, sims' clocks (ms)     p50     p90     p99     max   frames   lost¹",
     ]
     for key, label in (("inbound", "inbound  Twilio send -> Vapi recv   "),
                        ("outbound", "outbound Vapi send -> Twilio recv   ")):
@@ -732,6 +751,10 @@ def _render(r: dict[str, Any]) -> str:
         lost = fr["inbound_lost"] if key == "inbound" else fr["outbound_lost"]
         lines.append(f"  {label}      {_f(d['p50'], 7)} {_f(d['p90'], 7)} {_f(d['p99'], 7)} "
                      f"{_f(d['max'], 7)} {_f(d['frames'], 8)} {_f(lost, 7)}")
+    tq = r["latency_p50_by_quarter_ms"]
+    lines.append("  p50 by quarter of the window (ms): inbound "
+                 + " / ".join(_f(v, 0, 1) for v in tq["inbound"]) + ";  outbound "
+                 + " / ".join(_f(v, 0, 1) for v in tq["outbound"]))
     sk = r["sim_send_skew_ms"]
     lines.append(f"  (sim send skew, tick -> socket write: p50 {_f(sk['p50'], 0)} "
                  f"p99 {_f(sk['p99'], 0)} max {_f(sk['max'], 0)} ms; not counted above)")
@@ -747,6 +770,7 @@ def _render(r: dict[str, Any]) -> str:
         f"frames: inbound sent {fr['inbound_sent']} lost {fr['inbound_lost']}; outbound sent "
         f"{fr['outbound_sent']} lost {fr['outbound_lost']} (last {TAIL_EXCLUDE_S:g} s not received: "
         f"{fr['outbound_tail_not_received']})")
+    lines.append(f"  ¹ lost = sent in the window, not received by hangup (window end + {GRACE_S:g} s)")
     lines.append(
         f"  extra silence frames Vapi got that the caller never sent (worker fill): "
         f"{fr['inbound_silence_injected_by_worker']}; calls with more frames received than sent: "

@@ -56,7 +56,7 @@ async def drain(state: GatewayState) -> None:
     log.info("draining", extra={"sockets": len(live)})
     for ws in live:
         with contextlib.suppress(Exception):
-            await ws.close(code=1001)  # type: ignore[attr-defined]
+            await ws.close(code=1001)
     deadline = asyncio.get_running_loop().time() + state.settings.gateway_drain_timeout_s
     while state.sockets and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
@@ -71,10 +71,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.writer.start()
         state.hub.start()
+        watchdog = asyncio.create_task(media.idle_watchdog(state), name="media-idle-watchdog")
         log.info("gateway ready", extra={"public_url": settings.public_url})
         try:
             yield
         finally:
+            watchdog.cancel()
             await state.hub.close()
             await state.writer.close()
             await state.redis.aclose()

@@ -19,7 +19,7 @@ from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketState
 
-from gateway.state import GatewayState
+from gateway.state import GatewayState, SocketInfo
 from shared import metrics
 from shared import streams as S
 from shared.logs import call_sid_var, stream_sid_var
@@ -147,22 +147,23 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     except (RedisError, OSError):
         await _reject(ws, "redis_error")
         return
-    info = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
+    announce = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
                          "gateway": st.process_id})
-    st.writer.xadd(in_key, S.entry(S.IN_START, value=info), maxlen)
+    st.writer.xadd(in_key, S.entry(S.IN_START, value=announce), maxlen)
     st.writer.command("expire", in_key, st.settings.call_ttl_s)  # even if no worker ever claims it
     st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
                                                           "gateway": st.process_id})
     metrics.MEDIA_SOCKETS.inc()
-    st.sockets.add(ws)
+    info = SocketInfo(last_rx=time.monotonic())
+    st.sockets[ws] = info
     log.info("media stream started")
     sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)))
     ended = "closed"
     try:
-        ended = await _receive_loop(ws, st, in_key, maxlen, sender)
+        ended = await _receive_loop(ws, st, in_key, maxlen, info)
     finally:
         st.hub.detach(out_key)
-        st.sockets.discard(ws)
+        st.sockets.pop(ws, None)
         metrics.MEDIA_SOCKETS.dec()
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
         sender.cancel()
@@ -181,61 +182,63 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
         log.info("media stream closed", extra={"cause": cause})
 
 
-async def _receive_loop(
-    ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, sender: asyncio.Task[bool]
-) -> str:
-    """Twilio -> Redis until `stop`, the socket closes, or Twilio goes silent; returns which."""
+async def _receive_loop(ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, info: SocketInfo) -> str:
+    """Twilio -> Redis until `stop` or the socket closes (our sender's close for a hangup, the
+    idle watchdog's, or Twilio's); returns which. One await per message: this is the hot path."""
     limit = st.settings.max_message_bytes
     xadd = st.writer.xadd
     frames = metrics.FRAMES.labels("in", "twilio")
     nbytes = metrics.AUDIO_BYTES.labels("in", "twilio")
-    idle = st.settings.media_idle_timeout_s
-    receive = asyncio.ensure_future(ws.receive())
-    try:
-        while True:
-            done, _ = await asyncio.wait({receive, sender}, timeout=idle,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                # Twilio sends a frame every 20 ms for as long as the call lives.
-                log.warning("twilio socket went silent; closing it", extra={"idle_s": idle})
+    receive = ws.receive
+    clock = time.monotonic
+    while True:
+        msg = await receive()
+        if msg["type"] == "websocket.disconnect":
+            return "idle_timeout" if info.idle else "closed"
+        info.last_rx = clock()
+        text = msg.get("text")
+        if text is None:
+            _drop("binary")
+            continue
+        if len(text) > limit:
+            _drop("oversized")
+            continue
+        try:
+            event = parse(text)
+        except ProtocolError as exc:
+            _drop(exc.cause)
+            continue
+        if isinstance(event, Media):
+            xadd(in_key, S.entry(S.IN_MEDIA, event.payload), maxlen)
+            frames.inc()
+            nbytes.inc(len(event.payload))
+        elif isinstance(event, Mark):
+            xadd(in_key, S.entry(S.IN_MARK, value=event.name), maxlen)
+        elif isinstance(event, Dtmf):
+            xadd(in_key, S.entry(S.IN_DTMF, value=event.digit), maxlen)
+        elif isinstance(event, Stop):
+            xadd(in_key, S.entry(S.IN_STOP), maxlen)
+            return "stop"
+        elif isinstance(event, Unknown):
+            _drop("unknown_event")
+        else:
+            _drop("unexpected_event")  # a second connected/start
+
+
+async def idle_watchdog(st: GatewayState) -> None:
+    """Twilio sends a frame every 20 ms while a call lives: a socket silent for
+    MEDIA_IDLE_TIMEOUT_S is dead (or stalled) and is closed. One task per process, not a timer
+    per message."""
+    timeout = st.settings.media_idle_timeout_s
+    while True:
+        await asyncio.sleep(min(1.0, timeout / 4))
+        now = time.monotonic()
+        for ws, info in list(st.sockets.items()):
+            if not info.idle and now - info.last_rx > timeout:
+                info.idle = True
+                log.warning("twilio socket went silent; closing it", extra={"idle_s": timeout})
                 with contextlib.suppress(Exception):
                     await ws.close(code=1011)
-                return "idle_timeout"
-            if receive not in done:
-                return "closed"  # the sender closed the socket (hangup) or failed
-            msg = receive.result()
-            if msg["type"] == "websocket.disconnect":
-                return "closed"
-            receive = asyncio.ensure_future(ws.receive())
-            text = msg.get("text")
-            if text is None:
-                _drop("binary")
-                continue
-            if len(text) > limit:
-                _drop("oversized")
-                continue
-            try:
-                event = parse(text)
-            except ProtocolError as exc:
-                _drop(exc.cause)
-                continue
-            if isinstance(event, Media):
-                xadd(in_key, S.entry(S.IN_MEDIA, event.payload), maxlen)
-                frames.inc()
-                nbytes.inc(len(event.payload))
-            elif isinstance(event, Mark):
-                xadd(in_key, S.entry(S.IN_MARK, value=event.name), maxlen)
-            elif isinstance(event, Dtmf):
-                xadd(in_key, S.entry(S.IN_DTMF, value=event.digit), maxlen)
-            elif isinstance(event, Stop):
-                xadd(in_key, S.entry(S.IN_STOP), maxlen)
-                return "stop"
-            elif isinstance(event, Unknown):
-                _drop("unknown_event")
-            else:
-                _drop("unexpected_event")  # a second connected/start
-    finally:
-        receive.cancel()
 
 
 async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound) -> bool:

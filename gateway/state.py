@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -11,6 +12,14 @@ from gateway.hub import OutboundHub
 from shared.redisio import BatchWriter
 from shared.settings import Settings
 from shared.streams import Keys
+
+
+@dataclass
+class SocketInfo:
+    """What the idle watchdog needs to know about one live media socket."""
+
+    last_rx: float
+    idle: bool = False
 
 
 @dataclass
@@ -23,4 +32,4 @@ class GatewayState:
     hub: OutboundHub
     process_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     draining: bool = False
-    sockets: set[object] = field(default_factory=set)
+    sockets: dict[Any, SocketInfo] = field(default_factory=dict)  # WebSocket -> info

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     fast_barge_in: bool = Field(default=False, alias="FAST_BARGE_IN")
     fast_barge_in_confirm_ms: int = Field(default=600, alias="FAST_BARGE_IN_CONFIRM_MS")
     fast_barge_in_aggressiveness: int = Field(default=2, ge=0, le=3, alias="FAST_BARGE_IN_AGGRESSIVENESS")
+    silence_fill_after_s: float = Field(default=1.0, alias="SILENCE_FILL_AFTER_S")
     keypad_timeout_s: float = Field(default=2.0, alias="KEYPAD_TIMEOUT_S")
     media_idle_timeout_s: float = Field(default=5.0, alias="MEDIA_IDLE_TIMEOUT_S")
     twilio_ping_interval_s: float = Field(default=5.0, alias="TWILIO_PING_INTERVAL_S")

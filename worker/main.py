@@ -171,14 +171,16 @@ class Worker:
 
     async def _silence_keeper(self) -> None:
         """Keep Vapi fed with silence while a call's caller audio is stalled (gateway restart,
-        network), so Vapi's silence timeout reflects the caller, not our transport."""
+        network), so Vapi's silence timeout reflects the caller, not our transport. Only after a
+        real gap (SILENCE_FILL_AFTER_S): late frames under load must not be doubled by fill."""
+        after = self.settings.silence_fill_after_s
         frames = metrics.FRAMES.labels("in", "silence_fill")
         fill: Entries = [(b"0-0", {b"k": S.IN_SILENCE})]
         while True:
             await asyncio.sleep(0.02)
             now = time.monotonic()
             for session in self.sessions.values():
-                if session.vapi_connected and now - session.last_media_at > 0.1:
+                if session.vapi_connected and now - session.last_media_at > after:
                     session.last_media_at += 0.02
                     session.on_inbound(fill)
                     frames.inc()
