@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from gateway import media, webhooks
@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
             await state.writer.close()
             await state.redis.aclose()
             await state.reader_redis.aclose()
+            metrics.process_exit(os.getpid())
 
     app = FastAPI(title="callbridge gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gw = state
@@ -104,6 +105,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for running under a process manager, e.g.
+    `uvicorn gateway.app:app_from_env --factory --workers 4` (set PROMETHEUS_MULTIPROC_DIR so
+    /metrics adds up all processes). `callbridge gateway` is one process with graceful drain."""
+    from shared.logs import setup_logging
+    from shared.settings import load_settings
+
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format, role="gateway")
+    return create_app(settings)

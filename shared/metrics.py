@@ -6,7 +6,18 @@ below, never from caller input, and a CallSid is never a label.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 # `_created` series double the exposition for no operational value.
 disable_created_metrics()
@@ -44,7 +55,8 @@ WEBHOOKS = Counter(
     "Twilio webhook requests by route and outcome.",
     ["route", "outcome"],
 )
-MEDIA_SOCKETS = Gauge("callbridge_gateway_media_sockets", "Open Twilio Media Stream sockets.")
+MEDIA_SOCKETS = Gauge("callbridge_gateway_media_sockets", "Open Twilio Media Stream sockets.",
+                      multiprocess_mode="livesum")
 MEDIA_REJECTED = Counter(
     "callbridge_gateway_media_rejected_total",
     "Media Stream sockets refused before audio flowed, by cause.",
@@ -86,7 +98,8 @@ REDIS_RECONNECTS = Counter(
 )
 
 # Worker --------------------------------------------------------------------------------------
-CALLS_ACTIVE = Gauge("callbridge_worker_calls_active", "Calls this worker currently owns.")
+CALLS_ACTIVE = Gauge("callbridge_worker_calls_active", "Calls this worker currently owns.",
+                     multiprocess_mode="livesum")
 CALLS_STARTED = Counter("callbridge_worker_calls_started_total", "Calls a worker began to serve.")
 CALLS_ENDED = Counter(
     "callbridge_worker_calls_ended_total", "Calls ended, by end reason.", ["reason"]
@@ -96,7 +109,8 @@ CLAIMS = Counter(
     "Call jobs claimed: new (first claim) or takeover (from an idle worker).",
     ["kind"],
 )
-VAPI_SOCKETS = Gauge("callbridge_worker_vapi_sockets", "Open Vapi transport sockets.")
+VAPI_SOCKETS = Gauge("callbridge_worker_vapi_sockets", "Open Vapi transport sockets.",
+                     multiprocess_mode="livesum")
 VAPI_SETUP = Histogram(
     "callbridge_vapi_setup_seconds",
     "Vapi call setup: POST /call plus transport socket connect.",
@@ -125,3 +139,23 @@ FAST_BARGE_INS = Counter(
     ["action"],
 )
 BARGE_INS = Counter("callbridge_barge_ins_total", "Assistant audio cleared because the caller spoke.")
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics body. Under several server processes (PROMETHEUS_MULTIPROC_DIR set, as
+    prometheus-client requires), the values of all of them are aggregated."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def process_exit(pid: int) -> None:
+    """Drop a finished process's live gauges from the multiprocess files."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

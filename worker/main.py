@@ -16,7 +16,6 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from shared import metrics
@@ -207,7 +206,8 @@ class Worker:
 
         @app.get("/metrics")
         async def prometheus_metrics() -> Response:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
 
         return app
 
