@@ -37,5 +37,6 @@ async def test_metrics_add_up_across_uvicorn_worker_processes(
     for _ in range(6):  # whichever process answers /metrics, it reports the sum
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-        m = re.search(r'callbridge_gateway_webhooks_total\{outcome="forbidden",route="voice"\} ([0-9.]+)', text)
+        pattern = r'callbridge_gateway_webhooks_total\{outcome="forbidden",route="voice"\} ([0-9.]+)'
+        m = re.search(pattern, text)
         assert m and float(m.group(1)) == sent, text[:500]
