@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -155,6 +156,22 @@ async def test_call_with_greeting_two_turns_and_hangup(stack: Stack) -> None:
     record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
     assert record.get(b"end_reason") == b"caller-hangup"
     await assert_keys_expire(stack, call.call_sid)
+    assert_logs_are_structured_and_secret_free(stack, call, session)
+
+
+def assert_logs_are_structured_and_secret_free(stack: Stack, call: SimCall, session: VapiSession) -> None:
+    secrets = [AUTH_TOKEN, VAPI_KEY, session.call_json()["transport"]["websocketCallUrl"], session.id]
+    for proc in (stack.gateway, stack.worker):
+        text = proc.logs()
+        for secret in secrets[:3]:
+            assert secret not in text, f"{proc.name} logged a secret"
+        lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]
+        about_call = [entry for entry in lines if entry.get("call_sid") == call.call_sid]
+        assert about_call, f"{proc.name} logged nothing with the call's CallSid"
+        if proc is stack.worker:
+            assert all(entry.get("worker_id") for entry in lines)
+        else:
+            assert any(entry.get("stream_sid") == call.stream_sid for entry in about_call)
 
 
 async def test_slow_vapi_loses_no_caller_audio(redis_url: str, prefix: str, procs: list[Proc],
