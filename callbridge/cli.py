@@ -111,6 +111,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         await worker.run(stop)
 
     _run_until_signal(main)
+    if worker.failed:
+        sys.exit(1)
 
 
 async def run_dev(settings: Settings, host: str, port: int, stop: asyncio.Event,
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=20.0)
     b.add_argument("--format", choices=["pcm_s16le", "mulaw"], default="pcm_s16le")
     b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--scenario", choices=["duplex", "conversation"], default="duplex",
+                   help="duplex: assistant talks all along (default); conversation: turns and barge-ins")
     b.add_argument("--json", action="store_true", help="print the figures as JSON too")
     b.set_defaults(func=cmd_bench)
     return p

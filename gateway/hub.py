@@ -30,9 +30,12 @@ class OutboundHub:
         await self._reader.add(out_key, from_id)
         return queue
 
-    def detach(self, out_key: str) -> None:
-        self._queues.pop(out_key.encode(), None)
-        self._reader.remove(out_key)
+    def detach(self, out_key: str, queue: asyncio.Queue[Entries]) -> None:
+        """Stop delivering to `queue`, unless the call's stream already re-attached here."""
+        key = out_key.encode()
+        if self._queues.get(key) is queue:
+            del self._queues[key]
+            self._reader.remove(out_key)
 
     def _dispatch(self, key: bytes, entries: Entries) -> None:
         queue = self._queues.get(key)

@@ -84,6 +84,13 @@ async def _authorize(st: GatewayState, start: Start) -> None:
     token = start.custom_parameters.get("token", "")
     if not verify_stream_token(st.settings.token_secret, start.call_sid, token):
         raise Rejected("bad_token")
+    try:  # single use: a replayed `start` cannot attach a second socket to a live call
+        fresh = await st.redis.set(f"{st.keys.prefix}tok:{token[-24:]}", b"1", nx=True,
+                                   ex=st.settings.stream_token_ttl_s + 60)
+    except (RedisError, OSError):
+        raise Rejected("redis_error") from None
+    if not fresh:
+        raise Rejected("token_reused")
     try:
         status: Any = await st.redis.hget(st.keys.call(start.call_sid), "status")
     except (RedisError, OSError):
@@ -149,7 +156,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
         return
     announce = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
                          "gateway": st.process_id})
-    st.writer.xadd(in_key, S.entry(S.IN_START, value=announce), maxlen)
+    st.writer.xadd(in_key, S.entry(S.IN_START, value=announce, stream=start.stream_sid), maxlen)
     st.writer.command("expire", in_key, st.settings.call_ttl_s)  # even if no worker ever claims it
     st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
                                                           "gateway": st.process_id})
@@ -160,9 +167,11 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)))
     ended = "closed"
     try:
-        ended = await _receive_loop(ws, st, in_key, maxlen, info)
+        if st.draining:  # drain began while we were attaching: hand this one back too
+            await ws.close(code=1001)
+        ended = await _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid))
     finally:
-        st.hub.detach(out_key)
+        st.hub.detach(out_key, queue)
         st.sockets.pop(ws, None)
         metrics.MEDIA_SOCKETS.dec()
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
@@ -174,7 +183,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
             cause = "hangup" if hung_up else "drain" if st.draining else (
                 "idle_timeout" if ended == "idle_timeout" else "lost")
             detach = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
-            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach), maxlen)
+            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
         metrics.MEDIA_CLOSED.labels(cause).inc()
         if ws.client_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
@@ -182,7 +191,10 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
         log.info("media stream closed", extra={"cause": cause})
 
 
-async def _receive_loop(ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, info: SocketInfo) -> str:
+async def _receive_loop(
+    ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, info: SocketInfo, stream_sid: str,
+    call_key: str,
+) -> str:
     """Twilio -> Redis until `stop` or the socket closes (our sender's close for a hangup, the
     idle watchdog's, or Twilio's); returns which. One await per message: this is the hot path."""
     limit = st.settings.max_message_bytes
@@ -217,7 +229,10 @@ async def _receive_loop(ws: WebSocket, st: GatewayState, in_key: str, maxlen: in
         elif isinstance(event, Dtmf):
             xadd(in_key, S.entry(S.IN_DTMF, value=event.digit), maxlen)
         elif isinstance(event, Stop):
-            xadd(in_key, S.entry(S.IN_STOP), maxlen)
+            xadd(in_key, S.entry(S.IN_STOP, stream=stream_sid), maxlen)
+            # Recorded here too, so a worker taking the call over later knows it is over.
+            st.writer.command("hset", call_key, mapping={
+                "status": S.STATUS_ENDED, "end_reason": "caller-hangup"})
             return "stop"
         elif isinstance(event, Unknown):
             _drop("unknown_event")

@@ -76,7 +76,10 @@ async def voice(request: Request) -> Response:
     sid = form["CallSid"]
     key = st.keys.call(sid)
     try:
-        first = await st.redis.hsetnx(key, "created", str(time.time()))
+        pipe = st.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "created", str(time.time()))
+        pipe.expire(key, st.settings.call_ttl_s)  # never a record without a TTL
+        first, _ = await pipe.execute()
         if first:  # Twilio retries webhooks: enqueue each call exactly once
             pipe = st.redis.pipeline(transaction=True)
             pipe.hset(key, mapping={
@@ -122,8 +125,16 @@ async def stream_ended(request: Request) -> Response:
         else:
             outcome, body = "hangup", twiml.hangup(fields.get("say") or None)
     else:
-        # The socket went away while the call lives (a gateway drained or died): re-attach.
-        outcome, body = "reconnect", _connect_twiml(st, sid)
+        # The socket went away while the call lives (a gateway drained or died): re-attach,
+        # a bounded number of times, so a socket that keeps failing cannot loop forever.
+        try:
+            attempts = await st.redis.hincrby(st.keys.call(sid), "reattaches", 1)
+        except (RedisError, OSError):
+            return _unavailable("stream_ended")
+        if attempts > st.settings.max_reattaches:
+            outcome, body = "hangup", twiml.hangup(st.settings.unavailable_message)
+        else:
+            outcome, body = "reconnect", _connect_twiml(st, sid)
     metrics.WEBHOOKS.labels("stream_ended", outcome).inc()
     log.info("stream ended", extra={"outcome": outcome, "call_status": status or "unknown"})
     return Response(body, media_type=XML)

@@ -51,6 +51,9 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
         url,
         max_connections=kwargs.pop("max_connections", 64),
         timeout=kwargs.pop("pool_timeout", 5),
+        # A black-holed connection must fail in seconds, not after the OS keepalive (~2 h);
+        # blocked reads here block for at most 1 s.
+        socket_timeout=kwargs.pop("socket_timeout", 5),
         socket_keepalive=True,
         socket_connect_timeout=kwargs.pop("socket_connect_timeout", 3),
         health_check_interval=kwargs.pop("health_check_interval", 15),
@@ -134,8 +137,15 @@ class BatchWriter:
             for name, args, kwargs in batch:
                 getattr(pipe, name)(*args, **kwargs)
             try:
-                await pipe.execute(raise_on_error=False)
+                results = await pipe.execute(raise_on_error=False)
                 backoff = 0.05
+                errors = [r for r in results if isinstance(r, Exception)]
+                if errors:  # e.g. OOM under noeviction: those writes are lost, say so
+                    if self._on_error:
+                        for _ in errors:
+                            self._on_error("write")
+                    log.error("redis refused writes", extra={"count": len(errors),
+                                                              "error": str(errors[0])[:200]})
                 if failing:
                     failing = False
                     if self._on_error:

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     fast_barge_in_confirm_ms: int = Field(default=600, alias="FAST_BARGE_IN_CONFIRM_MS")
     fast_barge_in_aggressiveness: int = Field(default=2, ge=0, le=3, alias="FAST_BARGE_IN_AGGRESSIVENESS")
     silence_fill_after_s: float = Field(default=1.0, alias="SILENCE_FILL_AFTER_S")
+    max_reattaches: int = Field(default=5, alias="MAX_REATTACHES")
+    transfer_allow: str = Field(default="", alias="TRANSFER_ALLOW")
     keypad_timeout_s: float = Field(default=2.0, alias="KEYPAD_TIMEOUT_S")
     media_idle_timeout_s: float = Field(default=5.0, alias="MEDIA_IDLE_TIMEOUT_S")
     twilio_ping_interval_s: float = Field(default=5.0, alias="TWILIO_PING_INTERVAL_S")
@@ -126,6 +128,15 @@ class Settings(BaseSettings):
     @property
     def audio_sample_rate(self) -> int:
         return 16000 if self.vapi_audio_format == "pcm_s16le" else 8000
+
+    def transfer_allowed(self, target: str) -> bool:
+        """TRANSFER_ALLOW: comma-separated numbers / SIP URIs, `prefix*` patterns, or `*`.
+        Empty allows none: an LLM must not be able to dial anywhere a caller talks it into."""
+        for rule in (r.strip() for r in self.transfer_allow.split(",")):
+            if rule and (rule == "*" or target == rule
+                         or (rule.endswith("*") and target.startswith(rule[:-1]))):
+                return True
+        return False
 
     def effective_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"

@@ -71,9 +71,13 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = None) -> dict[bytes, bytes]:
-    """Build one stream entry with the sender timestamp."""
+def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = None,
+          stream: str | None = None) -> dict[bytes, bytes]:
+    """Build one stream entry with the sender timestamp (and, for stream lifecycle entries, the
+    Twilio streamSid, so a late `detach` of an old socket cannot end its successor)."""
     fields: dict[bytes, bytes] = {b"k": kind, b"t": str(time.time_ns()).encode()}
+    if stream is not None:
+        fields[b"s"] = stream.encode()
     if audio is not None:
         fields[b"a"] = audio
     if value is not None:

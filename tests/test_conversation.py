@@ -138,7 +138,8 @@ async def test_transfer_dials_the_target_after_the_last_words(redis_url: str, pr
                                                               redis: aioredis.Redis) -> None:
     script = greeter(answers=1, tool_call_after=0, tool_call_name="transferCall",
                      tool_call_arguments={"destination": "+14155550100"})
-    async for stack in make_stack(redis_url, prefix, procs, redis, assistant=script):
+    async for stack in make_stack(redis_url, prefix, procs, redis, assistant=script,
+                                  TRANSFER_ALLOW="+1415*,sip:desk@pbx.example.com"):
         call = await stack.call()
         session = await stack.vapi.wait_session(10)
         await wait_heard(call, 1)
@@ -257,4 +258,23 @@ async def test_fast_barge_in_resumes_when_vapi_does_not_confirm(
         runs = labels_heard(call, min_silence_s=0.015)
         assert {label for label, _ in runs} == {"greeting"}
         assert abs(sum(seconds for _, seconds in runs) - 4.0) < 0.06, runs
+        await call.hangup()
+
+
+async def test_transfer_to_a_target_not_allowed_is_refused(redis_url: str, prefix: str,
+                                                           procs: list[Proc],
+                                                           redis: aioredis.Redis) -> None:
+    script = greeter(answers=2, tool_call_after=0, tool_call_name="transferCall",
+                     tool_call_arguments={"destination": "+19005550199"})
+    async for stack in make_stack(redis_url, prefix, procs, redis, assistant=script,
+                                  TRANSFER_ALLOW="+1415*"):
+        call = await stack.call()
+        await wait_heard(call, 1)
+        call.say_pcm(caller_utterance(0))
+        await wait_heard(call, 2)
+        call.say_pcm(caller_utterance(1))
+        await wait_heard(call, 3)  # the call goes on
+        assert not call.ended.is_set() and call.dial_target is None
+        refused = await events(redis, stack.keys, call.call_sid, b"transfer-refused")
+        assert refused and refused[0]["target"] == "+19005550199"
         await call.hangup()

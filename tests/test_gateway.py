@@ -341,3 +341,33 @@ async def test_readyz_is_503_when_redis_is_down(prefix: str) -> None:
             resp = await client.post(base + "/twilio/voice", data=form,
                                      headers={"X-Twilio-Signature": sign(base + "/twilio/voice", form)})
             assert resp.status_code == 503  # Twilio retries, then uses the number's fallback URL
+
+
+async def test_a_stream_token_works_once(gw: Gw, redis: aioredis.Redis) -> None:
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    first = await _open(gw)
+    await first.send(_start_msg(sid, token))
+    for _ in range(300):
+        if await redis.xlen(gw.keys.inbound(sid)):
+            break
+        await asyncio.sleep(0.01)
+    replay = await _open(gw)  # someone replays the captured start on a second socket
+    await replay.send(_start_msg(sid, token, stream_sid="MZ" + "9" * 32))
+    with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+        await asyncio.wait_for(replay.recv(), 5)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    starts = [f for f in await _entries(redis, gw.keys.inbound(sid)) if f[b"k"] == b"start"]
+    assert len(starts) == 1
+    await first.close()
+
+
+async def test_reattaching_is_bounded(gw: Gw, redis: aioredis.Redis) -> None:
+    sid = call_sid()
+    await _answer(gw, sid)
+    outcomes = []
+    for _ in range(gw.settings.max_reattaches + 2):
+        root = ET.fromstring((await _post(gw, "/twilio/stream-ended", _form(sid))).text)
+        outcomes.append(root[0].tag)
+    assert outcomes[: gw.settings.max_reattaches] == ["Connect"] * gw.settings.max_reattaches
+    assert outcomes[-1] == "Say" and root[-1].tag == "Hangup"

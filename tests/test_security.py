@@ -112,3 +112,15 @@ def test_stream_url_follows_public_scheme() -> None:
         "wss://cb.example.com/twilio/media")
     assert Settings(PUBLIC_URL="http://127.0.0.1:8080").stream_url == (  # type: ignore[call-arg]
         "ws://127.0.0.1:8080/twilio/media")
+
+
+def test_transfer_allow_list() -> None:
+    none = Settings()  # type: ignore[call-arg]
+    assert not none.transfer_allowed("+14155550100")
+    s = Settings(TRANSFER_ALLOW="+1415*, sip:desk@pbx.example.com ,+442071234567")  # type: ignore[call-arg]
+    assert s.transfer_allowed("+14155550100")
+    assert s.transfer_allowed("sip:desk@pbx.example.com")
+    assert s.transfer_allowed("+442071234567")
+    assert not s.transfer_allowed("+19005550199")
+    assert not s.transfer_allowed("sip:desk@pbx.example.com.evil")
+    assert Settings(TRANSFER_ALLOW="*").transfer_allowed("+1900")  # type: ignore[call-arg]

@@ -8,6 +8,7 @@ lease belongs to a dead worker, and XAUTOCLAIM hands it to a live one. XACK + XD
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -53,9 +54,19 @@ class Claimer:
         self._owned = owned
         self._on_job = on_job
         self.paused = False
+        self._cursor = "0-0"  # XAUTOCLAIM scans count*10 entries per call: keep our place
 
     async def run(self) -> None:
-        await ensure_group(self._redis, self._stream)
+        backoff = 0.2
+        while True:  # Redis may not be up yet (orchestrators start everything at once)
+            try:
+                await ensure_group(self._redis, self._stream)
+                break
+            except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("claim").inc()
+                log.warning("cannot create the consumer group yet", extra={"error": type(exc).__name__})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
         maintain = asyncio.create_task(self._maintain())
         try:
             await self._claim_new()
@@ -81,7 +92,8 @@ class Claimer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    await ensure_group(self._redis, self._stream)
+                    with contextlib.suppress(RedisError, OSError):
+                        await ensure_group(self._redis, self._stream)
                 continue
             items = resp.items() if isinstance(resp, dict) else (resp or [])
             for _key, entries in items:
@@ -113,8 +125,11 @@ class Claimer:
         if free <= 0:
             return
         resp: Any = await self._redis.xautoclaim(
-            self._stream, WORKER_GROUP, self._consumer, self._lease_ms, "0-0", count=min(free, 10)
+            self._stream, WORKER_GROUP, self._consumer, self._lease_ms, self._cursor,
+            count=min(free, 10),
         )
+        cursor = resp[0]
+        self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         entries = resp[1] if len(resp) > 1 else []
         for job_id, fields in entries:
             if fields:

@@ -69,6 +69,7 @@ class Worker:
             on_job=self._on_job,
         )
         self.draining = False
+        self.failed = False
         self._frames_out = metrics.FRAMES.labels("out", "redis")
 
     # Jobs and sessions ------------------------------------------------------------------------
@@ -178,11 +179,16 @@ class Worker:
         while True:
             await asyncio.sleep(0.02)
             now = time.monotonic()
+            lost_after = self.settings.reattach_timeout_s
             for session in self.sessions.values():
                 if session.vapi_connected and now - session.last_media_at > after:
                     session.last_media_at += 0.02
+                    session.silent_for += 0.02
                     session.on_inbound(fill)
                     frames.inc()
+                    if session.stream_live and session.silent_for > lost_after:
+                        # No frame, no stop, no detach: the gateway holding the socket died.
+                        session.on_inbound([(b"0-0", {b"k": S.IN_DETACH, b"v": b"lost"})])
 
     # Process lifecycle ------------------------------------------------------------------------
 
@@ -232,7 +238,16 @@ class Worker:
         log.info("worker ready", extra={"worker_id": self.worker_id,
                                         "max_calls": self.settings.worker_max_calls})
         try:
-            await stop.wait()
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({stopper, *background}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper not in done:
+                # A loop this process depends on died: better to exit (and be restarted, with
+                # our calls taken over) than to look healthy while claiming nothing.
+                for task in done:
+                    log.critical("worker loop died", extra={"task": task.get_name()},
+                                 exc_info=task.exception() if not task.cancelled() else None)
+                self.failed = True
+            stopper.cancel()
             await self.drain(self.settings.worker_drain_timeout_s)
         finally:
             if server is not None:

@@ -71,6 +71,7 @@ class CallSession:
         self._reattach_timer: asyncio.TimerHandle | None = None
         self._completed = False  # ended for good (not released for a takeover)
         self._seen_start = False
+        self.stream_sid = ""
         self.keypad = KeypadGather(timeout_s=s.keypad_timeout_s)
         self._keypad_timer: asyncio.TimerHandle | None = None
         self.speech = SpeechEnd()
@@ -80,6 +81,9 @@ class CallSession:
         self._stale_until = 0.0
         self.last_media_at = time.monotonic()
         self._bg: set[asyncio.Task[None]] = set()
+        self._children: set[asyncio.Task[object]] = set()
+        self.silent_for = 0.0  # seconds of silence fill since the last real caller frame
+        self._setup_call: object | None = None
         self.fast: FastBargeIn | None = None
         if s.fast_barge_in:
             self.fast = FastBargeIn(VoiceDetector(aggressiveness=s.fast_barge_in_aggressiveness),
@@ -124,6 +128,11 @@ class CallSession:
             self._completed = True
         finally:
             consumer.cancel()
+            for child in self._children:  # released mid-setup: no Vapi call may outlive us
+                child.cancel()
+            await asyncio.gather(*self._children, return_exceptions=True)
+            if self._setup_call is not None and self._ws is None and not self._completed:
+                metrics.VAPI_ERRORS.labels("abandoned").inc()
             for timer in (self._reattach_timer, self._keypad_timer):
                 if timer:
                     timer.cancel()
@@ -135,11 +144,13 @@ class CallSession:
             self.w.session_done(self, completed=self._completed)
 
     async def _already_over(self) -> bool:
-        status: Any = await self.w.redis.hget(self.keys.call(self.sid), "status")
+        reply: Any = await self.w.redis.hmget(self.keys.call(self.sid), ["status", "stream_sid"])
+        status, stream_sid = reply
         if status is None or status.decode() == S.STATUS_ENDED:
             log.info("job for a call that is already over; skipping")
             return True
-        if self.takeover and status.decode() == S.STATUS_LIVE:
+        if self.takeover and stream_sid:
+            self.stream_sid = stream_sid.decode()
             # The gateway still holds Twilio's socket: play to it right away.
             self.stream_live = True
             self._seen_start = True
@@ -155,6 +166,7 @@ class CallSession:
         t0 = time.monotonic()
         setup = asyncio.create_task(self._setup())
         ended = asyncio.create_task(self._end_requested.wait())
+        self._children.update((setup, ended))
         await asyncio.wait({setup, ended}, return_when=asyncio.FIRST_COMPLETED)
         ended.cancel()
         if not setup.done():  # the caller hung up while Vapi was being set up
@@ -178,6 +190,7 @@ class CallSession:
             log.info("vapi connected", extra={"setup_ms": round(setup_s * 1000, 1)})
             self._inq.put_nowait([])  # flush caller audio that arrived during setup
             downlink = asyncio.create_task(self._downlink(self._ws), name=f"vapi-{self.sid}")
+            self._children.add(downlink)
             await self._end_requested.wait()
             if self.ending and self.ending.side == ASSISTANT:
                 await self._drain_playout()
@@ -200,8 +213,17 @@ class CallSession:
             to=job.get(b"to", b"").decode(),
         )
         call = await self.w.vapi.create_call(body)
+        self._setup_call = call
         self.w.writer.command("hset", self.keys.call(self.sid), mapping={"vapi_call_id": call.id})
-        return await self.w.vapi.connect(call)
+        ws = await self.w.vapi.connect(call)
+        try:
+            await asyncio.sleep(0)  # a cancellation landing right here must not leak the socket
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.send(V.END_CALL), 0.5)
+                await ws.close()
+            raise
+        return ws
 
     # Caller -> assistant ---------------------------------------------------------------------
 
@@ -219,6 +241,7 @@ class CallSession:
                 if kind == S.IN_MEDIA:
                     audio = f.get(b"a", b"")
                     self.last_media_at = now = time.monotonic()
+                    self.silent_for = 0.0
                     self.speech.frame(audio, int(f.get(b"t", b"0")) / 1e9)
                     if self.fast is not None:
                         self._fast_barge_in(audio, now)
@@ -231,14 +254,17 @@ class CallSession:
                 elif kind == S.IN_MARK:
                     self.playout.on_mark(f.get(b"v", b"").decode())
                 elif kind == S.IN_START:
-                    self._on_stream_start(f.get(b"v", b"{}"))
+                    self._on_stream_start(f.get(b"v", b"{}"), f.get(b"s", b"").decode())
                 elif kind == S.IN_DTMF:
                     self._on_dtmf(f.get(b"v", b"").decode())
                 elif kind == S.IN_STOP:
-                    self.stream_live = False
-                    self.request_end(Ending("caller-hangup", CALLER))
+                    if self._current_stream(f):
+                        self.stream_live = False
+                        self._detached.set()
+                        self.request_end(Ending("caller-hangup", CALLER))
                 elif kind == S.IN_DETACH:
-                    self._on_detach(f.get(b"v", b"").decode())
+                    if self._current_stream(f):
+                        self._on_detach(f.get(b"v", b"").decode())
                 elif kind == S.IN_SILENCE:
                     await self._send_audio(SILENCE_FRAME)
 
@@ -251,12 +277,25 @@ class CallSession:
         except ConnectionClosed:
             pass  # the downlink task sees the close and ends the call
 
-    def _on_stream_start(self, raw: bytes) -> None:
+    def _current_stream(self, f: dict[bytes, bytes]) -> bool:
+        """A stop/detach of an older socket (a late close after Twilio re-attached) is stale."""
+        sid = f.get(b"s", b"").decode()
+        return not sid or not self.stream_sid or sid == self.stream_sid
+
+    def _on_stream_start(self, raw: bytes, stream_sid: str) -> None:
         try:
             info = orjson.loads(raw)
         except orjson.JSONDecodeError:
             info = {}
         now = time.monotonic()
+        self.stream_sid = stream_sid or info.get("stream_sid", "")
+        if self.ending is not None and self.ending.side == ASSISTANT:
+            # We already ended the call; the gateway attached after our hangup: say it again.
+            self.w.writer.xadd(self.out_key, S.entry(S.OUT_HANGUP), self.w.settings.stream_maxlen)
+            self.stream_live = True
+            self._seen_start = True
+            self._detached.clear()
+            return
         self.playout.stream_reset(now)
         self.stream_live = True
         self._seen_start = True
@@ -264,7 +303,8 @@ class CallSession:
         if self._reattach_timer:
             self._reattach_timer.cancel()
             self._reattach_timer = None
-        self.w.writer.command("hset", self.keys.call(self.sid), "status", S.STATUS_LIVE)
+        self.w.writer.command("hset", self.keys.call(self.sid), mapping={
+            "status": S.STATUS_LIVE, "stream_sid": self.stream_sid})
         self.w.wake_ticker(self)
         self.event("stream-start", stream_sid=info.get("stream_sid", ""))
 
@@ -276,6 +316,8 @@ class CallSession:
         # The socket was lost with the call still up: Twilio re-attaches via <Connect action>.
         self.event("stream-lost")
         loop = asyncio.get_running_loop()
+        if self._reattach_timer:
+            self._reattach_timer.cancel()
         self._reattach_timer = loop.call_later(
             self.w.settings.reattach_timeout_s,
             lambda: self.request_end(Ending("stream-lost", ASSISTANT)),
@@ -357,6 +399,12 @@ class CallSession:
         elif isinstance(msg, V.ToolCalls):
             for call in msg.calls:
                 if target := V.transfer_target(call):
+                    if not self.w.settings.transfer_allowed(target):
+                        metrics.DROPPED.labels("transfer_refused").inc()
+                        log.warning("transfer refused: target not in TRANSFER_ALLOW",
+                                    extra={"target": target[:64]})
+                        self.event("transfer-refused", target=target[:64])
+                        continue
                     self.event("transfer-requested", target=target)
                     self.request_end(Ending("transfer", ASSISTANT, transfer_to=target))
                     break
@@ -384,7 +432,7 @@ class CallSession:
         now = time.monotonic()
         if self.fast is not None:
             self.fast.confirmed()
-        if not self.playout.active(now):
+        if not self.playout.active(now) and not self.playout.paused:
             return
         turn = self.playout.turn
         dropped_ms = self.playout.interrupt(now)

@@ -52,16 +52,19 @@ class VapiClient:
         await self._http.aclose()
 
     async def create_call(self, body: dict[str, Any]) -> VapiCall:
-        """POST /call. One quick retry on 5xx and network errors; 4xx are final."""
+        """POST /call. One quick retry on 5xx and on connection failures; 4xx are final."""
         last: VapiError | None = None
         for attempt in range(2):
             if attempt:
                 await asyncio.sleep(0.3)
             try:
                 resp = await self._http.post("/call", json=body)
-            except httpx.HTTPError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 last = VapiError("vapi-unreachable", "connect", type(exc).__name__)
-                continue
+                continue  # the request never arrived: safe to retry
+            except httpx.HTTPError as exc:
+                # It may have arrived: a retry could create a second, orphaned Vapi call.
+                raise VapiError("vapi-unreachable", "connect", type(exc).__name__) from None
             if resp.status_code in (200, 201):
                 try:
                     data = resp.json()
