@@ -161,7 +161,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
                                                           "gateway": st.process_id})
     metrics.MEDIA_SOCKETS.inc()
-    info = SocketInfo(last_rx=time.monotonic())
+    info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, attached=time.monotonic())
     st.sockets[ws] = info
     log.info("media stream started")
     sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)))
@@ -181,7 +181,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
         if ended != "stop":
             # The worker must know the stream is gone even when Twilio did not say `stop`.
             cause = "hangup" if hung_up else "drain" if st.draining else (
-                "idle_timeout" if ended == "idle_timeout" else "lost")
+                ended if ended != "closed" else "lost")
             detach = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
             st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
         metrics.MEDIA_CLOSED.labels(cause).inc()
@@ -206,7 +206,7 @@ async def _receive_loop(
     while True:
         msg = await receive()
         if msg["type"] == "websocket.disconnect":
-            return "idle_timeout" if info.idle else "closed"
+            return info.closed_by or "closed"
         info.last_rx = clock()
         text = msg.get("text")
         if text is None:
@@ -245,15 +245,40 @@ async def idle_watchdog(st: GatewayState) -> None:
     MEDIA_IDLE_TIMEOUT_S is dead (or stalled) and is closed. One task per process, not a timer
     per message."""
     timeout = st.settings.media_idle_timeout_s
+    no_worker = st.settings.no_worker_timeout_s
     while True:
         await asyncio.sleep(min(1.0, timeout / 4))
         now = time.monotonic()
         for ws, info in list(st.sockets.items()):
             if not info.idle and now - info.last_rx > timeout:
                 info.idle = True
+                info.closed_by = "idle_timeout"
                 log.warning("twilio socket went silent; closing it", extra={"idle_s": timeout})
                 with contextlib.suppress(Exception):
                     await ws.close(code=1011)
+            elif not info.owner_seen and now - info.attached > no_worker:
+                await _check_owner(st, ws, info)
+
+
+async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo) -> None:
+    """No worker took the call (none running, or all full): end it with the unavailable
+    message rather than leave the caller in silence."""
+    key = st.keys.call(info.call_sid)
+    try:
+        owner = await st.redis.hget(key, "owner")
+    except (RedisError, OSError):
+        return
+    if owner:
+        info.owner_seen = True
+        return
+    info.owner_seen = True  # decided either way
+    log.error("no worker took the call; ending it", extra={"call_sid": info.call_sid})
+    info.closed_by = "no_worker"
+    st.writer.command("hset", key, mapping={"status": S.STATUS_ENDED, "end_reason": "no-worker",
+                                            "say": st.settings.unavailable_message})
+    await st.writer.flush()
+    with contextlib.suppress(Exception):
+        await ws.close(code=NORMAL)
 
 
 async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound) -> bool:

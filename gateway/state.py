@@ -19,7 +19,11 @@ class SocketInfo:
     """What the idle watchdog needs to know about one live media socket."""
 
     last_rx: float
+    call_sid: str = ""
+    attached: float = 0.0
     idle: bool = False
+    owner_seen: bool = False
+    closed_by: str = ""  # "idle_timeout" / "no_worker" when the watchdog closed it
 
 
 @dataclass

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     fast_barge_in_confirm_ms: int = Field(default=600, alias="FAST_BARGE_IN_CONFIRM_MS")
     fast_barge_in_aggressiveness: int = Field(default=2, ge=0, le=3, alias="FAST_BARGE_IN_AGGRESSIVENESS")
     silence_fill_after_s: float = Field(default=1.0, alias="SILENCE_FILL_AFTER_S")
+    no_worker_timeout_s: float = Field(default=15.0, alias="NO_WORKER_TIMEOUT_S")
     max_reattaches: int = Field(default=5, alias="MAX_REATTACHES")
     transfer_allow: str = Field(default="", alias="TRANSFER_ALLOW")
     keypad_timeout_s: float = Field(default=2.0, alias="KEYPAD_TIMEOUT_S")

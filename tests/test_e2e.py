@@ -56,7 +56,7 @@ class Stack:
 
 async def make_stack(redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
                      fmt: str = "pcm_s16le", assistant: AssistantScript | None = None,
-                     **env_extra: object) -> AsyncIterator[Stack]:
+                     workers: int = 1, **env_extra: object) -> AsyncIterator[Stack]:
     vapi = VapiSim(api_key=VAPI_KEY, assistant=assistant or greeter(answers=2))
     await vapi.start()
     port = free_port()
@@ -68,11 +68,13 @@ async def make_stack(redis_url: str, prefix: str, procs: list[Proc], redis: aior
                    TWILIO_API_BASE_URL=twilio.rest_base_url, VAPI_AUDIO_FORMAT=fmt,
                    ENDED_TTL_S=2, HANGUP_GRACE_S=2, **env_extra)
     gw = gateway_proc(env, port).start()
-    wk = worker_proc(env).start()
-    procs += [gw, wk]
+    wks = [worker_proc(env).start() for _ in range(workers)]
+    procs += [gw, *wks]
+    wk = wks[0] if wks else gw
     try:
         await gw.wait_ready()
-        await wk.wait_ready()
+        for w in wks:
+            await w.wait_ready()
         yield Stack(twilio, vapi, gw, wk, Keys(prefix), redis, fmt)
     finally:
         await twilio.stop()
@@ -248,3 +250,14 @@ async def test_assistant_ending_the_call_hangs_up_after_its_goodbye(
         assert call.say_texts == []
         record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
         assert record[b"end_reason"] == b"assistant-ended"
+
+
+async def test_with_no_worker_running_the_caller_hears_why(redis_url: str, prefix: str,
+                                                           procs: list[Proc],
+                                                           redis: aioredis.Redis) -> None:
+    async for stack in make_stack(redis_url, prefix, procs, redis, workers=0, NO_WORKER_TIMEOUT_S=1):
+        call = await stack.call()
+        assert await call.wait_ended(10) == "hangup"
+        assert call.say_texts == [UNAVAILABLE]
+        record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
+        assert record[b"end_reason"] == b"no-worker"
