@@ -6,13 +6,24 @@ Set-up: a private redis-server (unless REDIS_URL is set), one `callbridge gatewa
 W `callbridge worker` processes, with the Twilio simulator and the Vapi stand-in running in this
 process (on uvloop when installed).
 
-Scenario (worst-case full duplex): every call's assistant talks for the whole run (one long,
-non-interruptible first message, no answers) while the caller sends Twilio's continuous 20 ms
-silence frames. Calls are placed at RAMP_PER_S; once all are connected (Vapi socket open and
-Twilio stream live) the run warms up for WARMUP_S, measures a window of `--seconds`, lets the
-audio of the window drain for GRACE_S, hangs every call up and waits for the calls to end.
+Scenario `--scenario duplex` (default; worst-case full duplex): every call's assistant talks for
+the whole run (one long, non-interruptible first message, no answers) while the caller sends
+Twilio's continuous 20 ms silence frames. Calls are placed at RAMP_PER_S; once all are connected
+(Vapi socket open and Twilio stream live) the run warms up for WARMUP_S, measures a window of
+`--seconds`, lets the audio of the window drain for GRACE_S, hangs every call up and waits for the
+calls to end.
 
-Figures (all for the measurement window):
+Scenario `--scenario conversation` (turn-taking and barge-ins, same timeline): the assistant speaks
+an interruptible 4 s first message and 1.5 s answers (`interrupter`); each call's caller, driven by
+the bench with its own seeded RNG, either talks over an utterance about 1 s into it (barge-in) or
+waits until it was heard and then speaks (normal turn); either way 0.8 s of the caller tone, so the
+stand-in answers after its 400 ms endpointing. Between utterances the caller sends the quiet
+caller tone (below every voice gate). Figures, for the measurement window (see
+_compute_conversation): interruption -> `clear` latency, stale assistant frames after the clear,
+turn latency the bridge adds, underruns in the heard assistant audio, plus inbound latency, the
+bridge's histograms and CPU as below.
+
+Figures of the duplex scenario (all for the measurement window):
 1. One-way latency the bridge adds, seen from outside on one monotonic clock:
    inbound  = Twilio sim send of caller frame k -> Vapi stand-in receive of frame k;
    outbound = Vapi stand-in send of assistant frame k -> Twilio sim receive of media message k.
@@ -32,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -62,6 +74,25 @@ AUTH_TOKEN = "bench-auth-token-" + "x" * 16
 VAPI_KEY = "bench-vapi-key"
 ASSISTANT_ID = "bench-assistant"
 HOP_METRIC = "callbridge_hop_latency_seconds"
+CLEAR_METRIC = "callbridge_barge_in_clear_seconds"
+TURN_METRIC = "callbridge_turn_latency_seconds"
+EXTRA_HISTOGRAMS = (CLEAR_METRIC, TURN_METRIC)
+
+SCENARIOS = ("duplex", "conversation")
+# Conversation scenario: the assistant (Vapi stand-in `interrupter` script) ...
+CONV_GREETING_S = 4.0  # interruptible first message
+CONV_ANSWERS = 50
+CONV_ANSWER_S = 1.5
+# ... and the caller, per call with random.Random(CONV_SEED + call index):
+CONV_SEED = 1
+CONV_CALLER_S = 0.8  # every caller utterance (caller tone k, 0.3 of full scale)
+CONV_BARGE_SHARE = 0.5  # share of the assistant's utterances the caller talks over
+CONV_BARGE_AT_S = (0.8, 1.1)  # this far into the utterance (stand-in clock; its VAD needs 0.2 s more)
+CONV_HEARD_S = 0.25  # otherwise: after the stand-in stopped, until the caller has heard it all ...
+CONV_PAUSE_S = (0.2, 0.6)  # ... and then this long before speaking
+CONV_GAP_S = 0.015  # silence inside a heard utterance that counts as an underrun
+ARRIVAL_SEARCH_S = 2.0  # first frame of an utterance must reach the Twilio sim within this
+TARGET_CLEAR_P99_MS = 20.0
 
 TARGET_CALLS = 100
 TARGET_P50_MS = 3.0
@@ -234,17 +265,20 @@ def _redis_pid(redis_url: str, private: RedisServer | None) -> int | None:
 
 
 Buckets = dict[str, dict[float, float]]  # hop -> {le: cumulative count}
-COUNTERS = ("callbridge_messages_dropped_total", "callbridge_redis_errors_total")
+COUNTERS = ("callbridge_messages_dropped_total", "callbridge_redis_errors_total",
+            "callbridge_barge_ins_total")
 
 
 @dataclass
 class _Scrape:
     hops: Buckets = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)  # 'name{label}' -> value
+    hists: Buckets = field(default_factory=dict)  # EXTRA_HISTOGRAMS name -> {le: cumulative count}
 
 
 async def _scrape(urls: Iterable[str]) -> _Scrape:
-    """Hop-latency buckets and problem counters, summed over all given /metrics URLs."""
+    """Hop-latency and EXTRA_HISTOGRAMS buckets and problem counters, summed over all given
+    /metrics URLs."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -261,9 +295,14 @@ async def _scrape(urls: Iterable[str]) -> _Scrape:
                         b = out.hops.setdefault(s.labels.get("hop", ""), {})
                         le = float(s.labels["le"])
                         b[le] = b.get(le, 0.0) + float(s.value)
+                    elif s.name.endswith("_bucket") and s.name[:-7] in EXTRA_HISTOGRAMS:
+                        b = out.hists.setdefault(s.name[:-7], {})
+                        le = float(s.labels["le"])
+                        b[le] = b.get(le, 0.0) + float(s.value)
                     elif s.name in COUNTERS:
                         label = ",".join(s.labels.values())
-                        key = f"{s.name.removeprefix('callbridge_').removesuffix('_total')}{{{label}}}"
+                        name = s.name.removeprefix("callbridge_").removesuffix("_total")
+                        key = f"{name}{{{label}}}" if label else name
                         out.counters[key] = out.counters.get(key, 0.0) + float(s.value)
     return out
 
@@ -272,7 +311,9 @@ def _delta(after: _Scrape, before: _Scrape) -> _Scrape:
     hops = {hop: {le: n - before.hops.get(hop, {}).get(le, 0.0) for le, n in b.items()}
             for hop, b in after.hops.items()}
     counters = {k: v - before.counters.get(k, 0.0) for k, v in after.counters.items()}
-    return _Scrape(hops, {k: v for k, v in counters.items() if v})
+    hists = {name: {le: n - before.hists.get(name, {}).get(le, 0.0) for le, n in b.items()}
+             for name, b in after.hists.items()}
+    return _Scrape(hops, {k: v for k, v in counters.items() if v}, hists)
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -334,16 +375,35 @@ class _Recorder:
     twilio_sent: dict[str, array[float]] = field(default_factory=dict)  # CallSid -> send times
     twilio_tone: dict[str, bytearray] = field(default_factory=dict)  # CallSid -> 1 per tone frame
     vapi_caller: dict[str, bytearray] = field(default_factory=dict)  # Vapi call id -> 1 per tone frame
+    # Conversation scenario only:
+    media: dict[str, list[bytes]] = field(default_factory=dict)  # CallSid -> payload per media msg
+    first_frame: dict[str, tuple[float, int]] = field(default_factory=dict)  # Vapi turn id ->
+    #   (send time of the utterance's frame 0, its index in vapi_sent[call id])
+    interrupted: dict[str, list[tuple[float, int, str]]] = field(default_factory=dict)  # Vapi call
+    #   id -> (monotonic, wall ns, turnId) right after each `user-interrupted` went out
+    wake: dict[str, asyncio.Event] = field(default_factory=dict)  # Vapi call id -> set on every
+    #   assistant speech-update sent (wakes the bench's caller of that call)
     _undo: list[Callable[[], None]] = field(default_factory=list)
 
-    def install(self, tone: bytes) -> None:
+    def wake_for(self, session_id: str) -> asyncio.Event:
+        ev = self.wake.get(session_id)
+        if ev is None:
+            ev = self.wake[session_id] = asyncio.Event()
+        return ev
+
+    def install(self, tone: bytes, conversation: bool = False) -> None:
+        """Wrap the sims' send/receive paths (class attributes, bench process only; what the sims
+        do is unchanged, except that in the conversation scenario an idle caller sends `tone`
+        instead of digital silence, like a quiet line, so every caller frame can be matched)."""
         from sim.twilio import SimCall
+        from sim.twilio_wire import SILENCE_FRAME
         from sim.vapi import VapiSession
 
         orig_send = VapiSession._send_audio
         vapi_sent = self.vapi_sent
         orig_binary = VapiSession._on_binary
         vapi_caller = self.vapi_caller
+        first_frame = self.first_frame if conversation else None
 
         def on_binary(session: VapiSession, data: bytes) -> None:
             orig_binary(session, data)
@@ -356,10 +416,15 @@ class _Recorder:
             n = session.sent_frames
             orig_send(session, frame)
             if session.sent_frames != n:
+                now = _mono()
                 t = vapi_sent.get(session.id)
                 if t is None:
                     t = vapi_sent[session.id] = array("d")
-                t.append(_mono())
+                t.append(now)
+                if first_frame is not None:
+                    u = session._utt  # the utterance this frame belongs to; u.sent is its index
+                    if u is not None and u.sent == 0:
+                        first_frame[u.turn_id] = (now, len(t) - 1)
 
         orig_record = SimCall._record_sent
         twilio_sent = self.twilio_sent
@@ -372,7 +437,10 @@ class _Recorder:
                 t = twilio_sent[call.call_sid] = array("d")
                 twilio_tone[call.call_sid] = bytearray()
             t.append(_mono())  # the frame has just been written to the socket
-            twilio_tone[call.call_sid].append(frame is tone or frame == tone)
+            if conversation:  # caller speech or the quiet line: everything but digital silence
+                twilio_tone[call.call_sid].append(frame != SILENCE_FRAME)
+            else:
+                twilio_tone[call.call_sid].append(frame is tone or frame == tone)
 
         VapiSession._send_audio = send_audio  # type: ignore[method-assign,assignment]
         VapiSession._on_binary = on_binary  # type: ignore[method-assign,assignment]
@@ -382,6 +450,61 @@ class _Recorder:
             VapiSession._send_audio = orig_send  # type: ignore[method-assign]
             VapiSession._on_binary = orig_binary  # type: ignore[method-assign]
             SimCall._record_sent = orig_record  # type: ignore[method-assign]
+
+        self._undo.append(undo)
+        if conversation:
+            self._install_conversation(tone)
+
+    def _install_conversation(self, tone: bytes) -> None:
+        import binascii
+
+        from sim.twilio import SimCall
+        from sim.vapi import VapiSession
+
+        orig_emit = VapiSession._emit
+        interrupted = self.interrupted
+        wake_for = self.wake_for
+
+        def emit(session: VapiSession, msg: dict[str, Any]) -> None:
+            n = len(session.sent_control)
+            orig_emit(session, msg)
+            if len(session.sent_control) == n:
+                return  # not sent (filtered by clientMessages, or the socket is gone)
+            kind = msg.get("type")
+            if kind == "user-interrupted":
+                lst = interrupted.get(session.id)
+                if lst is None:
+                    lst = interrupted[session.id] = []
+                lst.append((_mono(), time.time_ns(), str(msg.get("turnId"))))
+            elif kind == "speech-update" and msg.get("role") == "assistant":
+                wake_for(session.id).set()
+
+        orig_media = SimCall._on_media
+        media = self.media
+
+        def on_media(call: SimCall, audio: bytes, now: float) -> None:
+            orig_media(call, audio, now)
+            lst = media.get(call.call_sid)
+            if lst is None:
+                lst = media[call.call_sid] = []
+            lst.append(audio)
+
+        orig_next = SimCall._next_caller_frame
+        tone_b64 = binascii.b2a_base64(tone, newline=False).decode("ascii")
+
+        def next_caller_frame(call: SimCall) -> tuple[bytes, str]:
+            if call._say_q:
+                return orig_next(call)
+            return tone, tone_b64  # quiet line between the caller's utterances
+
+        VapiSession._emit = emit  # type: ignore[method-assign,assignment]
+        SimCall._on_media = on_media  # type: ignore[method-assign,assignment]
+        SimCall._next_caller_frame = next_caller_frame  # type: ignore[method-assign,assignment]
+
+        def undo() -> None:
+            VapiSession._emit = orig_emit  # type: ignore[method-assign]
+            SimCall._on_media = orig_media  # type: ignore[method-assign]
+            SimCall._next_caller_frame = orig_next  # type: ignore[method-assign]
 
         self._undo.append(undo)
 
@@ -401,6 +524,7 @@ class _Config:
     fmt: str
     workers: int
     as_json: bool
+    scenario: str = "duplex"
 
 
 @dataclass
@@ -438,10 +562,74 @@ async def _gather_bounded(aws: Iterable[Awaitable[Any]], timeout: float) -> None
             t.exception()  # retrieved: no "exception was never retrieved" noise
 
 
+async def _converse(call: Any, session: Any, rng: random.Random, wake: asyncio.Event,
+                    speech: list[bytes], actions: list[tuple[float, str]]) -> None:
+    """The caller of one call in the conversation scenario: for every utterance the assistant
+    starts, talk over it (barge-in) or wait until it has been heard, then speak. Runs until
+    cancelled. `actions` gets (monotonic time, "barge" | "turn") per caller utterance."""
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        while True:
+            wake.clear()
+            if predicate():
+                return
+            await wake.wait()
+
+    handled = 0
+    k = 0
+    while not call.ended.is_set():
+
+        def started(h: int = handled) -> bool:
+            return len(session.spoken) > h
+
+        await until(started)
+        handled = len(session.spoken)
+        u = session.spoken[-1]
+
+        def stopped(u: Any = u) -> bool:
+            return u.ended is not None
+
+        kind = "turn"
+        if rng.random() < CONV_BARGE_SHARE:
+            await asyncio.sleep(max(0.0, u.started + rng.uniform(*CONV_BARGE_AT_S) - _mono()))
+            if not stopped():
+                kind = "barge"
+        if kind == "turn":
+            await until(stopped)
+            await asyncio.sleep(CONV_HEARD_S + rng.uniform(*CONV_PAUSE_S))
+        call.say(speech[k % len(speech)])
+        k += 1
+        actions.append((_mono(), kind))
+        await call.wait_speaking_done()
+
+
+async def _worker_barge_ins(redis_url: str, prefix: str, sids: list[str]) -> dict[str, list[float]]:
+    """CallSid -> monotonic times of the worker's "barge-in" events (from the entries' wall-clock
+    stamps in call:{sid}:events; same host, so one wall -> monotonic offset converts them)."""
+    from redis.asyncio import Redis
+
+    from shared.streams import Keys
+
+    keys = Keys(prefix)
+    offset = time.time() - _mono()
+    out: dict[str, list[float]] = {}
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        for sid in sids:
+            entries: Any = await client.xrange(keys.events(sid))
+            out[sid] = [int(f[b"t"]) / 1e9 - offset for _id, f in entries
+                        if f.get(b"k") == b"barge-in" and f.get(b"t")]
+    except Exception as exc:
+        print(f"callbridge bench: cannot read worker events: {exc!r}", file=sys.stderr)
+    finally:
+        await client.aclose()
+    return out
+
+
 async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[_Proc]) -> int:
     from sim import voices
     from sim.twilio import SimCall, TwilioSim
-    from sim.vapi import AssistantScript, VapiSession, VapiSim
+    from sim.vapi import AssistantScript, VapiSession, VapiSim, interrupter
 
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
@@ -451,23 +639,34 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
                 loop.add_signal_handler(sig, me.cancel)
 
     n = cfg.calls
+    conversation = cfg.scenario == "conversation"
     ramp_s = n / RAMP_PER_S
     greeting_s = float(round(ramp_s + CONNECT_TIMEOUT_S + WARMUP_S + cfg.seconds + GRACE_S + 10))
     rate = 16000 if cfg.fmt == "pcm_s16le" else 8000
-    voices.frames("greeting", 0, greeting_s, rate, cfg.fmt)  # build the cached utterance up front
-    script = AssistantScript(name="bench", greeting_s=greeting_s, answers=0, end_after=False,
-                             first_message_interruptible=False, interruptible=False)
+    speech: list[bytes] = []
+    if conversation:
+        script = interrupter(long_s=CONV_GREETING_S, answers=CONV_ANSWERS, answer_s=CONV_ANSWER_S)
+        voices.frames("greeting", 0, CONV_GREETING_S, rate, cfg.fmt)  # cache the utterances
+        for k in range(5):
+            voices.frames("answer", k, CONV_ANSWER_S, rate, cfg.fmt)
+        speech = [voices.render("caller", k, CONV_CALLER_S, 8000, "mulaw") for k in range(6)]
+    else:
+        voices.frames("greeting", 0, greeting_s, rate, cfg.fmt)  # build the cached utterance up front
+        script = AssistantScript(name="bench", greeting_s=greeting_s, answers=0, end_after=False,
+                                 first_message_interruptible=False, interruptible=False)
 
     tone = caller_tone_frame()
     tone_run = tone * round((greeting_s + 5) * 50)  # the caller "talks" (quietly) all along
     rec = _Recorder()
-    rec.install(tone)
+    rec.install(tone, conversation=conversation)
     vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False)
     port = free_port()
     public = f"http://127.0.0.1:{port}"
     twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
                        auth_token=AUTH_TOKEN)
     placed: list[SimCall] = []
+    drivers: dict[str, asyncio.Task[None]] = {}
+    actions: list[tuple[float, str]] = []
     try:
         await vapi.start()
         await twilio.start()
@@ -497,7 +696,8 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
             await asyncio.sleep(max(0.0, t_place + i / RAMP_PER_S - _mono()))
             try:
                 call = await twilio.place_call(from_=f"+1555{i:07d}", to="+15550000000")
-                call.say(tone_run)
+                if not conversation:
+                    call.say(tone_run)
                 placed.append(call)
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -517,6 +717,10 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
                 vs = by_sid.get(c.call_sid)
                 if vs is not None and vs.is_open and c.stream_live:
                     out.append((c, vs))
+                    if conversation and c.call_sid not in drivers:  # its caller starts now
+                        rng = random.Random(CONV_SEED + int(c.from_[5:]))
+                        drivers[c.call_sid] = asyncio.create_task(
+                            _converse(c, vs, rng, rec.wake_for(vs.id), speech, actions))
             return out
 
         deadline = _mono() + CONNECT_TIMEOUT_S
@@ -558,16 +762,30 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         # Tear the calls down (bounded), then compute.
         early_ids = {c.call_sid for c in early}
         early_ids |= {c.call_sid for c, s in pairs if c.ended.is_set() or not s.is_open}
+        for task in drivers.values():
+            task.cancel()
+        await _gather_bounded(drivers.values(), 2.0)
+        t_hangup = _mono()
         await _gather_bounded((c.hangup() for c in placed if not c.ended.is_set()), END_TIMEOUT_S)
         await _gather_bounded((c.ended.wait() for c in placed), END_TIMEOUT_S)
         not_ended = sum(1 for c in placed if not c.ended.is_set())
 
+        if conversation:
+            worker_bi = await _worker_barge_ins(redis_url, prefix, [c.call_sid for c, _ in pairs])
+            result = _compute_conversation(cfg, pairs, rec, win, scraped, pids, failures,
+                                           len(early_ids), not_ended, t_hangup, actions, worker_bi)
+            print(_render_conversation(result))
+            if cfg.as_json:
+                print(json.dumps(result))
+            return 0 if len(pairs) == n else 1
         result = _compute(cfg, pairs, rec, win, scraped, pids, failures, len(early_ids), not_ended)
         print(_render(result))
         if cfg.as_json:
             print(json.dumps(result))
         return 0 if len(pairs) == n else 1
     finally:
+        for task in drivers.values():
+            task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(twilio.stop(), 20)
         with contextlib.suppress(Exception):
@@ -578,60 +796,48 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
                 loop.remove_signal_handler(sig)
 
 
-def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _Window,
-             scraped: _Scrape, pids: dict[str, int | None], failures: list[str], early: int,
-             not_ended: int) -> dict[str, Any]:
-    w0, w1 = win.start, win.end
-    secs = w1 - w0
-    inbound: list[float] = []
-    outbound: list[float] = []
-    skew: list[float] = []
-    in_at: list[float] = []  # send times of the frames in `inbound` / `outbound`
-    out_at: list[float] = []
-    in_sent = in_lost = out_sent = out_lost = out_tail_missing = out_recv_window = 0
-    protocol_errors = in_fill = misaligned_in = misaligned_out = 0
-    for call, session in pairs:
-        protocol_errors += len(call.protocol_errors)
-        # inbound: caller (tone) frame k sent by the Twilio sim -> caller frame k at Vapi; frames
-        # of digital silence at Vapi were not sent by the caller (worker silence fill)
-        sent_all = np.frombuffer(rec.twilio_sent.get(call.call_sid, array("d")), dtype=np.float64)
-        tone = np.frombuffer(bytes(rec.twilio_tone.get(call.call_sid, b"")), dtype=np.uint8)
-        tick = np.array([call._t0 + t for t, _ in call.sent_frames], dtype=np.float64)
-        got_all = np.asarray(session.received_times, dtype=np.float64)
-        flags = np.frombuffer(bytes(rec.vapi_caller.get(session.id, b"")), dtype=np.uint8)
-        n_flags = min(flags.size, got_all.size)
-        got = got_all[:n_flags][flags[:n_flags] == 1]
-        fill = got_all[:n_flags][flags[:n_flags] == 0]
-        in_fill += int(((fill >= w0) & (fill < w1)).sum())
-        sent = sent_all[tone[: sent_all.size] == 1] if tone.size == sent_all.size else sent_all
-        if got.size > sent.size:
-            misaligned_in += 1
-        ks = np.flatnonzero((sent >= w0) & (sent < w1))
-        in_sent += ks.size
-        ok = ks[ks < got.size]
-        in_lost += ks.size - ok.size
-        inbound.extend((got[ok] - sent[ok]).tolist())
-        in_at.extend(sent[ok].tolist())
-        if tick.size == sent_all.size:
-            kw = (sent_all >= w0) & (sent_all < w1)
-            skew.extend((sent_all[kw] - tick[kw]).tolist())
-        # outbound: assistant frame k (Vapi stand-in) -> Twilio media message k
-        vs = np.frombuffer(rec.vapi_sent.get(session.id, array("d")), dtype=np.float64)
-        tr = np.array([call._t0 + t for t, _ in call.received_media_times], dtype=np.float64)
-        if tr.size > vs.size:
-            misaligned_out += 1
-        ks = np.flatnonzero((vs >= w0) & (vs < w1))
-        out_sent += ks.size
-        ok = ks[ks < tr.size]
-        missing = ks[ks >= tr.size]
-        tail = vs[missing] >= w1 - TAIL_EXCLUDE_S
-        out_lost += int((~tail).sum())
-        out_tail_missing += int(tail.sum())
-        outbound.extend((tr[ok] - vs[ok]).tolist())
-        out_at.extend(vs[ok].tolist())
-        out_recv_window += int(((tr >= w0) & (tr < w1)).sum())
+@dataclass
+class _Inbound:
+    """Caller -> assistant frames of the window, over all calls."""
 
-    n = len(pairs)
+    lat: list[float] = field(default_factory=list)
+    at: list[float] = field(default_factory=list)  # send times of the frames in `lat`
+    skew: list[float] = field(default_factory=list)
+    sent: int = 0
+    lost: int = 0
+    fill: int = 0
+    misaligned: int = 0
+
+
+def _add_inbound(acc: _Inbound, call: Any, session: Any, rec: _Recorder, w0: float, w1: float) -> None:
+    # inbound: caller (tone) frame k sent by the Twilio sim -> caller frame k at Vapi; frames
+    # of digital silence at Vapi were not sent by the caller (worker silence fill)
+    sent_all = np.frombuffer(rec.twilio_sent.get(call.call_sid, array("d")), dtype=np.float64)
+    tone = np.frombuffer(bytes(rec.twilio_tone.get(call.call_sid, b"")), dtype=np.uint8)
+    tick = np.array([call._t0 + t for t, _ in call.sent_frames], dtype=np.float64)
+    got_all = np.asarray(session.received_times, dtype=np.float64)
+    flags = np.frombuffer(bytes(rec.vapi_caller.get(session.id, b"")), dtype=np.uint8)
+    n_flags = min(flags.size, got_all.size)
+    got = got_all[:n_flags][flags[:n_flags] == 1]
+    fill = got_all[:n_flags][flags[:n_flags] == 0]
+    acc.fill += int(((fill >= w0) & (fill < w1)).sum())
+    sent = sent_all[tone[: sent_all.size] == 1] if tone.size == sent_all.size else sent_all
+    if got.size > sent.size:
+        acc.misaligned += 1
+    ks = np.flatnonzero((sent >= w0) & (sent < w1))
+    acc.sent += ks.size
+    ok = ks[ks < got.size]
+    acc.lost += ks.size - ok.size
+    acc.lat.extend((got[ok] - sent[ok]).tolist())
+    acc.at.extend(sent[ok].tolist())
+    if tick.size == sent_all.size:
+        kw = (sent_all >= w0) & (sent_all < w1)
+        acc.skew.extend((sent_all[kw] - tick[kw]).tolist())
+
+
+def _cpu_figures(pids: dict[str, int | None], win: _Window, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(CPU per process, machine figures for the context) over the window."""
+    secs = win.end - win.start
     cpu: dict[str, Any] = {}
     ours = 0.0
     for name, pid in pids.items():
@@ -654,28 +860,70 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         }
     procs_s, irq_s, steal_s = ((b - a) / _CLK_TCK / secs for a, b in zip(win.busy0, win.busy1,
                                                                           strict=True))
-    machine_busy = round(procs_s + irq_s, 2)
-    other_busy = round(max(0.0, procs_s - ours / secs), 2)
+    machine = {"cores": os.cpu_count(), "machine_busy_cores": round(procs_s + irq_s, 2),
+               "other_processes_busy_cores": round(max(0.0, procs_s - ours / secs), 2),
+               "irq_softirq_cores": round(irq_s, 2), "steal_cores": round(steal_s, 2)}
+    return cpu, machine
 
-    hist: dict[str, Any] = {}
-    for hop, where in (("twilio_to_vapi", "worker"), ("worker_to_twilio", "gateway")):
-        hb = scraped.hops.get(hop, {})
-        p50 = histogram_quantile(0.5, hb)
-        p99 = histogram_quantile(0.99, hb)
-        hist[hop] = {"process": where, "count": int(hb.get(float("inf"), 0)),
-                     "p50_ms": None if p50 is None else round(p50 * 1000, 2),
-                     "p99_ms": None if p99 is None else round(p99 * 1000, 2)}
 
+def _hist_figures(buckets: dict[float, float], process: str) -> dict[str, Any]:
+    p50 = histogram_quantile(0.5, buckets)
+    p99 = histogram_quantile(0.99, buckets)
+    return {"process": process, "count": int(buckets.get(float("inf"), 0)),
+            "p50_ms": None if p50 is None else round(p50 * 1000, 2),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 2)}
+
+
+def _hop_histograms(scraped: _Scrape) -> dict[str, Any]:
+    return {hop: _hist_figures(scraped.hops.get(hop, {}), where)
+            for hop, where in (("twilio_to_vapi", "worker"), ("worker_to_twilio", "gateway"))}
+
+
+def _trend(lat: list[float], at: list[float], w0: float, secs: float) -> list[float | None]:
+    """p50 per quarter of the window, by send time: does the lag grow or recover?"""
+    if not lat:
+        return [None] * 4
+    la, ta = np.asarray(lat), np.asarray(at)
+    q = np.minimum(((ta - w0) / secs * 4).astype(int), 3)
+    return [round(float(np.median(la[q == i])) * 1000, 1) if (q == i).any() else None
+            for i in range(4)]
+
+
+def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _Window,
+             scraped: _Scrape, pids: dict[str, int | None], failures: list[str], early: int,
+             not_ended: int) -> dict[str, Any]:
+    w0, w1 = win.start, win.end
+    secs = w1 - w0
+    inb = _Inbound()
+    outbound: list[float] = []
+    out_at: list[float] = []  # send times of the frames in `outbound`
+    out_sent = out_lost = out_tail_missing = out_recv_window = 0
+    protocol_errors = misaligned_out = 0
+    for call, session in pairs:
+        protocol_errors += len(call.protocol_errors)
+        _add_inbound(inb, call, session, rec, w0, w1)
+        # outbound: assistant frame k (Vapi stand-in) -> Twilio media message k
+        vs = np.frombuffer(rec.vapi_sent.get(session.id, array("d")), dtype=np.float64)
+        tr = np.array([call._t0 + t for t, _ in call.received_media_times], dtype=np.float64)
+        if tr.size > vs.size:
+            misaligned_out += 1
+        ks = np.flatnonzero((vs >= w0) & (vs < w1))
+        out_sent += ks.size
+        ok = ks[ks < tr.size]
+        missing = ks[ks >= tr.size]
+        tail = vs[missing] >= w1 - TAIL_EXCLUDE_S
+        out_lost += int((~tail).sum())
+        out_tail_missing += int(tail.sum())
+        outbound.extend((tr[ok] - vs[ok]).tolist())
+        out_at.extend(vs[ok].tolist())
+        out_recv_window += int(((tr >= w0) & (tr < w1)).sum())
+
+    n = len(pairs)
+    cpu, machine = _cpu_figures(pids, win, n)
+    hist = _hop_histograms(scraped)
+    inbound, in_at, skew = inb.lat, inb.at, inb.skew
+    in_sent, in_lost = inb.sent, inb.lost
     lat_in, lat_out = _pcts(inbound), _pcts(outbound)
-
-    def trend(lat: list[float], at: list[float]) -> list[float | None]:
-        """p50 per quarter of the window, by send time: does the lag grow or recover?"""
-        if not lat:
-            return [None] * 4
-        la, ta = np.asarray(lat), np.asarray(at)
-        q = np.minimum(((ta - w0) / secs * 4).astype(int), 3)
-        return [round(float(np.median(la[q == i])) * 1000, 1) if (q == i).any() else None
-                for i in range(4)]
 
     gw = cpu.get("gateway", {}).get("core_pct_per_call")
     wk = [v.get("core_pct_per_call") for k, v in cpu.items() if k.startswith("worker-")]
@@ -694,9 +942,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         "context": {
             "calls": cfg.calls, "calls_connected": n, "calls_failed_to_place": len(failures),
             "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers,
-            "cores": os.cpu_count(), "machine_busy_cores": machine_busy,
-            "other_processes_busy_cores": other_busy,
-            "irq_softirq_cores": round(irq_s, 2), "steal_cores": round(steal_s, 2),
+            **machine,
             "media_msgs_per_s_in": round(in_sent / secs, 1),
             "media_msgs_per_s_out": round(out_recv_window / secs, 1),
         },
@@ -704,8 +950,8 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
             "inbound": {**lat_in, "frames": len(inbound)},
             "outbound": {**lat_out, "frames": len(outbound)},
         },
-        "latency_p50_by_quarter_ms": {"inbound": trend(inbound, in_at),
-                                      "outbound": trend(outbound, out_at)},
+        "latency_p50_by_quarter_ms": {"inbound": _trend(inbound, in_at, w0, secs),
+                                      "outbound": _trend(outbound, out_at, w0, secs)},
         "sim_send_skew_ms": {k: v for k, v in _pcts(skew).items() if k in ("p50", "p99", "max")},
         "bridge_histograms": hist,
         "bridge_counters": {k: int(v) for k, v in sorted(scraped.counters.items())},
@@ -713,8 +959,8 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
             "inbound_sent": in_sent, "inbound_lost": in_lost,
             "outbound_sent": out_sent, "outbound_lost": out_lost,
             "outbound_tail_not_received": out_tail_missing,
-            "inbound_silence_injected_by_worker": in_fill,
-            "calls_misaligned_in": misaligned_in, "calls_misaligned_out": misaligned_out,
+            "inbound_silence_injected_by_worker": inb.fill,
+            "calls_misaligned_in": inb.misaligned, "calls_misaligned_out": misaligned_out,
         },
         "errors": {"protocol_errors": protocol_errors, "calls_ended_early": early,
                    "calls_not_ended_after_hangup": not_ended,
@@ -781,7 +1027,12 @@ def _render(r: dict[str, Any]) -> str:
         f"{err['calls_not_ended_after_hangup']}")
     for e in err["placement_errors"]:
         lines.append(f"  placement error: {e}")
-    lines.append("")
+    lines += _render_cpu_targets(r)
+    return "\n".join(lines)
+
+
+def _render_cpu_targets(r: dict[str, Any]) -> list[str]:
+    lines = [""]
     lines.append("CPU over the window          pid     cpu s  % core  % core/call  cpu s/call-min"
                  "  runq wait %")
     for name, d in r["cpu"].items():
@@ -792,6 +1043,346 @@ def _render(r: dict[str, Any]) -> str:
     t = r["targets"]
     lines.append("")
     lines.append("targets: " + ", ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in t.items()))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+# Conversation scenario: figures
+
+
+class _Received:
+    """The media messages one call's Twilio sim received: arrival (monotonic) and, on demand,
+    which utterance each one is (voices.identify on the frame, cached)."""
+
+    def __init__(self, call: Any, payloads: list[bytes]) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import audioop
+
+        self._ulaw2lin = audioop.ulaw2lin
+        t = np.array([call._t0 + t for t, _ in call.received_media_times], dtype=np.float64)
+        self.n = min(t.size, len(payloads))
+        self.t = t[: self.n]
+        self._payloads = payloads
+        self._labels: dict[int, str | None] = {}
+
+    def label(self, j: int) -> str | None:
+        from sim import voices
+
+        if j not in self._labels:
+            data = self._payloads[j]
+            self._labels[j] = voices.identify(self._ulaw2lin(data, 2), 8000) if data else None
+        return self._labels[j]
+
+    def index_after(self, t: float) -> int:
+        return int(np.searchsorted(self.t, t, side="right"))
+
+
+def _compute_conversation(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _Window,
+                          scraped: _Scrape, pids: dict[str, int | None], failures: list[str],
+                          early: int, not_ended: int, t_hangup: float,
+                          actions: list[tuple[float, str]],
+                          worker_bi: dict[str, list[float]]) -> dict[str, Any]:
+    """Figures of the conversation scenario, for events whose start falls in the window:
+
+    1. interruption -> clear: stand-in sends `user-interrupted` (monotonic, right after the write)
+       -> the first `clear` the Twilio sim receives after it (before the next interruption); split
+       at the worker's "barge-in" event stamp (call:{sid}:events) into stand-in -> worker and
+       worker -> Twilio sim.
+    2. stale frames: media the Twilio sim receives after that clear, before the first frame of
+       the next utterance (or hangup), that identifies as the interrupted utterance.
+    3. turn latency added: stand-in sends frame 0 of an answer -> the Twilio sim receives the
+       first frame that identifies as that answer.
+    4. underruns: runs of >= CONV_GAP_S silence between heard segments of one utterance (heard
+       span: from its first frame's arrival to the next utterance's, or hangup).
+    """
+    w0, w1 = win.start, win.end
+    secs = w1 - w0
+    inf = float("inf")
+    inb = _Inbound()
+    protocol_errors = 0
+    clear_lat: list[float] = []
+    to_worker: list[float] = []  # user-interrupted sent -> worker barge-in
+    worker_to_sim: list[float] = []  # worker barge-in -> clear received
+    turn_lat: list[float] = []
+    out_lat: list[float] = []
+    interruptions = no_clear = no_worker_event = extra_clears = 0
+    stale = gap_frames = 0
+    stale_after: list[float] = []
+    utterances = interrupted_utts = answers = no_arrival = not_first = 0
+    checked = underruns = unheard = 0
+    gaps_ms: list[float] = []
+    late_sender: list[float] = []  # per underrun: how late the stand-in sent the late frame
+    late_bridge: list[float] = []  # ... and how much longer the bridge took for it than frame 0
+    slack: list[float] = []  # Twilio's buffer when a frame of an utterance arrived
+    for call, session in pairs:
+        protocol_errors += len(call.protocol_errors)
+        _add_inbound(inb, call, session, rec, w0, w1)
+        got = _Received(call, rec.media.get(call.call_sid, []))
+        spoken = list(session.spoken)
+        vs = np.frombuffer(rec.vapi_sent.get(session.id, array("d")), dtype=np.float64)
+        first = [rec.first_frame.get(u.turn_id) for u in spoken]
+
+        # Where each utterance's first frame reached the Twilio sim (index into `got`).
+        arr: list[int | None] = []
+        for u, ff in zip(spoken, first, strict=True):
+            j_found = None
+            if ff is not None:
+                lo = got.index_after(ff[0])
+                for j in range(lo, got.index_after(ff[0] + ARRIVAL_SEARCH_S)):
+                    if got.label(j) == u.label:
+                        j_found = j
+                        break
+                if j_found is not None and j_found != lo and w0 <= ff[0] < w1:
+                    not_first += 1  # earlier frames after the send were not this utterance
+            arr.append(j_found)
+
+        def heard_end(i: int, arr: list[int | None] = arr, got: _Received = got,
+                      first: list[tuple[float, int] | None] = first) -> float:
+            """End of the span that belongs to utterance i: the next one's first frame arrives."""
+            if i + 1 < len(first):
+                j = arr[i + 1]
+                if j is not None:
+                    return float(got.t[j])
+                ff = first[i + 1]
+                return ff[0] + ARRIVAL_SEARCH_S if ff is not None else t_hangup
+            return t_hangup
+
+        # 3. turn latency added, and outbound per-frame latency of whole utterances
+        for i, (u, ff, ja) in enumerate(zip(spoken, first, arr, strict=True)):
+            if ff is None or not w0 <= ff[0] < w1:
+                continue
+            utterances += 1
+            interrupted_utts += bool(u.interrupted)
+            if ja is None:
+                no_arrival += 1
+                continue
+            if u.label.startswith("answer"):
+                answers += 1
+                turn_lat.append(float(got.t[ja]) - ff[0])
+            nfr, s0 = u.frames_total, ff[1]
+            if not u.interrupted and u.ended is not None and s0 + nfr <= vs.size:
+                end = got.index_after(heard_end(i) - 1e-6)
+                if ja + nfr <= end:
+                    out_lat.extend((got.t[ja:ja + nfr] - vs[s0:s0 + nfr]).tolist())
+
+        # 1 + 2. interruptions: clear latency and stale frames
+        clears = np.sort(np.array([call._t0 + c for c in call.clears], dtype=np.float64))
+        used = np.zeros(clears.size, dtype=bool)
+        wb = sorted(worker_bi.get(call.call_sid, []))
+        idx_of = {u.turn_id: i for i, u in enumerate(spoken)}
+        clear_of: dict[str, float] = {}  # turn id of an interrupted utterance -> its clear
+        ints = rec.interrupted.get(session.id, [])
+        for k, (t_ui, _wall, turn_id) in enumerate(ints):
+            nxt = ints[k + 1][0] if k + 1 < len(ints) else inf
+            c = int(np.searchsorted(clears, t_ui, side="right"))
+            clear_t = None
+            if c < clears.size and clears[c] < nxt:
+                clear_t = clear_of[turn_id] = float(clears[c])
+                used[c] = True
+            if not w0 <= t_ui < w1:
+                continue
+            interruptions += 1
+            if clear_t is None:
+                no_clear += 1
+                continue
+            clear_lat.append(clear_t - t_ui)
+            b = int(np.searchsorted(wb, t_ui - 0.005))  # its speech-update went out just before
+            if b < len(wb) and wb[b] <= clear_t:
+                to_worker.append(wb[b] - t_ui)
+                worker_to_sim.append(clear_t - wb[b])
+            else:
+                no_worker_event += 1
+            iu = idx_of.get(turn_id)
+            if iu is None:
+                continue
+            label = spoken[iu].label
+            for j in range(got.index_after(clear_t), got.index_after(heard_end(iu) - 1e-6)):
+                gap_frames += 1
+                if got.label(j) == label:
+                    stale += 1
+                    stale_after.append(float(got.t[j]) - clear_t)
+        extra_clears += int((~used & (clears >= w0) & (clears < w1)).sum())
+
+        # 4. underruns in what the caller heard; each one is put down to the frame that came too
+        # late (the first of the segment after the gap): the stand-in sent it late (against
+        # frame 0 + k * 20 ms) or the bridge took longer for it than for frame 0.
+        segs = call.heard_segments(min_silence_s=CONV_GAP_S)
+        ss = np.array([call._t0 + a for a, _ in segs], dtype=np.float64)
+        se = np.array([call._t0 + e for _, e in segs], dtype=np.float64)
+        for i, (u, ff, ja) in enumerate(zip(spoken, first, arr, strict=True)):
+            if ff is None or ja is None or not w0 <= ff[0] < w1:
+                continue
+            if u.ended is None or u.ended > t_hangup - 0.3:
+                continue  # still playing at hangup
+            checked += 1
+            t_first = float(got.t[ja])
+            span_end = min(heard_end(i), clear_of.get(u.turn_id, inf) + 0.001)
+            sel = np.flatnonzero((ss >= t_first - 0.005) & (ss < span_end - 0.005))
+            if sel.size == 0:
+                unheard += 1
+                continue
+            underruns += sel.size - 1
+            gaps_ms.extend(((ss[sel[1:]] - se[sel[:-1]]) * 1000).tolist())
+            s0 = ff[1]
+            for start in ss[sel[1:]]:
+                j = got.index_after(float(start) - 0.0005)
+                k = j - ja
+                if not 0 < k < u.frames_sent or s0 + k >= vs.size:
+                    continue
+                sender = float(vs[s0 + k] - vs[s0]) - k * 0.020
+                bridge = float(got.t[j] - vs[s0 + k]) - (t_first - float(vs[s0]))
+                late_sender.append(sender)
+                late_bridge.append(bridge)
+            # Twilio's buffer (ms of audio queued) when each frame of the utterance arrived
+            frames = got.t[ja:got.index_after(span_end)][: u.frames_sent]
+            play_end = t_first
+            for t in frames[1:].tolist():
+                play_end += 0.020
+                slack.append(play_end - t)
+                play_end = max(play_end, t)
+
+    n = len(pairs)
+    cpu, machine = _cpu_figures(pids, win, n)
+    in_window = [kind for t, kind in actions if w0 <= t < w1]
+    call_min = n * secs / 60
+    lat_clear = _pcts(clear_lat)
+    clear_hist = _hist_figures(scraped.hists.get(CLEAR_METRIC, {}), "gateway")
+    targets = {
+        "interruption_to_clear_p99_le_20ms": lat_clear["p99"] is not None
+        and lat_clear["p99"] <= TARGET_CLEAR_P99_MS,
+        "every_interruption_cleared": interruptions > 0 and no_clear == 0,
+        "zero_stale_frames": interruptions > 0 and stale == 0,
+        "zero_underruns": checked > 0 and underruns == 0,
+        "zero_inbound_frames_lost": inb.sent > 0 and inb.lost == 0,
+    }
+    return {
+        "scenario": "conversation",
+        "context": {
+            "calls": cfg.calls, "calls_connected": n, "calls_failed_to_place": len(failures),
+            "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers, **machine,
+            "caller_barge_ins": in_window.count("barge"), "caller_turns": in_window.count("turn"),
+            "assistant_utterances": utterances, "assistant_utterances_interrupted": interrupted_utts,
+        },
+        "interruption_to_clear_ms": {**lat_clear, "n": len(clear_lat),
+                                     "interruptions": interruptions, "without_clear": no_clear,
+                                     "clears_without_interruption": extra_clears},
+        "interruption_split_ms": {"standin_to_worker": {**_pcts(to_worker), "n": len(to_worker)},
+                                  "worker_to_twilio_sim": {**_pcts(worker_to_sim),
+                                                           "n": len(worker_to_sim)},
+                                  "no_worker_event": no_worker_event},
+        "stale_frames_after_clear": {"stale": stale, "frames_between_clear_and_next_utterance":
+                                     gap_frames, "latest_stale_after_clear_ms":
+                                     round(max(stale_after) * 1000, 1) if stale_after else None},
+        "turn_latency_added_ms": {**_pcts(turn_lat), "n": len(turn_lat), "answers": answers,
+                                  "utterances_never_arrived": no_arrival,
+                                  "first_frame_not_identified": not_first},
+        "outbound_frame_latency_ms": {**_pcts(out_lat), "n": len(out_lat)},
+        "inbound_frame_latency_ms": {**_pcts(inb.lat), "n": len(inb.lat), "sent": inb.sent,
+                                     "lost": inb.lost},
+        "underruns": {"count": underruns, "per_call_minute": round(underruns / call_min, 3)
+                      if call_min else None, "utterances_checked": checked,
+                      "utterances_not_heard": unheard,
+                      "longest_gap_ms": round(max(gaps_ms), 1) if gaps_ms else None,
+                      "stand_in_late": sum(1 for a, b in zip(late_sender, late_bridge, strict=True)
+                                           if a >= b),
+                      "bridge_late": sum(1 for a, b in zip(late_sender, late_bridge, strict=True)
+                                         if b > a),
+                      "late_frame_sender_ms": _pcts(late_sender),
+                      "late_frame_bridge_ms": _pcts(late_bridge),
+                      "twilio_buffer_at_arrival_ms": {
+                          "p1": round(float(np.percentile(slack, 1)) * 1000, 2) if slack else None,
+                          "p50": round(float(np.percentile(slack, 50)) * 1000, 2) if slack else None,
+                          "min": round(min(slack) * 1000, 2) if slack else None,
+                          "frames": len(slack),
+                          "below_0": sum(1 for v in slack if v < 0)}},
+        "bridge_histograms": {
+            "barge_in_clear": clear_hist,
+            "turn_latency": _hist_figures(scraped.hists.get(TURN_METRIC, {}), "worker"),
+            **_hop_histograms(scraped),
+        },
+        "bridge_counters": {k: int(v) for k, v in sorted(scraped.counters.items())},
+        "errors": {"protocol_errors": protocol_errors, "calls_ended_early": early,
+                   "calls_not_ended_after_hangup": not_ended, "placement_errors": failures[:3]},
+        "cpu": cpu,
+        "targets": targets,
+    }
+
+
+def _render_conversation(r: dict[str, Any]) -> str:
+    c, err = r["context"], r["errors"]
+    ic, sp, st = r["interruption_to_clear_ms"], r["interruption_split_ms"], r["stale_frames_after_clear"]
+    tl, ur, bh = r["turn_latency_added_ms"], r["underruns"], r["bridge_histograms"]
+    tb = ur["twilio_buffer_at_arrival_ms"]
+
+    def row(label: str, d: dict[str, Any]) -> str:
+        return (f"  {label:<46}{_f(d['p50'], 7)} {_f(d['p90'], 7)} {_f(d['p99'], 7)} "
+                f"{_f(d['max'], 7)} {_f(d['n'], 7)}")
+
+    def hrow(label: str, d: dict[str, Any]) -> str:
+        return (f"  {label:<46}{_f(d['p50_ms'], 7)}         {_f(d['p99_ms'], 7)}         "
+                f"{_f(d['count'], 7)}")
+
+    lines = [
+        f"callbridge bench --scenario conversation: {c['calls_connected']}/{c['calls']} calls, "
+        f"{c['seconds']:g} s window, {c['format']}, {c['workers']} worker(s), {c['cores']} cores "
+        f"(busy in the window: {_f(c['machine_busy_cores'], 0)} cores, of which irq/softirq "
+        f"{_f(c['irq_softirq_cores'], 0)}, other processes {_f(c['other_processes_busy_cores'], 0)}; "
+        f"steal {_f(c['steal_cores'], 0)})",
+        f"in the window: callers barged in {c['caller_barge_ins']}x and took {c['caller_turns']} normal "
+        f"turns; the assistant started {c['assistant_utterances']} utterances, "
+        f"{c['assistant_utterances_interrupted']} of them interrupted",
+        "",
+        "                                                  p50     p90     p99     max       n",
+        "1 interruption -> clear (ms)",
+        row("stand-in sends user-interrupted -> Twilio clear", ic),
+        row("  stand-in sends -> worker barge-in event", sp["standin_to_worker"]),
+        row("  worker barge-in event -> Twilio sim recv", sp["worker_to_twilio_sim"]),
+        hrow("  bridge barge_in_clear [gateway], worker->send", bh["barge_in_clear"]),
+        f"  interruptions {ic['interruptions']}, without a clear {ic['without_clear']}; clears with no "
+        f"interruption {ic['clears_without_interruption']}; no worker event {sp['no_worker_event']} "
+        f"(target p99 <= {TARGET_CLEAR_P99_MS:g} ms)",
+        f"2 stale frames after clear: {st['stale']} (frames received between a clear and the next "
+        f"utterance: {st['frames_between_clear_and_next_utterance']}"
+        + (f"; latest stale {st['latest_stale_after_clear_ms']} ms after the clear)"
+           if st["stale"] else ")"),
+        "3 turn latency (ms)",
+        row("added: stand-in sends answer frame 0 -> Twilio", tl),
+        hrow("bridge turn_latency [worker], end of caller", bh["turn_latency"]),
+        "    speech -> first frame sent (incl. the stand-in's 400 ms endpointing)",
+        f"  answers {tl['answers']}, never arrived {tl['utterances_never_arrived']}, first frame "
+        f"after the send not identified {tl['first_frame_not_identified']}",
+        f"4 underruns (silence >= {CONV_GAP_S * 1000:g} ms inside a heard utterance): {ur['count']} in "
+        f"{ur['utterances_checked']} utterances = {_f(ur['per_call_minute'], 0, 3)} per call-minute; "
+        f"longest gap {_f(ur['longest_gap_ms'], 0, 1)} ms; utterances not heard "
+        f"{ur['utterances_not_heard']}",
+        f"  late frame after each gap: stand-in sent it late {ur['stand_in_late']}x (max "
+        f"{_f(ur['late_frame_sender_ms']['max'], 0, 1)} ms), bridge slower than for frame 0 "
+        f"{ur['bridge_late']}x (max {_f(ur['late_frame_bridge_ms']['max'], 0, 1)} ms)",
+        f"  Twilio buffer when a frame arrives (ms): p50 {_f(tb['p50'], 0, 1)}, p1 {_f(tb['p1'], 0, 1)}, "
+        f"min {_f(tb['min'], 0, 1)}; frames arriving to an empty buffer {tb['below_0']} of "
+        f"{tb['frames']}",
+        "",
+        "per-frame latency (ms)",
+        row("inbound  Twilio send -> Vapi recv", r["inbound_frame_latency_ms"]),
+        row("outbound Vapi send -> Twilio recv (whole utts)", r["outbound_frame_latency_ms"]),
+        f"  inbound frames sent {r['inbound_frame_latency_ms']['sent']} lost "
+        f"{r['inbound_frame_latency_ms']['lost']}",
+        hrow("bridge twilio_to_vapi [worker]", bh["twilio_to_vapi"]),
+        hrow("bridge worker_to_twilio [gateway]", bh["worker_to_twilio"]),
+    ]
+    bc = r["bridge_counters"]
+    lines.append("  bridge counters in the window: "
+                 + (", ".join(f"{k} {v}" for k, v in bc.items()) if bc else "no drops, no Redis errors"))
+    lines.append(
+        f"errors: protocol {err['protocol_errors']}, calls ended early {err['calls_ended_early']}, "
+        f"failed to place {c['calls_failed_to_place']}, not ended after hangup "
+        f"{err['calls_not_ended_after_hangup']}")
+    for e in err["placement_errors"]:
+        lines.append(f"  placement error: {e}")
+    lines += _render_cpu_targets(r)
     return "\n".join(lines)
 
 
@@ -816,10 +1407,12 @@ def run_bench(args: argparse.Namespace) -> int:
         fmt=str(getattr(args, "format", "pcm_s16le") or "pcm_s16le"),
         workers=int(getattr(args, "workers", 1) or 1),
         as_json=bool(getattr(args, "json", False)),
+        scenario=str(getattr(args, "scenario", "duplex") or "duplex"),
     )
-    if cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw"):
+    if (cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw")
+            or cfg.scenario not in SCENARIOS):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
-              "--format pcm_s16le|mulaw", file=sys.stderr)
+              "--format pcm_s16le|mulaw, --scenario duplex|conversation", file=sys.stderr)
         return 2
     procs: list[_Proc] = []
     private: RedisServer | None = None

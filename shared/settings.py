@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     worker_http_host: str = Field(default="0.0.0.0", alias="WORKER_HTTP_HOST")
     claim_lease_s: float = Field(default=15.0, alias="CLAIM_LEASE_S")
     playout_lead_ms: int = Field(default=100, alias="PLAYOUT_LEAD_MS")
+    playout_prebuffer_ms: int = Field(default=40, alias="PLAYOUT_PREBUFFER_MS")
     mark_every_ms: int = Field(default=100, alias="MARK_EVERY_MS")
     vapi_connect_timeout_s: float = Field(default=10.0, alias="VAPI_CONNECT_TIMEOUT_S")
     vapi_ping_interval_s: float = Field(default=5.0, alias="VAPI_PING_INTERVAL_S")

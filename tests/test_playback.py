@@ -98,3 +98,23 @@ def test_a_pause_between_utterances_starts_a_new_turn() -> None:
     p.push(bytes(FRAME_BYTES * 5), now=2.0)
     assert p.turn == 1
     assert p.turns[0].sent_ms == 200
+
+
+def test_prebuffer_gathers_a_jitter_cushion_before_playback_starts() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=1000, prebuffer_s=0.04)
+    p.push(bytes(FRAME_BYTES), now=0.0)
+    assert p.due(0.0) == []
+    p.push(bytes(FRAME_BYTES), now=0.02)
+    assert p.due(0.02) == []  # paced audio: wait the cushion out
+    p.push(bytes(FRAME_BYTES), now=0.04)
+    assert len(p.due(0.04)) == 3  # Twilio now holds 60 ms, 40 ms beyond the frame playing
+    # Vapi is 30 ms late with the next frame (due 0.06): Twilio still has audio, no gap.
+    p.push(bytes(FRAME_BYTES), now=0.09)
+    assert p.queued_s(0.09) > 0.02 and len(p.due(0.09)) == 1
+    # A burst needs no waiting, and a lone short sound does not wait forever.
+    b = Playout(prebuffer_s=0.04)
+    b.push(bytes(FRAME_BYTES * 10), now=0.0)
+    assert len(b.due(0.0)) == 6
+    q = Playout(prebuffer_s=0.04)
+    q.push(bytes(FRAME_BYTES), now=0.0)
+    assert q.due(0.01) == [] and len(q.due(0.041)) == 1

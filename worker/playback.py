@@ -41,6 +41,10 @@ class Playout:
     mark_every_ms: int = 100
     # Partial frames wait this long for more audio before being padded and sent.
     tail_wait_s: float = 0.040
+    # When playback (re)starts on an empty Twilio buffer, gather this much audio first, so that
+    # Vapi's network jitter is absorbed by Twilio's buffer instead of becoming a gap the caller
+    # hears. Costs the same in added latency on each turn's first word.
+    prebuffer_s: float = 0.0
 
     turn: int = 0
     turns: dict[int, TurnRecord] = field(default_factory=dict)
@@ -59,6 +63,7 @@ class Playout:
     # can still be unplayed, so the ring stays that short.
     _sent: deque[tuple[float, int, Frame]] = field(default_factory=deque)
     _paused: bool = False
+    _fill_started: float = 0.0  # when audio began to gather while Twilio's buffer was empty
 
     def push(self, ulaw: bytes, now: float) -> None:
         if not ulaw:
@@ -66,6 +71,8 @@ class Playout:
         rec = self.turns.get(self.turn)
         if not self._buf and rec is not None and rec.sent_ms and now - self._last_push > self.turn_gap_s:
             self.turn += 1
+        if not self._buf:
+            self._fill_started = now
         self._buf += ulaw
         self._last_push = now
         self.turns.setdefault(self.turn, TurnRecord())
@@ -96,8 +103,14 @@ class Playout:
         out: list[Frame] = []
         if not self._buf or self._paused:
             return out
-        if self._play_at < now:
-            self._play_at = now  # Twilio's buffer ran dry: playback restarts now
+        if self._play_at <= now:
+            # Twilio's buffer is dry: playback (re)starts now, once a jitter cushion is gathered.
+            # (Paced audio arrives a frame per 20 ms: the cushion is the wait, or the audio
+            # beyond the frame being played, whichever comes first.)
+            if (self.prebuffer_s and len(self._buf) < self.prebuffer_s * 8000 + FRAME_BYTES
+                    and now - self._fill_started < self.prebuffer_s):
+                return out
+            self._play_at = now
         rec = self.turns.setdefault(self.turn, TurnRecord())
         while self._buf and self._play_at - self.lead_s <= now:
             if len(self._buf) < FRAME_BYTES:

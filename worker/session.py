@@ -58,7 +58,8 @@ class CallSession:
         self.takeover = takeover
         self.keys = worker.keys
         self.out_key = worker.keys.outbound(sid)
-        self.playout = Playout(lead_s=s.playout_lead_ms / 1000, mark_every_ms=s.mark_every_ms)
+        self.playout = Playout(lead_s=s.playout_lead_ms / 1000, mark_every_ms=s.mark_every_ms,
+                               prebuffer_s=s.playout_prebuffer_ms / 1000)
         self.uplink = Uplink(s.vapi_audio_format)
         self.downlink = Downlink(s.vapi_audio_format)
         self.stream_live = False
