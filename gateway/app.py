@@ -10,12 +10,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
-from redis.exceptions import RedisError
 
 from gateway import media, webhooks
 from gateway.hub import OutboundHub
 from gateway.state import GatewayState
 from shared import metrics
+from shared.health import readiness
 from shared.redisio import BatchWriter, connect, media_latency_observer
 from shared.settings import Settings
 from shared.streams import Keys
@@ -94,14 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if state.draining:
-            return Response('{"status":"draining"}', status_code=503, media_type="application/json")
-        try:
-            await asyncio.wait_for(state.redis.ping(), 1.0)
-        except (RedisError, OSError, TimeoutError):
-            return Response('{"status":"redis unavailable"}', status_code=503,
-                            media_type="application/json")
-        return Response('{"status":"ready"}', media_type="application/json")
+        return await readiness(state.redis, state.draining)
 
     @app.get("/metrics")
     async def prometheus_metrics(_: Request) -> Response:

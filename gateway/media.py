@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -34,6 +35,7 @@ from shared.twilio_proto import (
     ProtocolError,
     Start,
     Stop,
+    TwilioEvent,
     Unknown,
     parse,
 )
@@ -55,6 +57,22 @@ def _drop(cause: str) -> None:
     metrics.DROPPED.labels(cause).inc()
 
 
+def _decode(msg: Mapping[str, Any], limit: int) -> TwilioEvent | None:
+    """One ASGI websocket message -> a Twilio event, or None (counted and dropped)."""
+    text = msg.get("text")
+    if text is None:
+        _drop("binary")
+        return None
+    if len(text) > limit:
+        _drop("oversized")
+        return None
+    try:
+        return parse(text)
+    except ProtocolError as exc:
+        _drop(exc.cause)
+        return None
+
+
 async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
     """Read until `start`; `connected` comes first. Anything else before it is dropped."""
     limit = st.settings.max_message_bytes
@@ -62,17 +80,8 @@ async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
         msg = await ws.receive()
         if msg["type"] == "websocket.disconnect":
             raise Rejected("disconnected")
-        text = msg.get("text")
-        if text is None:
-            _drop("binary")
-            continue
-        if len(text) > limit:
-            _drop("oversized")
-            continue
-        try:
-            event = parse(text)
-        except ProtocolError as exc:
-            _drop(exc.cause)
+        event = _decode(msg, limit)
+        if event is None:
             continue
         if isinstance(event, Start):
             return event
@@ -208,17 +217,8 @@ async def _receive_loop(
         if msg["type"] == "websocket.disconnect":
             return info.closed_by or "closed"
         info.last_rx = clock()
-        text = msg.get("text")
-        if text is None:
-            _drop("binary")
-            continue
-        if len(text) > limit:
-            _drop("oversized")
-            continue
-        try:
-            event = parse(text)
-        except ProtocolError as exc:
-            _drop(exc.cause)
+        event = _decode(msg, limit)
+        if event is None:
             continue
         if isinstance(event, Media):
             xadd(in_key, S.entry(S.IN_MEDIA, event.payload), maxlen)

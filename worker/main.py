@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from shared import metrics
 from shared import streams as S
+from shared.health import readiness
 from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
 from shared.settings import Settings
 from shared.streams import WORKER_GROUP, Keys
@@ -201,14 +202,7 @@ class Worker:
 
         @app.get("/readyz")
         async def readyz() -> Response:
-            if self.draining:
-                return Response('{"status":"draining"}', status_code=503, media_type="application/json")
-            try:
-                await asyncio.wait_for(self.redis.ping(), 1.0)
-            except (RedisError, OSError, TimeoutError):
-                return Response('{"status":"redis unavailable"}', status_code=503,
-                                media_type="application/json")
-            return Response('{"status":"ready"}', media_type="application/json")
+            return await readiness(self.redis, self.draining)
 
         @app.get("/metrics")
         async def prometheus_metrics() -> Response:
