@@ -106,7 +106,8 @@ CALLS_ENDED = Counter(
 )
 CLAIMS = Counter(
     "callbridge_worker_claims_total",
-    "Call jobs claimed: new (first claim) or takeover (from an idle worker).",
+    "Call jobs claimed: new (first claim), takeover (from an idle worker), or lost (taken over "
+    "from us while we stalled; we released it).",
     ["kind"],
 )
 VAPI_SOCKETS = Gauge("callbridge_worker_vapi_sockets", "Open Vapi transport sockets.",

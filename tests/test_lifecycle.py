@@ -16,7 +16,7 @@ from shared.streams import Keys
 from sim.twilio import TwilioSim
 from sim.vapi import VapiSim, greeter
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, VAPI_KEY, Proc, base_env, gateway_proc, worker_proc
-from tests.test_e2e import caller_utterance, labels_heard, wait_heard
+from tests.test_e2e import caller_utterance, labels_heard, until, wait_heard
 
 PUBLIC = "https://cb.example.test"  # one public name in front of several gateways
 
@@ -181,3 +181,42 @@ async def test_a_killed_worker_s_call_is_taken_over_after_the_lease(
     while (await redis.xpending(Keys(prefix).calls, "workers"))["pending"]:
         assert time.monotonic() < deadline, "the job was acknowledged by the new owner"
         await asyncio.sleep(0.05)
+
+
+async def test_a_stalled_worker_lets_go_of_a_call_taken_over_meanwhile(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
+    sims: tuple[TwilioSim, VapiSim],
+) -> None:
+    twilio, vapi = sims
+    env = _env(redis_url, prefix, twilio, vapi, CLAIM_LEASE_S=1.5)
+    port = free_port()
+    gw = gateway_proc(env, port).start()
+    wk1 = worker_proc(env).start()
+    procs += [gw, wk1]
+    await gw.wait_ready()
+    await wk1.wait_ready()
+    twilio.gateway_url = f"http://127.0.0.1:{port}"
+    call = await twilio.place_call()
+    first = await vapi.wait_session(10)
+    await wait_heard(call, 1)
+    wk2 = worker_proc(env).start()
+    procs.append(wk2)
+    await wk2.wait_ready()
+
+    wk1.signal(signal.SIGSTOP)  # a long GC pause, a partition: the lease runs out
+    try:
+        second = await vapi.wait_session(10)  # worker 2 took the call over
+    finally:
+        wk1.signal(signal.SIGCONT)
+    # Worker 1 wakes up, sees the call is not its own any more and lets it go.
+    await first.wait_closed(5)
+    assert first.received_control("end-call")
+    await second.wait_connected(5)
+    assert second.is_open and vapi.open_sessions() == 1
+    await wait_heard(call, 2)
+    call.say_pcm(caller_utterance(0))
+    await until(lambda: second.caller_turns != [], 10, "worker 2 carries the call")
+    await call.hangup()
+    await second.wait_closed(3)
+    assert vapi.open_sessions() == 0
+    assert wk1.proc is not None and wk1.proc.poll() is None, "the stalled worker lives on"

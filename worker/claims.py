@@ -45,6 +45,7 @@ class Claimer:
         free_slots: Callable[[], int],
         owned: Callable[[], Iterable[bytes]],
         on_job: OnJob,
+        on_lost: Callable[[bytes], None] | None = None,
     ) -> None:
         self._redis = redis
         self._stream = stream
@@ -53,6 +54,7 @@ class Claimer:
         self._free_slots = free_slots
         self._owned = owned
         self._on_job = on_job
+        self._on_lost = on_lost
         self.paused = False
         self._cursor = "0-0"  # XAUTOCLAIM scans count*10 entries per call: keep our place
 
@@ -116,8 +118,24 @@ class Claimer:
                 log.warning("lease maintenance failed", extra={"error": type(exc).__name__})
 
     async def refresh(self) -> None:
-        ids: list[Any] = list(self._owned())
-        if ids:
+        """Renew the leases we still hold. A job another worker took over while we were stalled
+        (GC pause, partition) is not ours any more: we let it go instead of taking it back, so a
+        call never has two live assistants."""
+        owned = set(self._owned())
+        if not owned:
+            return
+        pending: Any = await self._redis.xpending_range(
+            self._stream, WORKER_GROUP, min="-", max="+", count=len(owned) + 1000,
+            consumername=self._consumer)
+        mine = {p["message_id"] for p in pending} & owned
+        for job_id in owned - mine:
+            log.warning("lost the lease on a call to another worker; releasing it",
+                        extra={"job": job_id.decode()})
+            metrics.CLAIMS.labels("lost").inc()
+            if self._on_lost:
+                self._on_lost(job_id)
+        if mine:
+            ids: list[Any] = list(mine)
             await self._redis.xclaim(self._stream, WORKER_GROUP, self._consumer, 0, ids, justid=True)
 
     async def take_over(self) -> None:

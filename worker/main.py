@@ -68,6 +68,7 @@ class Worker:
             free_slots=lambda: settings.worker_max_calls - len(self.sessions),
             owned=lambda: [s.job_id for s in self.sessions.values()],
             on_job=self._on_job,
+            on_lost=self._on_lost,
         )
         self.draining = False
         self.failed = False
@@ -87,7 +88,8 @@ class Worker:
         self._by_in_key[in_key.encode()] = session
         metrics.CALLS_ACTIVE.set(len(self.sessions))
         metrics.CALLS_STARTED.inc()
-        task = asyncio.create_task(self._start_session(session, in_key, takeover))
+        task = asyncio.create_task(self._start_session(session, in_key, takeover),
+                                   name=f"session-{sid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -101,6 +103,15 @@ class Worker:
                 from_id = last[0][0].decode() if last else "0-0"
         await self.inbox.add(in_key, from_id)
         await session.run()
+
+    def _on_lost(self, job_id: bytes) -> None:
+        """Another worker owns this call now: stop ours without touching the call's state."""
+        for session in list(self.sessions.values()):
+            if session.job_id == job_id:
+                session.lost = True
+                for task in self._tasks:
+                    if task.get_name() == f"session-{session.sid}":
+                        task.cancel()
 
     def session_done(self, session: CallSession, completed: bool) -> None:
         sid = session.sid

@@ -84,6 +84,7 @@ class CallSession:
         self._bg: set[asyncio.Task[None]] = set()
         self._children: set[asyncio.Task[object]] = set()
         self.silent_for = 0.0  # seconds of silence fill since the last real caller frame
+        self.lost = False  # another worker took the call over: leave its state alone
         self._setup_call: object | None = None
         self.fast: FastBargeIn | None = None
         if s.fast_barge_in:
@@ -139,7 +140,8 @@ class CallSession:
                     timer.cancel()
             for task in self._bg:
                 task.cancel()
-            self.record_turns()
+            if not self.lost:
+                self.record_turns()
             await self._close_vapi(send_end=True)
             await asyncio.gather(consumer, return_exceptions=True)
             self.w.session_done(self, completed=self._completed)
