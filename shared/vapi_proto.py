@@ -25,10 +25,12 @@ TRANSFER_TOOLS = frozenset({"transferCall", "transfer_call", "transfer", "transf
 
 
 def create_call_body(
-    *, assistant_id: str, audio_format: str, sample_rate: int, call_sid: str, from_: str, to: str
+    *, assistant_id: str, audio_format: str, sample_rate: int, call_sid: str, from_: str, to: str,
+    resumed: bool = False,
 ) -> dict[str, Any]:
-    """`POST /call` body for a websocket-transport call (CreateCallDTO)."""
-    return {
+    """`POST /call` body for a websocket-transport call (CreateCallDTO). A `resumed` call (taken
+    over mid-conversation) must not greet the caller a second time."""
+    body: dict[str, Any] = {
         "assistantId": assistant_id,
         "assistantOverrides": {
             "variableValues": {"callerNumber": from_, "calledNumber": to, "twilioCallSid": call_sid},
@@ -40,7 +42,23 @@ def create_call_body(
             "audioFormat": {"format": audio_format, "container": "raw", "sampleRate": sample_rate},
         },
     }
+    if resumed:
+        body["assistantOverrides"]["firstMessageMode"] = "assistant-waits-for-user"
+    return body
 
+
+def conversation_so_far(turns: list[tuple[str, str]], limit: int = 6000) -> str | None:
+    """An `add-message` that hands a resumed session the conversation before the takeover,
+    without triggering a response (the caller speaks next)."""
+    if not turns:
+        return None
+    lines = [f"{'Caller' if role == 'user' else 'Assistant'}: {text}" for role, text in turns]
+    history = "\n".join(lines)[-limit:]
+    content = ("This phone call moved to a new session in the middle of the conversation. "
+               "Do not greet the caller again; continue from here. The conversation so far:\n"
+               + history)
+    return orjson.dumps({"type": "add-message", "message": {"role": "system", "content": content},
+                         "triggerResponseEnabled": False}).decode()
 
 END_CALL = orjson.dumps({"type": "end-call"}).decode()
 

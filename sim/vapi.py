@@ -1502,7 +1502,11 @@ class VapiSim:
         call_id = str(uuid.uuid4())
         script = self.assistants.get(str(body.get("assistantId")), self.assistant)
         fmt, rate = _audio_format(body)
-        session = VapiSession(self, call_id, body, dataclasses.replace(script), fmt, rate)
+        script = dataclasses.replace(script)
+        overrides = body.get("assistantOverrides")
+        if isinstance(overrides, dict) and overrides.get("firstMessageMode") == "assistant-waits-for-user":
+            script.greeting_s = None  # as Vapi documents: no first message, wait for the caller
+        session = VapiSession(self, call_id, body, script, fmt, rate)
         self.sessions[call_id] = session
         if self.connect_timeout is not None:
             session._call_later(self.connect_timeout, session._never_connected)

@@ -126,6 +126,8 @@ async def test_worker_sigterm_releases_its_calls_to_another_worker(
     call = await twilio.place_call()
     first = await vapi.wait_session(10)
     await wait_heard(call, 1)
+    call.say_pcm(caller_utterance(0))
+    await wait_heard(call, 2)
 
     wk2 = worker_proc(env).start()
     procs.append(wk2)
@@ -136,14 +138,18 @@ async def test_worker_sigterm_releases_its_calls_to_another_worker(
     assert first.received_control("end-call"), "the released Vapi session was ended, not leaked"
 
     second = await vapi.wait_session(10)  # worker 2 took the call over with a new session
-    await wait_heard(call, 2)  # ...whose greeting the caller hears
+    # ...which does not greet again and is told what was said before.
+    assert second.body["assistantOverrides"]["firstMessageMode"] == "assistant-waits-for-user"
+    history = await second.wait_control("add-message", 5)
+    assert history["triggerResponseEnabled"] is False
+    assert "utterance" in history["message"]["content"]  # the caller's transcribed turn
     call.say_pcm(caller_utterance(1))
     await wait_heard(call, 3)
     await call.hangup()
     assert await call.wait_ended(5) == "caller-hangup"
     await second.wait_closed(3)
     assert vapi.open_sessions() == 0
-    assert [label for label, _ in labels_heard(call)] == ["greeting", "greeting", "answer:0"]
+    assert [label for label, _ in labels_heard(call)] == ["greeting", "answer:0", "answer:0"]
     record = await redis.hgetall(Keys(prefix).call(call.call_sid))
     assert record[b"end_reason"] == b"caller-hangup"
 
@@ -173,7 +179,9 @@ async def test_a_killed_worker_s_call_is_taken_over_after_the_lease(
     await first.wait_closed(5)  # the OS closed its socket; Vapi ends that session
     second = await vapi.wait_session(10)
     assert time.monotonic() - killed_at < 8, "taken over within the lease and a few rounds"
-    await wait_heard(call, 2)
+    await second.wait_connected(5)
+    call.say_pcm(caller_utterance(0))
+    await wait_heard(call, 2)  # the new session answers the caller
     await call.hangup()
     await second.wait_closed(3)
     assert vapi.open_sessions() == 0
@@ -213,7 +221,6 @@ async def test_a_stalled_worker_lets_go_of_a_call_taken_over_meanwhile(
     assert first.received_control("end-call")
     await second.wait_connected(5)
     assert second.is_open and vapi.open_sessions() == 1
-    await wait_heard(call, 2)
     call.say_pcm(caller_utterance(0))
     await until(lambda: second.caller_turns != [], 10, "worker 2 carries the call")
     await call.hangup()

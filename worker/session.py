@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -214,6 +215,7 @@ class CallSession:
             call_sid=self.sid,
             from_=job.get(b"from", b"").decode(),
             to=job.get(b"to", b"").decode(),
+            resumed=self.takeover,
         )
         call = await self.w.vapi.create_call(body)
         self._setup_call = call
@@ -226,7 +228,26 @@ class CallSession:
                 await asyncio.wait_for(ws.send(V.END_CALL), 0.5)
                 await ws.close()
             raise
+        if self.takeover:
+            await self._hand_over_history(ws)
         return ws
+
+    async def _hand_over_history(self, ws: ClientConnection) -> None:
+        """Give the new assistant session what was said before the takeover (from `events`)."""
+        try:
+            entries: Any = await self.w.redis.xrange(self.keys.events(self.sid))
+        except (RedisError, OSError):
+            return
+        turns: list[tuple[str, str]] = []
+        for _id, f in entries:
+            if f.get(b"k") == b"transcript":
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                    data = orjson.loads(f.get(b"v", b"{}"))
+                    turns.append((str(data.get("role", "")), str(data.get("text", ""))))
+        if message := V.conversation_so_far(turns):
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(message)
+            self.event("history-handed-over", turns=len(turns))
 
     # Caller -> assistant ---------------------------------------------------------------------
 
