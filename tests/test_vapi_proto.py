@@ -67,3 +67,16 @@ def test_garbage_raises_value_error() -> None:
         except ValueError:
             continue
         raise AssertionError(text)
+
+
+def test_resumed_call_body_and_history_message() -> None:
+    body = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000,
+                              call_sid="CA1", from_="+1", to="+2", resumed=True)
+    assert body["assistantOverrides"]["firstMessageMode"] == "assistant-waits-for-user"
+    assert V.conversation_so_far([]) is None
+    msg = orjson.loads(V.conversation_so_far([("user", "I need a refund"), ("assistant", "Sure.")]) or "")
+    assert msg["type"] == "add-message" and msg["triggerResponseEnabled"] is False
+    assert msg["message"]["role"] == "system"
+    assert msg["message"]["content"].endswith("Caller: I need a refund\nAssistant: Sure.")
+    long = V.conversation_so_far([("user", "x" * 10_000)], limit=100)
+    assert long is not None and len(orjson.loads(long)["message"]["content"]) < 400
