@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 
 from callbridge.redis_server import free_port
 from shared.streams import Keys
-from sim.twilio import TwilioSim
-from sim.vapi import VapiSim, greeter
+from sim.twilio import SimCall, TwilioSim
+from sim.vapi import VapiSession, VapiSim, greeter
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, VAPI_KEY, Proc, base_env, gateway_proc, worker_proc
 from tests.test_e2e import caller_utterance, labels_heard, until, wait_heard
 
@@ -45,6 +45,30 @@ async def _wait_exit(proc: Proc, timeout: float) -> int:
         assert time.monotonic() < deadline, f"{proc.name} did not exit:\n{proc.logs()[-3000:]}"
         await asyncio.sleep(0.05)
     return proc.proc.returncode
+
+
+async def _call_on_one_worker(
+    env: dict[str, str], procs: list[Proc], twilio: TwilioSim, vapi: VapiSim
+) -> tuple[Proc, SimCall, VapiSession]:
+    """A gateway and one worker, and a call on them whose greeting the caller has heard."""
+    port = free_port()
+    gw = gateway_proc(env, port).start()
+    wk = worker_proc(env).start()
+    procs += [gw, wk]
+    await gw.wait_ready()
+    await wk.wait_ready()
+    twilio.gateway_url = f"http://127.0.0.1:{port}"
+    call = await twilio.place_call()
+    session = await vapi.wait_session(10)
+    await wait_heard(call, 1)
+    return wk, call, session
+
+
+async def _start_worker(env: dict[str, str], procs: list[Proc]) -> Proc:
+    wk = worker_proc(env).start()
+    procs.append(wk)
+    await wk.wait_ready()
+    return wk
 
 
 async def test_gateway_sigterm_hands_the_call_to_another_gateway(
@@ -116,22 +140,11 @@ async def test_worker_sigterm_releases_its_calls_to_another_worker(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, WORKER_DRAIN_TIMEOUT_S=0.5, CLAIM_LEASE_S=1.5)
-    port = free_port()
-    gw = gateway_proc(env, port).start()
-    wk1 = worker_proc(env).start()
-    procs += [gw, wk1]
-    await gw.wait_ready()
-    await wk1.wait_ready()
-    twilio.gateway_url = f"http://127.0.0.1:{port}"
-    call = await twilio.place_call()
-    first = await vapi.wait_session(10)
-    await wait_heard(call, 1)
+    wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
     call.say_pcm(caller_utterance(0))
     await wait_heard(call, 2)
 
-    wk2 = worker_proc(env).start()
-    procs.append(wk2)
-    await wk2.wait_ready()
+    await _start_worker(env, procs)
     wk1.signal(signal.SIGTERM)
     assert await _wait_exit(wk1, 10) == 0
     await first.wait_closed(2)
@@ -160,19 +173,8 @@ async def test_a_killed_worker_s_call_is_taken_over_after_the_lease(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, CLAIM_LEASE_S=1.5)
-    port = free_port()
-    gw = gateway_proc(env, port).start()
-    wk1 = worker_proc(env).start()
-    procs += [gw, wk1]
-    await gw.wait_ready()
-    await wk1.wait_ready()
-    twilio.gateway_url = f"http://127.0.0.1:{port}"
-    call = await twilio.place_call()
-    first = await vapi.wait_session(10)
-    await wait_heard(call, 1)
-    wk2 = worker_proc(env).start()
-    procs.append(wk2)
-    await wk2.wait_ready()
+    wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
+    await _start_worker(env, procs)
 
     wk1.signal(signal.SIGKILL)  # no drain, no goodbye: the lease must expire
     killed_at = time.monotonic()
@@ -197,19 +199,8 @@ async def test_a_stalled_worker_lets_go_of_a_call_taken_over_meanwhile(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, CLAIM_LEASE_S=1.5)
-    port = free_port()
-    gw = gateway_proc(env, port).start()
-    wk1 = worker_proc(env).start()
-    procs += [gw, wk1]
-    await gw.wait_ready()
-    await wk1.wait_ready()
-    twilio.gateway_url = f"http://127.0.0.1:{port}"
-    call = await twilio.place_call()
-    first = await vapi.wait_session(10)
-    await wait_heard(call, 1)
-    wk2 = worker_proc(env).start()
-    procs.append(wk2)
-    await wk2.wait_ready()
+    wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
+    await _start_worker(env, procs)
 
     wk1.signal(signal.SIGSTOP)  # a long GC pause, a partition: the lease runs out
     try:
