@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     gateway_drain_timeout_s: float = Field(default=10.0, alias="GATEWAY_DRAIN_TIMEOUT_S")
     worker_drain_timeout_s: float = Field(default=30.0, alias="WORKER_DRAIN_TIMEOUT_S")
     reattach_timeout_s: float = Field(default=10.0, alias="REATTACH_TIMEOUT_S")
+    interrupt_confirm_ms: int = Field(default=600, alias="INTERRUPT_CONFIRM_MS")
     fast_barge_in: bool = Field(default=False, alias="FAST_BARGE_IN")
     fast_barge_in_confirm_ms: int = Field(default=600, alias="FAST_BARGE_IN_CONFIRM_MS")
     fast_barge_in_aggressiveness: int = Field(default=2, ge=0, le=3, alias="FAST_BARGE_IN_AGGRESSIVENESS")

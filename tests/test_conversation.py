@@ -278,3 +278,29 @@ async def test_transfer_to_a_target_not_allowed_is_refused(redis_url: str, prefi
         refused = await events(redis, stack.keys, call.call_sid, b"transfer-refused")
         assert refused and refused[0]["target"] == "+19005550199"
         await call.hangup()
+
+
+async def test_talking_over_a_message_vapi_does_not_interrupt_only_pauses_it(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis
+) -> None:
+    # The stand-in's greeting is not interruptible (Vapi's default for first messages): it
+    # reports the caller's speech but never `user-interrupted`.
+    async for stack in make_stack(redis_url, prefix, procs, redis,
+                                  assistant=greeter(answers=1, greeting_s=4.0)):
+        call = await stack.call()
+        await until(lambda c=call: bool(c.heard_segments()) and c.now() > 1.0, 10, "greeting")
+        call.say_pcm(caller_utterance(0, seconds=0.5))
+        await until(lambda c=call: len(c.heard_segments(min_silence_s=0.015)) >= 2, 10, "a pause")
+        # The stand-in queued its answer right behind the greeting, so they play as one run.
+        await until(lambda c=call: c.heard_segments(min_silence_s=0.015)[-1][1] -
+                    c.heard_segments(min_silence_s=0.015)[-1][0] > 3.95 and
+                    c.now() - c.heard_segments(min_silence_s=0.015)[-1][1] > 0.3, 15, "the answer")
+        kinds = [f[b"k"] for _i, f in await redis.xrange(stack.keys.events(call.call_sid))]
+        assert b"hold" in kinds and b"hold-released" in kinds and b"barge-in" not in kinds
+        (a0, a1), (b0, b1) = call.heard_segments(min_silence_s=0.015)
+        # Held, not lost: the whole 4 s greeting and the 1.2 s answer reach the caller.
+        assert abs((a1 - a0) + (b1 - b0) - 5.2) < 0.06
+        pcm = call.heard_pcm16()
+        assert voices.identify(pcm[int(a0 * 8000) * 2:int(a1 * 8000) * 2], 8000) == "greeting"
+        assert voices.identify(pcm[int((b1 - 1.1) * 8000) * 2:int(b1 * 8000) * 2], 8000) == "answer:0"
+        await call.hangup()

@@ -86,6 +86,7 @@ class CallSession:
         self._children: set[asyncio.Task[object]] = set()
         self.silent_for = 0.0  # seconds of silence fill since the last real caller frame
         self.lost = False  # another worker took the call over: leave its state alone
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._setup_call: object | None = None
         self.fast: FastBargeIn | None = None
         if s.fast_barge_in:
@@ -136,7 +137,7 @@ class CallSession:
             await asyncio.gather(*self._children, return_exceptions=True)
             if self._setup_call is not None and self._ws is None and not self._completed:
                 metrics.VAPI_ERRORS.labels("abandoned").inc()
-            for timer in (self._reattach_timer, self._keypad_timer):
+            for timer in (self._reattach_timer, self._keypad_timer, self._hold_timer):
                 if timer:
                     timer.cancel()
             for task in self._bg:
@@ -406,13 +407,13 @@ class CallSession:
         except ValueError:
             metrics.DROPPED.labels("vapi_bad_json").inc()
             return
-        if isinstance(msg, (V.UserInterrupted, V.SpeechUpdate)):
-            if isinstance(msg, V.SpeechUpdate):
-                if msg.role == "assistant" and msg.status == "started":
-                    self._stale_until = 0.0  # the next turn: its audio plays
-                if not (msg.role == "user" and msg.status == "started"):
-                    return
-            self.barge_in(type(msg).__name__)
+        if isinstance(msg, V.UserInterrupted):
+            self.barge_in("user-interrupted")
+        elif isinstance(msg, V.SpeechUpdate):
+            if msg.role == "assistant" and msg.status == "started":
+                self._stale_until = 0.0  # the next turn: its audio plays
+            elif msg.role == "user" and msg.status == "started":
+                self._hold_for_confirmation()
         elif isinstance(msg, V.StatusUpdate):
             if msg.status == "ended":
                 self.event("vapi-ended", ended_reason=msg.ended_reason or "")
@@ -451,11 +452,36 @@ class CallSession:
             metrics.FAST_BARGE_INS.labels("resume").inc()
             self.event("fast-resume", turn=self.playout.turn)
 
+    def _hold_for_confirmation(self) -> None:
+        """Vapi heard the caller start talking over the assistant. Whether that interrupts is
+        Vapi's call (its stopSpeakingPlan; a backchannel does not), so stop the audio at once but
+        only hold it: `user-interrupted` drops it, silence from Vapi plays it on."""
+        now = time.monotonic()
+        if not self.playout.active(now) or self.playout.paused:
+            return
+        self.playout.pause(now)
+        self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+        self.event("hold", turn=self.playout.turn)
+        if self._hold_timer:
+            self._hold_timer.cancel()
+        self._hold_timer = asyncio.get_running_loop().call_later(
+            self.w.settings.interrupt_confirm_ms / 1000, self._release_hold)
+
+    def _release_hold(self) -> None:
+        self._hold_timer = None
+        if self.playout.paused and not (self.fast is not None and self.fast.holding):
+            self.playout.resume(time.monotonic())
+            self.w.wake_ticker(self)
+            self.event("hold-released", turn=self.playout.turn)
+
     def barge_in(self, source: str) -> None:
         """The caller talks over the assistant: drop what is unsent and flush Twilio's buffer."""
         now = time.monotonic()
         if self.fast is not None:
             self.fast.confirmed()
+        if self._hold_timer:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         if not self.playout.active(now) and not self.playout.paused:
             return
         turn = self.playout.turn
