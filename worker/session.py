@@ -485,10 +485,12 @@ class CallSession:
         if not self.playout.active(now) and not self.playout.paused:
             return
         turn = self.playout.turn
+        already_cleared = self.playout.paused  # a hold sent `clear` and nothing since
         dropped_ms = self.playout.interrupt(now)
         self._stale_until = now + 2.0
         self.downlink.reset()
-        self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+        if not already_cleared:
+            self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
         metrics.BARGE_INS.inc()
         rec = self.playout.turns.get(turn)
         self.event("barge-in", source=source, turn=turn, dropped_ms=dropped_ms,
