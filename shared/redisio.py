@@ -194,9 +194,6 @@ class MultiReader:
         self._task: asyncio.Task[None] | None = None
         self._token = uuid.uuid4().hex.encode()
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="redis-multi-reader")
@@ -218,9 +215,6 @@ class MultiReader:
 
     def remove(self, key: str) -> None:
         self._ids.pop(key.encode(), None)
-
-    def following(self, key: str) -> bool:
-        return key.encode() in self._ids
 
     async def _poke(self) -> None:
         if self._task is None:

@@ -61,15 +61,6 @@ class Keys:
     def all_call_keys(self, sid: str) -> tuple[str, str, str, str]:
         return (self.call(sid), self.inbound(sid), self.outbound(sid), self.events(sid))
 
-    def sid_from_stream(self, key: bytes | str) -> str:
-        """`cb:call:CA…:in` -> `CA…` (XREAD names streams as bytes)."""
-        s = key.decode() if isinstance(key, bytes) else key
-        return s[len(self.prefix) + 5 : s.rindex(":")]
-
-
-def now_ns() -> int:
-    return time.time_ns()
-
 
 def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = None,
           stream: str | None = None) -> dict[bytes, bytes]:
