@@ -59,6 +59,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from callbridge.redis_server import RedisServer, free_port, start_redis
+from callbridge.stack_env import stand_in_env
 
 RAMP_PER_S = 25.0
 CONNECT_TIMEOUT_S = 30.0  # after the last call was placed
@@ -166,20 +167,9 @@ class _Proc:
 
 
 def _child_env(redis_url: str, prefix: str, **extra: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_"))}
-    env.update({
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "VAPI_API_KEY": VAPI_KEY,
-        "VAPI_ASSISTANT_ID": ASSISTANT_ID,
-        "LOG_LEVEL": "WARNING",
-        "LOG_FORMAT": "text",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return stand_in_env(redis_url, prefix, account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN,
+                        vapi_key=VAPI_KEY, assistant_id=ASSISTANT_ID, log_level="WARNING",
+                        log_format="text", **extra)
 
 
 async def _wait_ready(procs: list[_Proc], timeout: float) -> str | None:

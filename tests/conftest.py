@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from twilio.request_validator import RequestValidator
 
 from callbridge.redis_server import free_port, start_redis
+from callbridge.stack_env import stand_in_env
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "test-auth-token-" + "x" * 16
@@ -86,20 +87,8 @@ def call_sid() -> str:
 
 
 def base_env(redis_url: str, prefix: str, **extra: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_"))}
-    env.update({
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "VAPI_API_KEY": VAPI_KEY,
-        "VAPI_ASSISTANT_ID": ASSISTANT_ID,
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return stand_in_env(redis_url, prefix, account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN,
+                        vapi_key=VAPI_KEY, assistant_id=ASSISTANT_ID, **extra)
 
 
 @dataclass

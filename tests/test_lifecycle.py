@@ -49,7 +49,7 @@ async def _wait_exit(proc: Proc, timeout: float) -> int:
 
 async def _call_on_one_worker(
     env: dict[str, str], procs: list[Proc], twilio: TwilioSim, vapi: VapiSim
-) -> tuple[Proc, SimCall, VapiSession]:
+) -> tuple[Proc, Proc, SimCall, VapiSession]:
     """A gateway and one worker, and a call on them whose greeting the caller has heard."""
     port = free_port()
     gw = gateway_proc(env, port).start()
@@ -61,7 +61,7 @@ async def _call_on_one_worker(
     call = await twilio.place_call()
     session = await vapi.wait_session(10)
     await wait_heard(call, 1)
-    return wk, call, session
+    return gw, wk, call, session
 
 
 async def _start_worker(env: dict[str, str], procs: list[Proc]) -> Proc:
@@ -109,15 +109,8 @@ async def test_gateway_draining_refuses_new_streams_and_reports_not_ready(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, GATEWAY_DRAIN_TIMEOUT_S=3)
-    port = free_port()
-    gw = gateway_proc(env, port).start()
-    wk = worker_proc(env).start()
-    procs += [gw, wk]
-    await gw.wait_ready()
-    await wk.wait_ready()
-    twilio.gateway_url = f"http://127.0.0.1:{port}"
-    call = await twilio.place_call()
-    await wait_heard(call, 1)
+    gw, _wk, _call, _session = await _call_on_one_worker(env, procs, twilio, vapi)
+    port = gw.args[gw.args.index("--port") + 1]
     gw.signal(signal.SIGTERM)
     # While it drains (its one stream is closed, Twilio's re-attach comes back to the same,
     # draining gateway), /readyz says 503 and the new stream is refused.
@@ -140,7 +133,7 @@ async def test_worker_sigterm_releases_its_calls_to_another_worker(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, WORKER_DRAIN_TIMEOUT_S=0.5, CLAIM_LEASE_S=1.5)
-    wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
+    _gw, wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
     call.say_pcm(caller_utterance(0))
     await wait_heard(call, 2)
 
@@ -173,7 +166,7 @@ async def test_a_killed_worker_s_call_is_taken_over_after_the_lease(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, CLAIM_LEASE_S=1.5)
-    wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
+    _gw, wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
     await _start_worker(env, procs)
 
     wk1.signal(signal.SIGKILL)  # no drain, no goodbye: the lease must expire
@@ -199,7 +192,7 @@ async def test_a_stalled_worker_lets_go_of_a_call_taken_over_meanwhile(
 ) -> None:
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, CLAIM_LEASE_S=1.5)
-    wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
+    _gw, wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
     await _start_worker(env, procs)
 
     wk1.signal(signal.SIGSTOP)  # a long GC pause, a partition: the lease runs out
