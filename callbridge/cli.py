@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from shared.logs import setup_logging
@@ -19,47 +19,14 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def quiet_server(config: Any) -> Any:
-    """A uvicorn server that leaves signals to us: SIGTERM means drain, not stop listening."""
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-        def install_signal_handlers(self) -> None:  # uvicorn < 0.29
-            pass
-
-    return _Server(config)
-
-
-def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> Any:
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        ws="websockets-sansio",
-        ws_max_size=settings.ws_max_size,
-        ws_ping_interval=settings.twilio_ping_interval_s,
-        ws_ping_timeout=settings.twilio_ping_timeout_s,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        lifespan="on",
-    )
-
-
 def cmd_gateway(args: argparse.Namespace) -> None:
-
-    from gateway.app import create_app, drain
+    from gateway.app import create_app, drain, server_config
+    from shared.serving import quiet_server
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format, role="gateway")
     app = create_app(settings)
-    server = quiet_server(uvicorn_config(app, settings, args.host, args.port))
+    server = quiet_server(server_config(app, settings, args.host, args.port))
 
     async def main(stop: asyncio.Event) -> None:
         serving = asyncio.create_task(server.serve())
@@ -115,49 +82,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-async def run_dev(settings: Settings, host: str, port: int, stop: asyncio.Event,
-                  ready: asyncio.Event | None = None) -> None:
-    """Gateway and worker in one event loop: the one-machine, no-Docker way to run it."""
-
-    from gateway.app import create_app
-    from worker.main import Worker
-
-    app = create_app(settings)
-    server = quiet_server(uvicorn_config(app, settings, host, port))
-    worker = Worker(settings)
-    gw_task = asyncio.create_task(server.serve())
-    wk_task = asyncio.create_task(worker.run(stop, serve_http=False))
-    while not server.started:
-        if gw_task.done():
-            gw_task.result()
-            return
-        await asyncio.sleep(0.02)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    await wk_task
-    server.should_exit = True
-    await gw_task
-
-
-def _embedded_redis(settings: Settings) -> Any:
-    """Start a private Redis when REDIS_URL is unset, so `dev` runs with nothing but pip."""
-    if settings.redis_url:
-        return None
-    from callbridge.redis_server import start_redis
-
-    server = start_redis()
-    settings.redis_url = server.url
-    print(f"callbridge: REDIS_URL unset, started an embedded redis at {server.url}", file=sys.stderr)
-    return server
-
-
 def cmd_dev(args: argparse.Namespace) -> None:
+    from callbridge.dev import embedded_redis, run_dev
+
     settings = _settings()
     if not settings.public_url:
         settings.public_url = f"http://{args.host}:{args.port}"
     setup_logging(settings.log_level, settings.log_format, role="dev")
-    redis_server = _embedded_redis(settings)
+    redis_server = embedded_redis(settings)
     try:
         _run_until_signal(lambda stop: run_dev(settings, args.host, args.port, stop))
     finally:

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 
+from callbridge.dev import embedded_redis
 from callbridge.redis_server import free_port
 from shared.logs import setup_logging
 from shared.settings import Settings
@@ -33,7 +34,7 @@ async def _until(pred: object, timeout: float) -> bool:
 
 
 async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
-    from callbridge.cli import run_dev
+    from callbridge.dev import run_dev
     from sim import voices
     from sim.twilio import TwilioSim
     from sim.vapi import VapiSim, greeter
@@ -124,12 +125,7 @@ def run_demo(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format, role="demo")
     port = free_port()
     settings.public_url = f"http://127.0.0.1:{port}"
-    redis_server = None
-    if not settings.redis_url:
-        from callbridge.redis_server import start_redis
-
-        redis_server = start_redis()
-        settings.redis_url = redis_server.url
+    redis_server = embedded_redis(settings)
     try:
         return asyncio.run(_demo(args, settings, port))
     except KeyboardInterrupt:

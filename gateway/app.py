@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from gateway import media, webhooks
@@ -114,3 +115,21 @@ def app_from_env() -> FastAPI:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format, role="gateway")
     return create_app(settings)
+
+
+def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """How the gateway's uvicorn runs: the sans-I/O websockets implementation with keepalive
+    pings on the Twilio socket, a frame size bound, and no access log on the media path."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_size,
+        ws_ping_interval=settings.twilio_ping_interval_s,
+        ws_ping_timeout=settings.twilio_ping_timeout_s,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+    )

@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from callbridge.cli import quiet_server, uvicorn_config
 from callbridge.redis_server import free_port
-from gateway.app import create_app
+from gateway.app import create_app, server_config
+from shared.serving import quiet_server
 from shared.settings import Settings
 from shared.streams import Keys
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, call_sid, sign
@@ -36,7 +36,7 @@ class Gw:
 
 
 async def _serve(settings: Settings, port: int) -> AsyncIterator[None]:
-    server = quiet_server(uvicorn_config(create_app(settings), settings, "127.0.0.1", port))
+    server = quiet_server(server_config(create_app(settings), settings, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), "gateway failed to start"

@@ -22,6 +22,7 @@ from shared import metrics
 from shared import streams as S
 from shared.health import readiness
 from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
+from shared.serving import quiet_server
 from shared.settings import Settings
 from shared.streams import WORKER_GROUP, Keys
 from worker.claims import Claimer
@@ -236,8 +237,6 @@ class Worker:
             config = uvicorn.Config(self.http_app(), host=self.settings.worker_http_host,
                                     port=self.settings.worker_http_port, log_level="warning",
                                     lifespan="off", access_log=False)
-            from callbridge.cli import quiet_server
-
             server = quiet_server(config)
             background.append(asyncio.create_task(server.serve(), name="worker-http"))
         log.info("worker ready", extra={"worker_id": self.worker_id,
