@@ -220,6 +220,8 @@ def test_mulaw_mode_is_passthrough() -> None:
         assert down.convert(data) == data
     up.reset()
     down.reset()
+    assert up.convert(b"\x7f" * 160) == b"\x7f" * 160, "still a passthrough after a barge-in reset"
+    assert down.convert(b"\xff" * 3) == b"\xff" * 3
 
 
 @pytest.mark.parametrize("cls", [Uplink, Downlink])

@@ -17,7 +17,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from callbridge.redis_server import free_port
-from gateway.app import create_app, server_config
+from gateway.app import create_app, drain, server_config
+from gateway.state import GatewayState
 from shared.serving import quiet_server
 from shared.settings import Settings
 from shared.streams import Keys
@@ -29,20 +30,22 @@ class Gw:
     base: str
     settings: Settings
     keys: Keys
+    state: GatewayState
 
     @property
     def ws_url(self) -> str:
         return self.base.replace("http", "ws", 1) + "/twilio/media"
 
 
-async def _serve(settings: Settings, port: int) -> AsyncIterator[None]:
-    server = quiet_server(server_config(create_app(settings), settings, "127.0.0.1", port))
+async def _serve(settings: Settings, port: int) -> AsyncIterator[GatewayState]:
+    app = create_app(settings)
+    server = quiet_server(server_config(app, settings, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), "gateway failed to start"
         await asyncio.sleep(0.01)
     try:
-        yield
+        yield app.state.gw
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
@@ -55,8 +58,8 @@ async def gw(redis_url: str, prefix: str) -> AsyncIterator[Gw]:
     settings = Settings(  # type: ignore[call-arg]
         REDIS_URL=redis_url, REDIS_PREFIX=prefix, PUBLIC_URL=base, TWILIO_ACCOUNT_SID=ACCOUNT_SID,
         TWILIO_AUTH_TOKEN=AUTH_TOKEN, START_TIMEOUT_S=0.5, MAX_MESSAGE_BYTES=4096, LOG_FORMAT="text")
-    async for _ in _serve(settings, port):
-        yield Gw(base, settings, Keys(prefix))
+    async for state in _serve(settings, port):
+        yield Gw(base, settings, Keys(prefix), state)
 
 
 def _form(sid: str) -> dict[str, str]:
@@ -324,13 +327,40 @@ async def test_health_and_readiness(gw: Gw) -> None:
         assert "callbridge_gateway_media_sockets" in metrics.text
 
 
+async def test_draining_gateway_is_not_ready_refuses_new_streams_and_hands_back_live_ones(
+    gw: Gw, redis: aioredis.Redis
+) -> None:
+    live_sid = call_sid()
+    live = await _open(gw)
+    await live.send(_start_msg(live_sid, await _answer(gw, live_sid)))
+    deadline = asyncio.get_running_loop().time() + 5
+    while not gw.state.sockets:  # attached once the start is authorized
+        assert asyncio.get_running_loop().time() < deadline, "the stream never attached"
+        await asyncio.sleep(0.01)
+    refused_before = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="draining")
+    draining = asyncio.create_task(drain(gw.state))
+    await asyncio.sleep(0)  # drain has begun: the flag is set before its first await
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(gw.base + "/readyz")).status_code == 503
+        assert (await client.get(gw.base + "/healthz")).status_code == 200, "alive while draining"
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        await _open(gw)  # a new stream (e.g. Twilio re-attaching here) is refused at the handshake
+    await asyncio.wait_for(draining, 10)
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await asyncio.wait_for(live.recv(), 5)
+    assert live.close_code == 1001, "the live stream is handed back to Twilio (going away)"
+    refused = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="draining")
+    assert refused == refused_before + 1
+    assert not gw.state.sockets
+
+
 async def test_readyz_is_503_when_redis_is_down(prefix: str) -> None:
     port = free_port()
     dead = f"redis://127.0.0.1:{free_port()}/0"
     settings = Settings(  # type: ignore[call-arg]
         REDIS_URL=dead, REDIS_PREFIX=prefix, PUBLIC_URL=f"http://127.0.0.1:{port}",
         TWILIO_AUTH_TOKEN=AUTH_TOKEN, LOG_FORMAT="text")
-    async for _ in _serve(settings, port):
+    async for _state in _serve(settings, port):
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
             ready = await client.get(f"http://127.0.0.1:{port}/readyz")

@@ -104,27 +104,20 @@ async def test_gateway_sigterm_hands_the_call_to_another_gateway(
     assert events.count(b"stream-start") == 2 and b"stream-lost" in events
 
 
-async def test_gateway_draining_refuses_new_streams_and_reports_not_ready(
+async def test_gateway_sigterm_with_nowhere_to_go_exits_cleanly(
     redis_url: str, prefix: str, procs: list[Proc], sims: tuple[TwilioSim, VapiSim],
 ) -> None:
+    """The only gateway drains: its stream is handed back, Twilio's re-attach comes back to the
+    same draining gateway and is refused, and the process exits 0 within the drain timeout.
+    (Readiness and refusal during the drain are checked in-process in test_gateway.py, where the
+    drain can be observed without racing the process's exit.)"""
     twilio, vapi = sims
     env = _env(redis_url, prefix, twilio, vapi, GATEWAY_DRAIN_TIMEOUT_S=3)
-    gw, _wk, _call, _session = await _call_on_one_worker(env, procs, twilio, vapi)
-    port = gw.args[gw.args.index("--port") + 1]
+    gw, _wk, call, _session = await _call_on_one_worker(env, procs, twilio, vapi)
     gw.signal(signal.SIGTERM)
-    # While it drains (its one stream is closed, Twilio's re-attach comes back to the same,
-    # draining gateway), /readyz says 503 and the new stream is refused.
-    async with httpx.AsyncClient() as client:
-        saw_503 = False
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not saw_503:
-            try:
-                saw_503 = (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 503
-            except httpx.HTTPError:
-                break
-            await asyncio.sleep(0.02)
-    assert saw_503
     assert await _wait_exit(gw, 10) == 0
+    closes = [d for _t, kind, d in call.events if kind == "stream-closed"]
+    assert closes and closes[0]["by"] == "server" and closes[0]["code"] == 1001, closes
 
 
 async def test_worker_sigterm_releases_its_calls_to_another_worker(

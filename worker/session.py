@@ -13,9 +13,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -25,14 +26,32 @@ from shared import streams as S
 from shared import vapi_proto as V
 from shared.audio import SILENCE_FRAME, Downlink, Uplink
 from shared.logs import call_sid_var
-from shared.redisio import Entries
+from shared.redisio import BatchWriter, Entries
+from shared.settings import Settings
+from shared.streams import Keys
 from worker.playback import Playout
 from worker.turns import KeypadGather, SpeechEnd
+from worker.twilio_rest import TwilioRest
 from worker.vad import Action, FastBargeIn, VoiceDetector
-from worker.vapi_client import VapiError
+from worker.vapi_client import VapiClient, VapiError
 
-if TYPE_CHECKING:
-    from worker.main import Worker
+
+class SessionHost(Protocol):
+    """What a call session needs from the process that runs it (worker/main.py's Worker).
+
+    Named here so a session depends on this small surface, not on the worker module."""
+
+    settings: Settings
+    keys: Keys
+    worker_id: str
+    redis: aioredis.Redis
+    writer: BatchWriter
+    vapi: VapiClient
+    twilio: TwilioRest
+
+    def session_done(self, session: CallSession, completed: bool) -> None: ...
+    def wake_ticker(self, session: CallSession) -> None: ...
+    def emit_due(self, session: CallSession, now: float) -> None: ...
 
 log = logging.getLogger("callbridge.worker.session")
 
@@ -49,7 +68,7 @@ class Ending:
 
 
 class CallSession:
-    def __init__(self, worker: Worker, sid: str, job_id: bytes, job: dict[bytes, bytes],
+    def __init__(self, worker: SessionHost, sid: str, job_id: bytes, job: dict[bytes, bytes],
                  takeover: bool) -> None:
         s = worker.settings
         self.w = worker
