@@ -168,6 +168,29 @@ def procs(request: pytest.FixtureRequest) -> Iterator[list[Proc]]:
             print(f"----- {p.name} log -----\n{p.logs()[-6000:]}")
 
 
+# Every test module belongs to one tier, so a developer can run the fast one alone
+# (`pytest -m unit`, about a minute). unit: in-process, real Redis and loopback sockets;
+# e2e: real `callbridge` processes, signals and the stand-ins; ops: the deployment files and
+# the tools that check them (compose schema, promtool, a real Prometheus).
+TIERS = {
+    "unit": {"test_audio", "test_gateway", "test_playback", "test_readme", "test_security",
+             "test_sim_twilio", "test_sim_vapi", "test_standalone", "test_twilio_proto", "test_vad",
+             "test_vapi_proto"},
+    "e2e": {"test_bench", "test_cli", "test_conversation", "test_demo", "test_e2e", "test_lifecycle",
+            "test_multiprocess", "test_redis_outage"},
+    "ops": {"test_ops"},
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        tier = next((t for t, modules in TIERS.items() if module in modules), None)
+        if tier is None:
+            raise pytest.UsageError(f"{module} is in no test tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(tier)
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     outcome = yield

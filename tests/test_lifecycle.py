@@ -7,7 +7,6 @@ import signal
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from callbridge.redis_server import free_port
 from tests.conftest import ROOT, Proc, base_env
-
-pytestmark = pytest.mark.e2e
 
 FORBIDDEN = {"outcome": "forbidden", "route": "voice"}
 

@@ -23,7 +23,8 @@ def test_every_metric_is_documented() -> None:
     suffix = {"counter": "_total"}
     names = sorted({f.name + suffix.get(f.type, "") for f in REGISTRY.collect()
                     if f.name.startswith("callbridge_")})
-    assert len(names) >= len(re.findall(r'"(callbridge_[a-z_]+)"', (ROOT / "shared" / "metrics.py").read_text()))
+    declared = re.findall(r'"(callbridge_[a-z_]+)"', (ROOT / "shared" / "metrics.py").read_text())
+    assert len(names) >= len(declared) > 0
     assert [n for n in names if f"`{n}`" not in README] == []
 
 

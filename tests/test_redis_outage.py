@@ -15,8 +15,6 @@ from callbridge.redis_server import free_port, start_redis
 from tests.conftest import Proc
 from tests.test_e2e import caller_utterance, labels_heard, make_stack, until, wait_heard
 
-pytestmark = pytest.mark.e2e
-
 
 async def _ready(url: str) -> int:
     async with httpx.AsyncClient() as client:
@@ -59,12 +57,12 @@ async def test_calls_survive_a_redis_restart(prefix: str, procs: list[Proc]) -> 
             # assistant's answer to them reaches the caller.
             received = len(session.received_frames)
             call.say_pcm(caller_utterance(0))
-            await until(lambda: len(session.received_frames) >= received + 40, 10,
+            await until(lambda s=session, n=received: len(s.received_frames) >= n + 40, 10,
                         "the caller's audio to reach Vapi after the restart")
             await wait_heard(call, 2, timeout=10)
             # ...and keeps going past the gateway's no-worker deadline (2 s here): the restart
             # must not make the call look unowned.
-            await until(lambda: call.now() > restarted_at + 3, 10, "3 s after the restart")
+            await until(lambda c=call, t=restarted_at: c.now() > t + 3, 10, "3 s after the restart")
             call.say_pcm(caller_utterance(1))
             await wait_heard(call, 3, timeout=10)
             assert [label for label, _ in labels_heard(call)] == ["greeting", "answer:0", "answer:1"]
