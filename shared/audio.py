@@ -2,7 +2,7 @@
 
 Twilio speaks G.711 μ-law at 8 kHz in 20 ms frames; Vapi speaks either the same μ-law
 (passthrough) or PCM16 little-endian at 16 kHz. The 2x resamplers are a 48-tap Kaiser
-polyphase FIR (see shared/design/perf-baseline.md §1): audioop.ratecv has no anti-alias
+polyphase FIR (docs/performance.md, "Resampler"): audioop.ratecv has no anti-alias
 filter (16 kHz TTS energy above 4 kHz folds back at full level) and soxr buffers tens of
 ms, while this filter costs ~10 µs a frame with a constant 1.4 ms delay per direction.
 

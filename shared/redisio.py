@@ -1,8 +1,8 @@
 """Redis access that scales past one call per connection.
 
-Measured here (perf-baseline.md §3, §5): an awaited redis-py command costs 60-75 µs of client CPU,
-and one blocked XREAD per call both costs 2-3x more per message and runs into redis-py's
-100-connection pool limit. So each process owns exactly two data-path connections:
+Measured here (docs/performance.md, "Redis writes" and "Redis reads"): an awaited redis-py
+command costs 60-75 µs of client CPU, and one blocked XREAD per call both costs 2-3x more per
+message and runs into redis-py's 100-connection pool limit. So each process owns exactly two data-path connections:
 
 - `BatchWriter`: every XADD due in this loop iteration goes out in one pipeline, flushed as soon
   as the loop is free (no timer, so batching adds no delay). One flusher keeps per-key order.

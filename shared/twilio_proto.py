@@ -3,7 +3,8 @@
 Pure functions and dataclasses, no I/O, so every rule of the protocol is testable without a
 socket. Twilio sends JSON text frames with string counters (`sequenceNumber`, `chunk`,
 `timestamp`); we parse with orjson and build outbound `media` with a string template, which is
-~10x cheaper than a dict round trip on the hot path (perf-baseline.md §2).
+~10x cheaper than a dict round trip on the hot path (docs/performance.md, "JSON and base64").
+What we rely on from Twilio, and how sure we are of it: docs/protocols.md, "Twilio Media Streams".
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Vapi WebSocket-transport wire messages (vapi-protocol.md): the create-call body we send and
-the JSON control messages we receive, as pure functions and dataclasses."""
+"""Vapi WebSocket-transport wire messages: the create-call body we send and the JSON control
+messages we receive, as pure functions and dataclasses. What each relies on, with sources:
+docs/protocols.md, "Vapi websocket transport"."""
 
 from __future__ import annotations
 
