@@ -2,7 +2,8 @@
 
 Measured here (docs/performance.md, "Redis writes" and "Redis reads"): an awaited redis-py
 command costs 60-75 µs of client CPU, and one blocked XREAD per call both costs 2-3x more per
-message and runs into redis-py's 100-connection pool limit. So each process owns exactly two data-path connections:
+message and runs into redis-py's 100-connection pool limit. So each process owns exactly two
+data-path connections:
 
 - `BatchWriter`: every XADD due in this loop iteration goes out in one pipeline, flushed as soon
   as the loop is free (no timer, so batching adds no delay). One flusher keeps per-key order.
