@@ -1,0 +1,76 @@
+"""The JSON control messages the stand-in sends, and the ``clientMessages`` filter.
+
+``docs/protocols.md``, "Vapi websocket transport" / "Control messages" and "Transfer and keypad".
+Pure builders, so the message shapes are in one place and the session reads as behaviour; the
+session stamps ``timestamp`` when it sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+#: an ``add-message`` whose content starts with this is a keypad entry (Vapi's keypadInputPlan).
+KEYPAD_PREFIX = "User's Keypad Entry:"
+
+
+def status_update(status: str, ended_reason: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "status-update", "status": status}
+    if ended_reason is not None:
+        msg["endedReason"] = ended_reason
+    return msg
+
+
+def speech_update(status: str, role: str, turn: int) -> dict[str, Any]:
+    return {"type": "speech-update", "status": status, "role": role, "turn": turn}
+
+
+def transcript(role: str, text: str) -> dict[str, Any]:
+    return {"type": "transcript", "role": role, "transcriptType": "final", "transcript": text}
+
+
+def user_interrupted(turn_id: str) -> dict[str, Any]:
+    return {"type": "user-interrupted", "turnId": turn_id}
+
+
+def tool_calls(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A client-side ``tool-calls`` message for one function call (arguments JSON-encoded)."""
+    function = {"name": name, "arguments": orjson.dumps(arguments).decode()}
+    return {
+        "type": "tool-calls",
+        "toolCallList": [{"id": call_id, "type": "function", "function": function}],
+        "toolWithToolCallList": [
+            {
+                "type": "function",
+                "function": {"name": name},
+                "toolCall": {"id": call_id, "type": "function", "function": function},
+            }
+        ],
+    }
+
+
+def keypad_entry(msg: dict[str, Any]) -> str | None:
+    """The content of an ``add-message`` that is a keypad entry asking for a response, else None."""
+    message = msg.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    trigger = msg.get("triggerResponseEnabled", True) is not False
+    if isinstance(content, str) and content.startswith(KEYPAD_PREFIX) and trigger:
+        return content
+    return None
+
+
+def allowed(msg: dict[str, Any], client_messages: frozenset[str] | None) -> bool:
+    """May ``msg`` go out under ``clientMessages`` (None: everything may)?
+
+    Transcripts can be subscribed by type (``transcript``) or by kind
+    (``transcript[transcriptType="final"]``), as Vapi allows.
+    """
+    if client_messages is None:
+        return True
+    kind = msg["type"]
+    if kind in client_messages:
+        return True
+    if kind == "transcript":
+        return f'transcript[transcriptType="{msg.get("transcriptType")}"]' in client_messages
+    return False
