@@ -12,11 +12,11 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import uvicorn
 
+from shared.serving import QuietServer, quiet_server
 from sim.vapi.callspec import call_spec
 from sim.vapi.rest import build_app
 from sim.vapi.scripts import AssistantScript, greeter
@@ -77,7 +77,7 @@ class VapiSim:
         self._new_sessions: asyncio.Queue[VapiSession] = asyncio.Queue()
         self._active: set[VapiSession] = set()
         self._wake = asyncio.Event()
-        self._server: _Server | None = None
+        self._server: QuietServer | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._ticker_task: asyncio.Task[None] | None = None
         self._host = "127.0.0.1"
@@ -112,7 +112,7 @@ class VapiSim:
             timeout_graceful_shutdown=2,
             ws_per_message_deflate=False,
         )
-        server = _Server(config)
+        server = quiet_server(config)
         self._server = server
         self._serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="vapi-sim")
         self._ticker_task = asyncio.create_task(self._ticker(), name="vapi-sim-ticker")
@@ -234,13 +234,3 @@ class VapiSim:
                 delay = 0.0
             await asyncio.sleep(max(0.0, delay))
 
-
-class _Server(uvicorn.Server):
-    """uvicorn without signal handling (it runs inside someone else's process)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def install_signal_handlers(self) -> None:  # older uvicorn
-        return None
