@@ -16,7 +16,15 @@ from sim import voices
 from sim.twilio import SimCall
 from sim.vapi import greeter, interrupter
 from tests.conftest import Proc, call_sid, sign
-from tests.test_e2e import caller_utterance, labels_heard, make_stack, until, wait_heard
+from tests.test_e2e import (
+    audible_s,
+    caller_utterance,
+    labels_heard,
+    make_stack,
+    until,
+    utterances_heard,
+    wait_heard,
+)
 
 
 async def events(redis: aioredis.Redis, keys: Keys, sid: str, kind: bytes) -> list[dict[str, object]]:
@@ -54,8 +62,8 @@ async def _barge_in(stack_iter: object, redis: aioredis.Redis) -> None:
         samples = np.frombuffer(gap, dtype=np.int16)
         assert samples.size == 0 or int(np.abs(samples).max()) <= 64
         # The next turn plays normally, whole.
-        answer = labels_heard(call, min_silence_s=0.015)[-1]
-        assert answer[0] == "answer:0" and abs(answer[1] - 1.2) < 0.05
+        answer = utterances_heard(call)[-1]
+        assert answer[0] == "answer:0" and abs(answer[1] - 1.2) < 0.015, answer
         # The barge-in record says what was heard, within one mark interval (100 ms).
         (barge,) = await events(redis, stack.keys, call.call_sid, b"barge-in")
         heard_s = cut[1] - cut[0]
@@ -100,15 +108,18 @@ async def test_bursty_vapi_is_paced_into_continuous_audio(redis_url: str, prefix
         stack.vapi.downlink = "burst"  # 5 s of speech handed over in a few ms
         call = await stack.call()
         await wait_heard(call, 1, timeout=10)
-        runs = labels_heard(call, min_silence_s=0.015)
-        assert len(runs) == 1 and runs[0][0] == "greeting" and abs(runs[0][1] - 5.0) < 0.05, runs
-        # Paced: no media arrives more than the lead (100 ms) + scheduling slack ahead of its play
-        # time, so Twilio's buffer never holds seconds of audio.
+        runs = utterances_heard(call)
+        assert len(runs) == 1 and runs[0][0] == "greeting" and abs(runs[0][1] - 5.0) < 0.015, runs
+        # Paced: no media arrives more than the lead (100 ms) + the prebuffer (40 ms) + scheduling
+        # slack ahead of its play time, so Twilio's buffer never holds seconds of audio (unpaced,
+        # all 5 s would arrive at once). The slack is 300 ms so the check holds on a loaded
+        # machine, where a late first frame makes every later one look early; the tight figure
+        # is the bench's.
         media = [(t, n) for t, n in call.received_media_times if n]
         first = media[0][0]
         played = 0.0
         for t, n in media:
-            assert t >= first + played - 0.1 - 0.04, (t, first + played)
+            assert t >= first + played - 0.1 - 0.04 - 0.3, (t, first + played)
             played += n / 8000
         assert media[-1][0] - first > 4.5
         await call.hangup()
@@ -146,8 +157,8 @@ async def test_transfer_dials_the_target_after_the_last_words(redis_url: str, pr
         call.say_pcm(caller_utterance(0))
         assert await call.wait_ended(15) == "dial"
         assert call.dial_target == "+14155550100"
-        runs = labels_heard(call, min_silence_s=0.015)
-        assert [r[0] for r in runs] == ["greeting", "answer:0"] and abs(runs[-1][1] - 1.2) < 0.05
+        runs = utterances_heard(call)
+        assert [r[0] for r in runs] == ["greeting", "answer:0"] and abs(runs[-1][1] - 1.2) < 0.015
         await session.wait_closed(3)
         assert session.received_control("end-call"), "Vapi is told the call ended"
         record = await redis.hgetall(stack.keys.call(call.call_sid))
@@ -255,9 +266,10 @@ async def test_fast_barge_in_resumes_when_vapi_does_not_confirm(
         kinds = [f[b"k"] for _i, f in await redis.xrange(stack.keys.events(call.call_sid))]
         assert b"fast-pause" in kinds and b"fast-resume" in kinds and b"barge-in" not in kinds
         # Held, not dropped: the whole greeting reaches the caller, in two parts.
-        runs = labels_heard(call, min_silence_s=0.015)
-        assert {label for label, _ in runs} == {"greeting"}
-        assert abs(sum(seconds for _, seconds in runs) - 4.0) < 0.06, runs
+        runs = utterances_heard(call)
+        assert [label for label, _ in runs] == ["greeting"], runs
+        assert len(call.heard_segments(min_silence_s=0.2)) == 2, "paused once, for a while"
+        assert abs(runs[0][1] - 4.0) < 0.015, runs
         await call.hangup()
 
 
@@ -290,16 +302,16 @@ async def test_talking_over_a_message_vapi_does_not_interrupt_only_pauses_it(
         call = await stack.call()
         await until(lambda c=call: bool(c.heard_segments()) and c.now() > 1.0, 10, "greeting")
         call.say_pcm(caller_utterance(0, seconds=0.5))
-        await until(lambda c=call: len(c.heard_segments(min_silence_s=0.015)) >= 2, 10, "a pause")
+        # The hold is a pause of a few hundred ms (a late frame on a busy machine is far shorter).
+        await until(lambda c=call: len(c.heard_segments(min_silence_s=0.2)) >= 2, 10, "a pause")
         # The stand-in queued its answer right behind the greeting, so they play as one run.
-        await until(lambda c=call: c.heard_segments(min_silence_s=0.015)[-1][1] -
-                    c.heard_segments(min_silence_s=0.015)[-1][0] > 3.95 and
-                    c.now() - c.heard_segments(min_silence_s=0.015)[-1][1] > 0.3, 15, "the answer")
+        await until(lambda c=call: audible_s(c) > 5.15 and c.now() - c.heard_segments()[-1][1] > 0.3,
+                    15, "the answer")
         kinds = [f[b"k"] for _i, f in await redis.xrange(stack.keys.events(call.call_sid))]
         assert b"hold" in kinds and b"hold-released" in kinds and b"barge-in" not in kinds
-        (a0, a1), (b0, b1) = call.heard_segments(min_silence_s=0.015)
+        (a0, a1), (_b0, b1) = call.heard_segments(min_silence_s=0.2)
         # Held, not lost: the whole 4 s greeting and the 1.2 s answer reach the caller.
-        assert abs((a1 - a0) + (b1 - b0) - 5.2) < 0.06
+        assert abs(audible_s(call) - 5.2) < 0.015, audible_s(call)
         pcm = call.heard_pcm16()
         assert voices.identify(pcm[int(a0 * 8000) * 2:int(a1 * 8000) * 2], 8000) == "greeting"
         assert voices.identify(pcm[int((b1 - 1.1) * 8000) * 2:int(b1 * 8000) * 2], 8000) == "answer:0"

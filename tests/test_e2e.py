@@ -98,6 +98,30 @@ def labels_heard(call: SimCall, min_silence_s: float = 0.06) -> list[tuple[str |
     return out
 
 
+def audible_s(call: SimCall, start: float = 0.0, end: float = float("inf")) -> float:
+    """Seconds of assistant audio the caller heard between `start` and `end` (call clock), gaps
+    excluded: how much arrived, however late. Whether it arrived in time (no gap inside an
+    utterance) depends on the machine having a free core, so that is a `callbridge bench`
+    figure (underruns), not a test assertion."""
+    return sum(min(e, end) - max(s, start)
+               for s, e in call.heard_segments(min_silence_s=0.015) if s < end and e > start)
+
+
+def utterances_heard(call: SimCall) -> list[tuple[str | None, float]]:
+    """(label, audible seconds) per utterance the caller heard; the runs of one utterance split by
+    a late frame are merged back, so this is robust on a loaded machine."""
+    pcm = call.heard_pcm16()
+    out: list[tuple[str | None, float]] = []
+    for start, end in call.heard_segments():
+        label = voices.identify(pcm[int(start * 8000) * 2: int(end * 8000) * 2], 8000)
+        seconds = audible_s(call, start, end)
+        if out and (label is None or out[-1][0] == label):
+            out[-1] = (out[-1][0], out[-1][1] + seconds)
+        else:
+            out.append((label, seconds))
+    return out
+
+
 async def wait_heard(call: SimCall, n: int, timeout: float = 10.0) -> None:
     """Until the caller has heard n utterances in full (the n-th ended 0.3 s ago)."""
     def done() -> bool:
@@ -142,13 +166,11 @@ async def test_call_with_greeting_two_turns_and_hangup(stack: Stack) -> None:
     await call.hangup()
     assert await call.wait_ended(5) == "caller-hangup"
 
-    heard = labels_heard(call)
+    heard = utterances_heard(call)
     assert [label for label, _ in heard] == ["greeting", "answer:0", "answer:1"]
-    # No gap inside an utterance: even a single missing 20 ms frame would split a run here.
-    fine = labels_heard(call, min_silence_s=0.015)
-    assert [label for label, _ in fine] == ["greeting", "answer:0", "answer:1"]
-    for (_, seconds), expected in zip(fine, (1.0, 1.2, 1.2), strict=True):
-        assert abs(seconds - expected) < 0.05, fine
+    # Every utterance whole: a single lost or repeated 20 ms frame would show here.
+    for (_, seconds), expected in zip(heard, (1.0, 1.2, 1.2), strict=True):
+        assert abs(seconds - expected) < 0.015, heard
     assert not call.protocol_errors
 
     await session.wait_closed(2)
@@ -239,14 +261,14 @@ async def test_assistant_ending_the_call_hangs_up_after_its_goodbye(
         await wait_heard(call, 1)
         call.say_pcm(caller_utterance(0))
         assert await call.wait_ended(15) == "hangup"
-        # The stand-in says its goodbye right after the answer, so the two form one run.
-        runs = call.heard_segments(min_silence_s=0.015)
-        assert len(runs) == 2, runs
-        start, end = runs[-1]
-        assert abs((end - start) - 2.0) < 0.05, "answer (1.2 s) and goodbye (0.8 s) play to the end"
+        # The stand-in says its goodbye right after the answer, so the two form one run, and
+        # both play to the end: 1.2 s + 0.8 s of audio, the last of it the goodbye.
+        runs = utterances_heard(call)
+        assert [label for label, _ in runs] == ["greeting", "answer:0"], runs
+        assert abs(runs[-1][1] - 2.0) < 0.015, runs
+        end = call.heard_segments()[-1][1]
         pcm = call.heard_pcm16()
-        tail = pcm[int((end - 0.7) * 8000) * 2: int(end * 8000) * 2]
-        assert voices.identify(tail, 8000) == "goodbye"
+        assert voices.identify(pcm[int((end - 0.7) * 8000) * 2: int(end * 8000) * 2], 8000) == "goodbye"
         assert call.say_texts == []
         record = await stack.redis.hgetall(stack.keys.call(call.call_sid))
         assert record[b"end_reason"] == b"assistant-ended"
