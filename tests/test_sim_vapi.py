@@ -16,7 +16,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from sim import voices
-from sim.vapi import AssistantScript, VapiSession, VapiSim, greeter, interrupter, silent
+from sim.vapi import (
+    AssistantScript,
+    VapiObserver,
+    VapiSession,
+    VapiSim,
+    greeter,
+    interrupter,
+    silent,
+)
 
 KEY = "test-vapi-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -564,6 +572,77 @@ async def test_control_url_client_messages_and_hooks(sim: VapiSim) -> None:
         # only the subscribed types (plus raw send_json) went out
         assert {m["type"] for m in c.msgs} == {"status-update", "tool-calls", "hang"}
     assert session.ended_reason == "customer-ended-call"
+
+
+class Tap(VapiObserver):
+    """Everything the observer is told, in order."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[VapiSession, bytes, float, str, int]] = []
+        self.caller: list[tuple[VapiSession, bytes, float]] = []
+        self.sent: list[tuple[VapiSession, dict[str, Any], float]] = []
+        self.received: list[tuple[VapiSession, dict[str, Any], float]] = []
+
+    def assistant_frame_sent(self, session: VapiSession, frame: bytes, at: float, turn_id: str,
+                             index: int) -> None:
+        self.frames.append((session, frame, at, turn_id, index))
+
+    def caller_audio_received(self, session: VapiSession, data: bytes, at: float) -> None:
+        self.caller.append((session, data, at))
+
+    def control_sent(self, session: VapiSession, msg: dict[str, Any], at: float) -> None:
+        self.sent.append((session, msg, at))
+
+    def control_received(self, session: VapiSession, msg: dict[str, Any], at: float) -> None:
+        self.received.append((session, msg, at))
+
+
+async def test_observer_sees_what_crosses_the_socket(sim: VapiSim) -> None:
+    tap = Tap()
+    assert VapiSim(observer=tap).observer is tap
+    sim.observer = tap
+    sim.assistant = greeter(answers=1, greeting_s=0.3, answer_s=0.2)
+    body = call_body()
+    body["assistantOverrides"]["clientMessages"] = ["status-update", "speech-update"]
+    url, session = await new_call(sim, body)
+    t0 = time.monotonic()
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, "pcm_s16le", 16000)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+        c.start_stream()
+        c.speak(0.4)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=2)
+        await c.stop_stream()
+        await ws.send('{"type": "add-message", "message": {"role": "system", "content": "x"}}')
+        async with httpx.AsyncClient() as client:
+            resp = await client.post(session.call_json()["monitor"]["controlUrl"],
+                                     json={"type": "control", "control": "mute-assistant"})
+        assert resp.status_code == 200
+        await session.send_json({"type": "hang"})
+        await session.wait_for(lambda: len(session.received_frames) == len(c.sent_sizes), 2)
+        await c.wait_msg("hang")
+        # assistant frames: every frame the client got, with its utterance and position in it
+        greeting, answer = session.spoken
+        assert [(t, i) for _, _, _, t, i in tap.frames] == \
+            [(greeting.turn_id, i) for i in range(15)] + [(answer.turn_id, i) for i in range(10)]
+        assert [f for _, f, _, _, _ in tap.frames] == c.frames
+        assert all(s is session for s, *_ in tap.frames)
+        times = [at for _, _, at, _, _ in tap.frames]
+        assert times == sorted(times) and t0 <= times[0] and times[-1] <= time.monotonic()
+        assert times[14] - times[0] >= 0.2  # paced: stamped when sent, not when queued
+        # caller audio: every binary message, as received, when received
+        assert b"".join(d for _, d, _ in tap.caller) == bytes(c.sent)
+        assert [at for _, _, at in tap.caller] == session.received_times
+        # control sent: exactly what passed the clientMessages filter (no transcripts), plus
+        # send_json's object; control received: socket and control URL alike
+        assert [m for _, m, _ in tap.sent] == session.sent_control == c.msgs
+        assert not [m for m in c.msgs if m["type"] == "transcript"]
+        assert c.msgs[-1] == {"type": "hang"}
+        assert [m for _, m, _ in tap.received] == session.control
+        assert [m["type"] for m in session.control] == ["add-message", "control"]
+        sent_at = [at for _, _, at in tap.sent]
+        assert sent_at == sorted(sent_at)
+        await c.aclose()
 
 
 async def test_session_end_hook_and_max_duration(sim: VapiSim) -> None:

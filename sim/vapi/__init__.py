@@ -26,6 +26,7 @@ One module per job:
 ``transport``  the websocket server protocol on websockets' sans-I/O core
 ``rest``       the Starlette routes and the Call object
 ``sim``        :class:`VapiSim`: the server, the shared downlink ticker, the calls
+``hooks``      :class:`VapiObserver`: what a bench or test can watch without patching
 ============== ================================================================================
 
 Design for load (100 sessions on 2 cores): the transport socket bypasses ASGI, every session
@@ -59,6 +60,7 @@ modelled; ``assistantId`` is neither checked to be a UUID nor looked up (unknown
 from __future__ import annotations
 
 from sim.vapi.callspec import CallSpec, call_spec
+from sim.vapi.hooks import VapiObserver
 from sim.vapi.scripts import AssistantScript, greeter, interrupter, silent
 from sim.vapi.session import CallerTurn, Spoken, VapiSession
 from sim.vapi.sim import Downlink, VapiSim
@@ -70,6 +72,7 @@ __all__ = [
     "CallerTurn",
     "Downlink",
     "Spoken",
+    "VapiObserver",
     "VapiSession",
     "VapiSim",
     "call_spec",

@@ -235,6 +235,9 @@ class VapiSession:
             if isinstance(obj, dict):
                 self.sent_control.append(obj)
             self._proto.send_text(orjson.dumps(obj))
+            observer = self.sim.observer
+            if observer is not None and isinstance(obj, dict):
+                observer.control_sent(self, obj, time.monotonic())
             self._notify()
 
     async def send_audio(self, data: bytes) -> None:
@@ -305,6 +308,9 @@ class VapiSession:
             self.received_audio += data
         self.received_frames.append(len(data))
         self.received_times.append(now)
+        observer = self.sim.observer
+        if observer is not None:
+            observer.caller_audio_received(self, data, now)
         if not self._ending and not self._customer_muted:
             pcm = audioop.ulaw2lin(data, 2) if self.audio_format == "mulaw" else data
             for edge in self._detector.feed(pcm):
@@ -337,6 +343,9 @@ class VapiSession:
     def _receive_control(self, msg: dict[str, Any]) -> None:
         """A control message from the socket or the control URL: record it, act on it."""
         self.control.append(msg)
+        observer = self.sim.observer
+        if observer is not None:
+            observer.control_received(self, msg, time.monotonic())
         self.handle_message(msg)
         self._notify()
 
@@ -461,6 +470,9 @@ class VapiSession:
         self._proto.send_binary(frame)
         self.sent_frames += 1
         self.sent_audio_bytes += len(frame)
+        observer, u = self.sim.observer, self._utt
+        if observer is not None and u is not None:  # u.sent: this frame's index (counted after)
+            observer.assistant_frame_sent(self, frame, time.monotonic(), u.turn_id, u.sent)
 
     def _finish(self, u: _Utterance, now: float, *, interrupted: bool) -> None:
         self._utt = None
@@ -586,6 +598,9 @@ class VapiSession:
         msg["timestamp"] = int(time.time() * 1000)
         self.sent_control.append(msg)
         self._proto.send_text(orjson.dumps(msg))
+        observer = self.sim.observer
+        if observer is not None:
+            observer.control_sent(self, msg, time.monotonic())
         if self._waiters:
             self._notify()
 

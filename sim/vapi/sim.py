@@ -18,6 +18,7 @@ import uvicorn
 
 from shared.serving import QuietServer, quiet_server
 from sim.vapi.callspec import call_spec
+from sim.vapi.hooks import VapiObserver
 from sim.vapi.rest import build_app
 from sim.vapi.scripts import AssistantScript, greeter
 from sim.vapi.session import VapiSession
@@ -36,7 +37,7 @@ class VapiSim:
 
     Attributes settable at runtime: ``assistant`` (script for new calls), ``assistants``
     (assistantId -> script, takes precedence), ``create_delay``, ``fail_status``, ``downlink``
-    (for utterances started afterwards), ``respond_to_pings``.
+    (for utterances started afterwards), ``respond_to_pings``, ``observer``.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class VapiSim:
         assistants: dict[str, AssistantScript] | None = None,
         connect_timeout: float | None = 20.0,
         record_audio: bool = True,
+        observer: VapiObserver | None = None,
     ) -> None:
         if downlink not in ("paced", "burst"):
             raise ValueError("downlink must be 'paced' or 'burst'")
@@ -66,6 +68,8 @@ class VapiSim:
         #: keep every received byte in ``VapiSession.received_audio`` (turn off for long loads;
         #: frame sizes and times are still recorded).
         self.record_audio = record_audio
+        #: told about frames and control messages as they cross the socket (None: nobody).
+        self.observer = observer
         self.org_id = str(uuid.uuid4())
 
         self.sessions: dict[str, VapiSession] = {}
