@@ -60,6 +60,7 @@ import numpy as np
 
 from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
+from sim.vapi import VapiObserver, VapiSession
 
 RAMP_PER_S = 25.0
 CONNECT_TIMEOUT_S = 30.0  # after the last call was placed
@@ -382,39 +383,12 @@ class _Recorder:
         return ev
 
     def install(self, tone: bytes, conversation: bool = False) -> None:
-        """Wrap the sims' send/receive paths (class attributes, bench process only; what the sims
-        do is unchanged, except that in the conversation scenario an idle caller sends `tone`
-        instead of digital silence, like a quiet line, so every caller frame can be matched)."""
+        """Wrap the Twilio sim's send/receive paths (class attributes, bench process only; what it
+        does is unchanged, except that in the conversation scenario an idle caller sends `tone`
+        instead of digital silence, like a quiet line, so every caller frame can be matched).
+        The Vapi stand-in is watched through `_VapiTap` instead."""
         from sim.twilio import SimCall
         from sim.twilio_wire import SILENCE_FRAME
-        from sim.vapi import VapiSession
-
-        orig_send = VapiSession._send_audio
-        vapi_sent = self.vapi_sent
-        orig_binary = VapiSession._on_binary
-        vapi_caller = self.vapi_caller
-        first_frame = self.first_frame if conversation else None
-
-        def on_binary(session: VapiSession, data: bytes) -> None:
-            orig_binary(session, data)
-            flags = vapi_caller.get(session.id)
-            if flags is None:
-                flags = vapi_caller[session.id] = bytearray()
-            flags.append(_is_caller_audio(data, session.audio_format))
-
-        def send_audio(session: VapiSession, frame: bytes) -> None:
-            n = session.sent_frames
-            orig_send(session, frame)
-            if session.sent_frames != n:
-                now = _mono()
-                t = vapi_sent.get(session.id)
-                if t is None:
-                    t = vapi_sent[session.id] = array("d")
-                t.append(now)
-                if first_frame is not None:
-                    u = session._utt  # the utterance this frame belongs to; u.sent is its index
-                    if u is not None and u.sent == 0:
-                        first_frame[u.turn_id] = (now, len(t) - 1)
 
         orig_record = SimCall._record_sent
         twilio_sent = self.twilio_sent
@@ -432,13 +406,9 @@ class _Recorder:
             else:
                 twilio_tone[call.call_sid].append(frame is tone or frame == tone)
 
-        VapiSession._send_audio = send_audio  # type: ignore[method-assign,assignment]
-        VapiSession._on_binary = on_binary  # type: ignore[method-assign,assignment]
         SimCall._record_sent = record_sent  # type: ignore[method-assign,assignment]
 
         def undo() -> None:
-            VapiSession._send_audio = orig_send  # type: ignore[method-assign]
-            VapiSession._on_binary = orig_binary  # type: ignore[method-assign]
             SimCall._record_sent = orig_record  # type: ignore[method-assign]
 
         self._undo.append(undo)
@@ -449,25 +419,6 @@ class _Recorder:
         import binascii
 
         from sim.twilio import SimCall
-        from sim.vapi import VapiSession
-
-        orig_emit = VapiSession._emit
-        interrupted = self.interrupted
-        wake_for = self.wake_for
-
-        def emit(session: VapiSession, msg: dict[str, Any]) -> None:
-            n = len(session.sent_control)
-            orig_emit(session, msg)
-            if len(session.sent_control) == n:
-                return  # not sent (filtered by clientMessages, or the socket is gone)
-            kind = msg.get("type")
-            if kind == "user-interrupted":
-                lst = interrupted.get(session.id)
-                if lst is None:
-                    lst = interrupted[session.id] = []
-                lst.append((_mono(), time.time_ns(), str(msg.get("turnId"))))
-            elif kind == "speech-update" and msg.get("role") == "assistant":
-                wake_for(session.id).set()
 
         orig_media = SimCall._on_media
         media = self.media
@@ -487,12 +438,10 @@ class _Recorder:
                 return orig_next(call)
             return tone, tone_b64  # quiet line between the caller's utterances
 
-        VapiSession._emit = emit  # type: ignore[method-assign,assignment]
         SimCall._on_media = on_media  # type: ignore[method-assign,assignment]
         SimCall._next_caller_frame = next_caller_frame  # type: ignore[method-assign,assignment]
 
         def undo() -> None:
-            VapiSession._emit = orig_emit  # type: ignore[method-assign]
             SimCall._on_media = orig_media  # type: ignore[method-assign]
             SimCall._next_caller_frame = orig_next  # type: ignore[method-assign]
 
@@ -501,6 +450,45 @@ class _Recorder:
     def uninstall(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+class _VapiTap(VapiObserver):
+    """The Vapi stand-in's half of the recording, filled into `_Recorder`'s dicts: send time of
+    every assistant frame, which caller frames carried the caller tone and, in the conversation
+    scenario, each utterance's first frame, each `user-interrupted` and the callers' wake-ups."""
+
+    def __init__(self, rec: _Recorder, conversation: bool) -> None:
+        self.rec = rec
+        self.conversation = conversation
+
+    def assistant_frame_sent(self, session: VapiSession, frame: bytes, at: float, turn_id: str,
+                             index: int) -> None:
+        sent = self.rec.vapi_sent
+        t = sent.get(session.id)
+        if t is None:
+            t = sent[session.id] = array("d")
+        t.append(at)
+        if index == 0 and self.conversation:
+            self.rec.first_frame[turn_id] = (at, len(t) - 1)
+
+    def caller_audio_received(self, session: VapiSession, data: bytes, at: float) -> None:
+        caller = self.rec.vapi_caller
+        flags = caller.get(session.id)
+        if flags is None:
+            flags = caller[session.id] = bytearray()
+        flags.append(_is_caller_audio(data, session.audio_format))
+
+    def control_sent(self, session: VapiSession, msg: dict[str, Any], at: float) -> None:
+        if not self.conversation:
+            return
+        kind = msg.get("type")
+        if kind == "user-interrupted":
+            lst = self.rec.interrupted.get(session.id)
+            if lst is None:
+                lst = self.rec.interrupted[session.id] = []
+            lst.append((at, time.time_ns(), str(msg.get("turnId"))))
+        elif kind == "speech-update" and msg.get("role") == "assistant":
+            self.rec.wake_for(session.id).set()
 
 
 # ------------------------------------------------------------------------------------------
@@ -619,7 +607,7 @@ async def _worker_barge_ins(redis_url: str, prefix: str, sids: list[str]) -> dic
 async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[_Proc]) -> int:
     from sim import voices
     from sim.twilio import SimCall, TwilioSim
-    from sim.vapi import AssistantScript, VapiSession, VapiSim, interrupter
+    from sim.vapi import AssistantScript, VapiSim, interrupter
 
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
@@ -649,7 +637,8 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
     tone_run = tone * round((greeting_s + 5) * 50)  # the caller "talks" (quietly) all along
     rec = _Recorder()
     rec.install(tone, conversation=conversation)
-    vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False)
+    vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False,
+                   observer=_VapiTap(rec, conversation))
     port = free_port()
     public = f"http://127.0.0.1:{port}"
     twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
