@@ -432,7 +432,7 @@ class VapiSession:
                 total = len(u.frames)
                 due = total if u.burst else min(total, int((now - u.start) / u.frame_s + 1e-6) + 1)
                 while u.sent < due and self._utt is u:
-                    self._send_audio(u.frames[u.sent])
+                    self._send_frame(u, u.sent)
                     u.sent += 1
                 if self._utt is u and u.sent >= total and now >= u.end - 1e-6:
                     self._finish(u, now, interrupted=False)
@@ -464,15 +464,16 @@ class VapiSession:
         self.spoken.append(record)
         self._emit(M.speech_update("started", "assistant", self._turn))
 
-    def _send_audio(self, frame: bytes) -> None:
+    def _send_frame(self, u: _Utterance, index: int) -> None:
         if self._assistant_muted or self._proto is None:
             return
+        frame = u.frames[index]
         self._proto.send_binary(frame)
         self.sent_frames += 1
         self.sent_audio_bytes += len(frame)
-        observer, u = self.sim.observer, self._utt
-        if observer is not None and u is not None:  # u.sent: this frame's index (counted after)
-            observer.assistant_frame_sent(self, frame, time.monotonic(), u.turn_id, u.sent)
+        observer = self.sim.observer
+        if observer is not None:
+            observer.assistant_frame_sent(self, frame, time.monotonic(), u.turn_id, index)
 
     def _finish(self, u: _Utterance, now: float, *, interrupted: bool) -> None:
         self._utt = None
