@@ -45,9 +45,7 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -58,6 +56,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from callbridge.procs import ManagedProcess
 from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
 from sim.vapi import VapiObserver, VapiSession
@@ -108,63 +107,14 @@ _mono = time.monotonic
 # Child processes
 
 
-@dataclass
-class _Proc:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    http_port: int
-    popen: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+def _proc(name: str, args: list[str], env: dict[str, str], http_port: int) -> ManagedProcess:
+    return ManagedProcess(name, args, env, health_url=f"http://127.0.0.1:{http_port}/readyz",
+                          own_session=True)
 
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> None:
-        fd, path = tempfile.mkstemp(prefix=f"callbridge-bench-{self.name}-", suffix=".log")
-        self.log_path = Path(path)
-        with os.fdopen(fd, "wb") as log:
-            # Own session: a Ctrl-C in the terminal reaches only the bench, which stops us in order.
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "callbridge.cli", *self.args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def terminate(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-
-    def stop(self, deadline: float) -> None:
-        """Wait for the process to exit until `deadline` (monotonic), then kill it."""
-        p = self.popen
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(max(0.1, deadline - _mono()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
-        if self.log_path is not None:
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
-            self.log_path = None
+def _base_url(p: ManagedProcess) -> str:
+    assert p.health_url
+    return p.health_url.removesuffix("/readyz")
 
 
 def _child_env(redis_url: str, prefix: str, **extra: object) -> dict[str, str]:
@@ -173,22 +123,14 @@ def _child_env(redis_url: str, prefix: str, **extra: object) -> dict[str, str]:
                         log_format="text", **extra)
 
 
-async def _wait_ready(procs: list[_Proc], timeout: float) -> str | None:
+async def _wait_ready(procs: list[ManagedProcess], timeout: float) -> str | None:
     """None when every process answers /readyz 200, else what went wrong."""
-    import httpx
-
     deadline = _mono() + timeout
-    async with httpx.AsyncClient(trust_env=False) as client:
-        for p in procs:
-            while True:
-                if not p.alive():
-                    return f"{p.name} exited early:\n{p.log_tail()}"
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(p.base_url + "/readyz", timeout=1)).status_code == 200:
-                        break
-                if _mono() > deadline:
-                    return f"{p.name} not ready within {timeout:.0f} s:\n{p.log_tail()}"
-                await asyncio.sleep(0.05)
+    for p in procs:
+        try:
+            await p.wait_ready(max(0.1, deadline - _mono()))
+        except (RuntimeError, TimeoutError) as exc:
+            return str(exc)
     return None
 
 
@@ -604,7 +546,7 @@ async def _worker_barge_ins(redis_url: str, prefix: str, sids: list[str]) -> dic
     return out
 
 
-async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[_Proc]) -> int:
+async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[ManagedProcess]) -> int:
     from sim import voices
     from sim.twilio import SimCall, TwilioSim
     from sim.vapi import AssistantScript, VapiSim, interrupter
@@ -654,12 +596,12 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
                   "TWILIO_API_BASE_URL": twilio.rest_base_url, "VAPI_AUDIO_FORMAT": cfg.fmt,
                   "WORKER_MAX_CALLS": max(n, 1), "WORKER_HTTP_HOST": "127.0.0.1"}
         env = _child_env(redis_url, prefix, **common)
-        gw = _Proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env, port)
+        gw = _proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env, port)
         procs.append(gw)
         for i in range(cfg.workers):
             hp = free_port()
             wenv = dict(env, WORKER_ID=f"bench-w{i + 1}")
-            procs.append(_Proc(f"worker-{i + 1}", ["worker", "--http-port", str(hp)], wenv, hp))
+            procs.append(_proc(f"worker-{i + 1}", ["worker", "--http-port", str(hp)], wenv, hp))
         for p in procs:
             p.start()
         problem = await _wait_ready(procs, READY_TIMEOUT_S)
@@ -719,7 +661,7 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         await asyncio.sleep(WARMUP_S)
 
         # Measure.
-        metric_urls = [p.base_url + "/metrics" for p in procs]
+        metric_urls = [_base_url(p) + "/metrics" for p in procs]
         scrape0 = await _scrape(metric_urls)
         pids = {p.name: p.pid for p in procs}
         pids["redis-server"] = redis_pid
@@ -1393,7 +1335,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
               "--format pcm_s16le|mulaw, --scenario duplex|conversation", file=sys.stderr)
         return 2
-    procs: list[_Proc] = []
+    procs: list[ManagedProcess] = []
     private: RedisServer | None = None
     try:
         redis_url = os.environ.get("REDIS_URL")
@@ -1413,9 +1355,10 @@ def run_bench(args: argparse.Namespace) -> int:
         return 143
     finally:
         for p in procs:  # all at once, then wait for each (by its own pid)
-            p.terminate()
+            p.signal(signal.SIGTERM)
         deadline = _mono() + STOP_TIMEOUT_S
         for p in procs:
-            p.stop(deadline)
+            p.stop(deadline - _mono())
+            p.discard_log()
         if private is not None:
             private.stop()

@@ -6,25 +6,17 @@ Redis when a Docker engine answers, else a private `redis-server` on a free port
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 from twilio.request_validator import RequestValidator
 
+from callbridge.procs import ManagedProcess
 from callbridge.redis_server import free_port, start_redis
 from callbridge.stack_env import stand_in_env
 
@@ -91,57 +83,14 @@ def base_env(redis_url: str, prefix: str, **extra: Any) -> dict[str, str]:
                         vapi_key=VAPI_KEY, assistant_id=ASSISTANT_ID, **extra)
 
 
-@dataclass
-class Proc:
-    """A real `callbridge` process with its log captured to a file."""
+class Proc(ManagedProcess):
+    """A real `callbridge` process started from the repo root (tests/ need not be installed)."""
 
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    health_url: str | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
-
-    def start(self) -> Proc:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "callbridge.cli", *self.args],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-        return self
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        assert self.health_url and self.proc
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited early:\n{self.logs()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(self.health_url, timeout=1)).status_code == 200:
-                        return
-                await asyncio.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
+    def __init__(self, name: str, args: list[str], env: dict[str, str],
+                 health_url: str | None = None, program: list[str] | None = None) -> None:
+        super().__init__(name, args, env, health_url=health_url, cwd=ROOT)
+        if program is not None:
+            self.program = program
 
 
 def gateway_proc(env: dict[str, str], port: int) -> Proc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import orjson
 from prometheus_client.mmap_dict import MmapedDict
 
 from callbridge.redis_server import free_port
-from tests.conftest import ROOT, Proc, base_env
+from tests.conftest import Proc, base_env
 
 FORBIDDEN = {"outcome": "forbidden", "route": "voice"}
 
@@ -35,12 +34,10 @@ async def test_metrics_add_up_across_uvicorn_worker_processes(
     port = free_port()
     env = base_env(redis_url, prefix, PUBLIC_URL=f"http://127.0.0.1:{port}",
                    PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
-    server = Proc("uvicorn-x2", [], env, health_url=f"http://127.0.0.1:{port}/readyz")
-    server.proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--workers", "2",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=ROOT, stdout=server.log_path.open("wb"), stderr=subprocess.STDOUT)
-    server._log = server.log_path.open("ab")
+    server = Proc("uvicorn-x2", ["gateway.app:app_from_env", "--factory", "--workers", "2",
+                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                  env, health_url=f"http://127.0.0.1:{port}/readyz",
+                  program=[sys.executable, "-m", "uvicorn"]).start()
     procs.append(server)
     await server.wait_ready()
     sent = 0

@@ -1,0 +1,115 @@
+"""Real `callbridge` child processes for the tests and the bench.
+
+One harness, so both start the tiers the same way: `python -m callbridge.cli …` with a given
+environment, output captured to a log file (read when something fails), readiness polled over
+HTTP against a deadline, and a stop that is SIGTERM (a graceful drain) first, SIGKILL after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+
+def _log_file(name: str) -> Path:
+    fd, path = tempfile.mkstemp(prefix=f"callbridge-{name}-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
+@dataclass
+class ManagedProcess:
+    """A `callbridge` process (gateway, worker…), or another `program`, with its log captured to
+    a file.
+
+    `own_session` puts it in a session of its own, so a Ctrl-C in the terminal reaches only the
+    parent, which then stops its children in order (the bench wants that; tests do not care)."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    health_url: str | None = None
+    cwd: Path | None = None
+    own_session: bool = False
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "callbridge.cli"])
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = _log_file(self.name)
+
+    def start(self) -> ManagedProcess:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*self.program, *self.args], env=self.env, cwd=self.cwd,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=self.own_session)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.logs()[-chars:]
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until `health_url` answers 200; raises with the log when the process exits or the
+        deadline passes."""
+        assert self.health_url and self.proc
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(self.health_url, timeout=1)).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait up to `timeout` for the drain, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(max(0.1, timeout))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def discard_log(self) -> None:
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
