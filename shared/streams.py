@@ -24,6 +24,7 @@ OUT_MEDIA = b"m"
 OUT_MARK = b"mark"
 OUT_CLEAR = b"clear"
 OUT_HANGUP = b"hangup"
+OUT_OWN = b"own"  # a new owner (epoch `e`) took the call: older epochs' entries are stale
 
 WORKER_GROUP = "workers"
 
@@ -58,15 +59,31 @@ class Keys:
     def wake(self, process_id: str) -> str:
         return f"{self.prefix}wake:{process_id}"
 
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker id -> its lease deadline (ms, Redis clock)."""
+        return f"{self.prefix}workers"
+
+    def worker(self, worker_id: str) -> str:
+        """A worker's lease key (TTL = the lease)."""
+        return f"{self.prefix}worker:{worker_id}"
+
+    def worker_calls(self, worker_id: str) -> str:
+        """Set of the CallSids a worker owns, for survivors to find when it dies."""
+        return f"{self.prefix}worker:{worker_id}:calls"
+
     def all_call_keys(self, sid: str) -> tuple[str, str, str, str]:
         return (self.call(sid), self.inbound(sid), self.outbound(sid), self.events(sid))
 
 
 def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = None,
-          stream: str | None = None) -> dict[bytes, bytes]:
+          stream: str | None = None, epoch: bytes | None = None) -> dict[bytes, bytes]:
     """Build one stream entry with the sender timestamp (and, for stream lifecycle entries, the
-    Twilio streamSid, so a late `detach` of an old socket cannot end its successor)."""
+    Twilio streamSid, so a late `detach` of an old socket cannot end its successor; for a
+    worker's `out` entries, its ownership epoch, so a replaced owner's audio is dropped)."""
     fields: dict[bytes, bytes] = {b"k": kind, b"t": str(time.time_ns()).encode()}
+    if epoch is not None:
+        fields[b"e"] = epoch
     if stream is not None:
         fields[b"s"] = stream.encode()
     if audio is not None:
