@@ -330,7 +330,7 @@ class _Recorder:
         instead of digital silence, like a quiet line, so every caller frame can be matched).
         The Vapi stand-in is watched through `_VapiTap` instead."""
         from sim.twilio import SimCall
-        from sim.twilio_wire import SILENCE_FRAME
+        from sim.twilio.wire import SILENCE_FRAME
 
         orig_record = SimCall._record_sent
         twilio_sent = self.twilio_sent

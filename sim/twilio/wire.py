@@ -1,19 +1,18 @@
-"""Wire-level helpers for the Twilio simulator (`sim.twilio`).
+"""What goes over the wire between the Twilio stand-in and a gateway, as pure functions.
 
-Everything here is pure (no sockets, no tasks): TwiML parsing, URL mapping and signing,
-Media Streams message builders (string templates, see perf-baseline.md §2) and the validator
-for what a gateway sends back, plus the REST call resource / error documents.
+Constants of the audio format, Twilio's error codes, URL mapping and request signing, the
+standard webhook parameters, builders for the Media Streams messages we (as Twilio) send and the
+validator for what a gateway sends back. No sockets, no tasks.
 
-Reference: /work/shared/design/twilio-media-streams.md (cited below as "protocol note §n").
+Docs: docs/protocols.md, section "Twilio Media Streams" ("Signatures", "Messages Twilio sends",
+"Messages we send"); why the builders are string templates: docs/performance.md, "JSON and
+base64".
 """
 
 from __future__ import annotations
 
 import binascii
 import secrets
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
@@ -23,15 +22,16 @@ from twilio.request_validator import RequestValidator
 # --- audio constants -------------------------------------------------------------------------
 
 SAMPLE_RATE = 8000
-FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law, what Twilio sends per `media` message (note §2)
+FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law: what Twilio sends per `media` message
 FRAME_S = 0.02
-ULAW_SILENCE = 0xFF  # μ-law 0xFF decodes to 0 (0x00 is near full scale, note §7.2)
+ULAW_SILENCE = 0xFF  # μ-law 0xFF decodes to 0; 0x00 is near full scale ("Limits and known problems")
 SILENCE_FRAME = bytes([ULAW_SILENCE]) * FRAME_BYTES
 SILENCE_FRAME_B64 = binascii.b2a_base64(SILENCE_FRAME, newline=False).decode("ascii")
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
-# Twilio error/warning codes used by the simulator (note §3, §6).
+# Twilio error/warning codes the stand-in reports (docs/protocols.md, "Messages we send",
+# "Limits and known problems").
 ERR_BINARY_FRAME = "31950"
 ERR_INVALID_MESSAGE = "31951"
 ERR_HANDSHAKE = "31920"
@@ -62,7 +62,8 @@ def strip_fragment(url: str) -> str:
 def signing_url(url: str) -> str:
     """The URL string Twilio signs for an HTTP webhook.
 
-    Voice callbacks over HTTPS drop an explicit port before signing (protocol note §4.1);
+    Voice callbacks over HTTPS drop an explicit port before signing (docs/protocols.md,
+    "Signatures");
     everything else is signed exactly as given.
     """
     parts = urlsplit(url)
@@ -116,7 +117,7 @@ def url_with_query(url: str, params: dict[str, str]) -> str:
     return url + sep + urlencode(params)
 
 
-# --- standard webhook parameters ----------------------------------------------------------------
+# --- standard webhook parameters ("TwiML and webhooks") -------------------------------------
 
 
 def call_params(
@@ -155,69 +156,7 @@ def call_params(
     }
 
 
-# --- TwiML ----------------------------------------------------------------------------------
-
-
-class TwimlError(ValueError):
-    """The document is not TwiML Twilio would execute (Twilio error 12100)."""
-
-
-@dataclass
-class Verb:
-    tag: str
-    attrs: dict[str, str]
-    text: str
-    children: list[Verb] = field(default_factory=list)
-
-    def child(self, tag: str) -> Verb | None:
-        for c in self.children:
-            if c.tag == tag:
-                return c
-        return None
-
-
-def _to_verb(el: ET.Element) -> Verb:
-    return Verb(
-        tag=el.tag,
-        attrs={k: v for k, v in el.attrib.items()},
-        text=(el.text or "").strip(),
-        children=[_to_verb(c) for c in el],
-    )
-
-
-def parse_twiml(doc: str | bytes) -> list[Verb]:
-    """Parse a TwiML document into its top-level verbs (children of <Response>)."""
-    try:
-        root = ET.fromstring(doc)
-    except ET.ParseError as exc:
-        raise TwimlError(f"{ERR_DOCUMENT_PARSE} document parse failure: {exc}") from exc
-    if root.tag != "Response":
-        raise TwimlError(f"{ERR_DOCUMENT_PARSE} root element is <{root.tag}>, not <Response>")
-    return [_to_verb(c) for c in root]
-
-
-def dial_target(verb: Verb) -> str:
-    """What a <Dial> dials: a nested <Number>/<Sip>/<Client>/<Conference>/<Queue>, or its text."""
-    for tag in ("Number", "Sip", "Client", "Conference", "Queue", "Application"):
-        c = verb.child(tag)
-        if c is not None:
-            return c.text
-    return verb.text
-
-
-def stream_parameters(stream: Verb) -> dict[str, str]:
-    return {
-        p.attrs.get("name", ""): p.attrs.get("value", "")
-        for p in stream.children
-        if p.tag == "Parameter"
-    }
-
-
-def has_connect_stream(verbs: list[Verb]) -> bool:
-    return any(v.tag == "Connect" and v.child("Stream") is not None for v in verbs)
-
-
-# --- messages the simulator sends (protocol note §2) -----------------------------------------
+# --- messages the stand-in sends ("Messages Twilio sends") ----------------------------------
 
 CONNECTED_MSG = '{"event":"connected","protocol":"Call","version":"1.0.0"}'
 
@@ -277,7 +216,7 @@ def stop_msg(stream_sid: str, seq: int, account_sid: str, call_sid: str) -> str:
     )
 
 
-# --- messages a gateway may send (protocol note §3) ------------------------------------------
+# --- messages a gateway may send ("Messages we send") ---------------------------------------
 
 
 class ProtocolViolation(ValueError):
@@ -345,68 +284,3 @@ def parse_server_message(text: str, stream_sid: str) -> tuple[str, Any]:
             raise ProtocolViolation(ERR_INVALID_MESSAGE, f"mark: extra field(s) {extra}")
         return "mark", mark["name"]
     return "clear", None
-
-
-# --- REST documents --------------------------------------------------------------------------
-
-
-def rfc2822(ts: float | None) -> str | None:
-    return None if ts is None else formatdate(ts, usegmt=False)
-
-
-def call_resource(
-    *,
-    account_sid: str,
-    call_sid: str,
-    from_: str,
-    to: str,
-    status: str,
-    created: float,
-    started: float | None,
-    ended: float | None,
-) -> dict[str, Any]:
-    duration = None
-    if started is not None and ended is not None:
-        duration = str(max(0, round(ended - started)))
-    uri = f"/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
-    return {
-        "sid": call_sid,
-        "account_sid": account_sid,
-        "parent_call_sid": None,
-        "from": from_,
-        "from_formatted": from_,
-        "to": to,
-        "to_formatted": to,
-        "status": status,
-        "direction": "inbound",
-        "api_version": "2010-04-01",
-        "answered_by": None,
-        "caller_name": None,
-        "forwarded_from": None,
-        "group_sid": None,
-        "phone_number_sid": None,
-        "price": None,
-        "price_unit": "USD",
-        "queue_time": "0",
-        "trunk_sid": None,
-        "date_created": rfc2822(created),
-        "date_updated": rfc2822(ended or started or created),
-        "start_time": rfc2822(started),
-        "end_time": rfc2822(ended),
-        "duration": duration,
-        "uri": uri,
-        "subresource_uris": {
-            "notifications": uri[:-5] + "/Notifications.json",
-            "recordings": uri[:-5] + "/Recordings.json",
-            "streams": uri[:-5] + "/Streams.json",
-        },
-    }
-
-
-def error_doc(code: int, message: str, status: int) -> dict[str, Any]:
-    return {
-        "code": code,
-        "message": message,
-        "more_info": f"https://www.twilio.com/docs/errors/{code}",
-        "status": status,
-    }

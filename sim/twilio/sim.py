@@ -1,0 +1,246 @@
+"""TwilioSim: places calls against a gateway and serves the REST stand-in.
+
+It owns what all calls share: the webhook client, the REST server (uvicorn in-process) and ONE
+media ticker task that sends every live stream's due frames each 20 ms. The ticker is deadline
+based (frame k of a stream is due at a fixed time, never `sleep(0.02)` drift), so 100+ calls
+stay paced without a task or timer each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import time
+from typing import Any
+
+import uvicorn
+from websockets.exceptions import ConnectionClosed
+
+from shared.serving import QuietServer, quiet_server
+
+from . import wire as w
+from .call import SimCall
+from .errors import TwilioSimError
+from .rest import rest_app
+from .stream import MediaStream
+from .webhooks import Webhooks
+
+log = logging.getLogger("sim.twilio")
+_mono = time.monotonic
+
+
+class TwilioSim:
+    """Simulated Twilio: places calls against the gateway and serves a REST stand-in.
+
+    Args:
+        gateway_url: where the gateway really listens, e.g. "http://127.0.0.1:8123".
+        public_url: the base the gateway was configured with (PUBLIC_URL). Signatures are
+            computed over public URLs; connections go to gateway_url.
+        account_sid / auth_token: the account; REST Basic auth and all signatures use them.
+        playout_model: True models Twilio's outbound buffer (marks echo at play time, clear
+            drops audio). False: marks are echoed on arrival and clear has nothing to drop.
+        voice_path: path of the voice webhook under public_url.
+        max_call_duration: calls are ended ("time-limit") after this many seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        gateway_url: str,
+        public_url: str,
+        account_sid: str,
+        auth_token: str,
+        playout_model: bool = True,
+        voice_path: str = "/twilio/voice",
+        max_call_duration: float = 4 * 3600.0,
+    ) -> None:
+        self.gateway_url = gateway_url.rstrip("/")
+        self.public_url = public_url.rstrip("/")
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.playout_model = playout_model
+        self.voice_url = self.public_url + voice_path
+        self.max_call_duration = max_call_duration
+        self.calls: dict[str, SimCall] = {}
+        self.rest_requests: list[tuple[float, str, str, dict[str, str]]] = []
+        self._live: dict[MediaStream, None] = {}
+        self._epoch = _mono()
+        self._ticker: asyncio.Task[None] | None = None
+        self._webhooks = Webhooks(
+            auth_token=auth_token, public_url=self.public_url, gateway_url=self.gateway_url
+        )
+        self._server: QuietServer | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._rest_base: str | None = None
+        self._stopped = False
+
+    async def __aenter__(self) -> TwilioSim:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Start the REST API stand-in (uvicorn in-process) and the media ticker."""
+        if self._server is not None:
+            return
+        self._stopped = False
+        self._webhooks.open()
+        self._ensure_ticker()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP explicitly: with proto 0, asyncio does not set TCP_NODELAY on accepted sockets
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        bound_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            rest_app(self),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            ws="none",
+            timeout_graceful_shutdown=1,
+        )
+        server = quiet_server(config)
+        self._server = server
+        self._server_task = asyncio.create_task(server.serve(sockets=[sock]), name="twilio-sim-rest")
+        for _ in range(500):  # ≤ 5 s
+            if server.started:
+                break
+            if self._server_task.done():
+                exc = self._server_task.exception()
+                raise TwilioSimError(f"REST stand-in failed to start: {exc!r}")
+            await asyncio.sleep(0.01)
+        else:
+            raise TwilioSimError("REST stand-in did not start within 5 s")
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        self._rest_base = f"http://{shown}:{bound_port}"
+
+    async def stop(self) -> None:
+        """End every live call (`stop` + close), cancel every task, stop the REST server."""
+        self._stopped = True
+        live = [c for c in self.calls.values() if c.end_reason is None]
+        if live:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(c._finish("sim-stopped") for c in live), return_exceptions=True),
+                    5.0,
+                )
+        tasks: list[asyncio.Task[Any]] = []
+        for call in self.calls.values():
+            if call._driver is not None:
+                tasks.append(call._driver)
+            tasks.extend(call._tasks)
+            call._cancel_mark_timer()
+        tasks.extend(self._webhooks.pending)
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+            self._ticker = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        self._live.clear()
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            done, _ = await asyncio.wait({self._server_task}, timeout=5.0)
+            if not done:
+                self._server_task.cancel()
+                await asyncio.wait({self._server_task}, timeout=1.0)
+        self._server = None
+        self._server_task = None
+        await self._webhooks.aclose()
+
+    @property
+    def rest_base_url(self) -> str:
+        """Base URL of the REST stand-in (give it to the gateway/worker as TWILIO_API_BASE_URL)."""
+        if self._rest_base is None:
+            raise RuntimeError("TwilioSim.start() has not been called")
+        return self._rest_base
+
+    # ------------------------------------------------------------------ calls
+
+    async def place_call(
+        self,
+        *,
+        from_: str = "+15550001111",
+        to: str = "+15550002222",
+        call_sid: str | None = None,
+        timeout: float = 30.0,
+    ) -> SimCall:
+        """Place an inbound call: signed voice webhook, TwiML, Media Stream.
+
+        Returns once `start` was sent on the socket. Raises TwilioSimError if the webhook did
+        not answer 2xx, the TwiML has no `<Connect><Stream>`, or the socket was rejected.
+        """
+        if self._stopped:
+            raise RuntimeError("TwilioSim was stopped")
+        self._webhooks.open()
+        sid = call_sid or w.new_sid("CA")
+        if sid in self.calls:
+            raise ValueError(f"call {sid} already exists")
+        call = SimCall(self, sid, from_, to)
+        self.calls[sid] = call
+        driver = asyncio.create_task(call._drive(), name=f"{sid}:driver")
+        call._driver = driver
+        started = asyncio.ensure_future(call._started.wait())
+        try:
+            await asyncio.wait({started, driver}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        if call._started.is_set():
+            return call
+        if call.end_reason is None:
+            await call._finish("error")
+            call.error = call.error or f"no Media Stream started within {timeout}s"
+            raise TwilioSimError(call.error, call)
+        if call.error:
+            raise TwilioSimError(call.error, call)
+        raise TwilioSimError(
+            f"TwiML has no <Connect><Stream> (call ended: {call.end_reason}); "
+            f"TwiML: {call.twiml_log[-1] if call.twiml_log else None!r}",
+            call,
+        )
+
+    # ------------------------------------------------------------------ the media ticker
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick_loop(), name="twilio-sim-ticker")
+
+    async def _tick_loop(self) -> None:
+        period = w.FRAME_S
+        epoch = self._epoch
+        k = math.floor((_mono() - epoch) / period)
+        idle = 0
+        while True:
+            k += 1
+            delay = epoch + k * period - _mono()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)
+                if delay < -0.5:  # the loop stalled: re-sync the grid (streams catch up by due)
+                    k = math.floor((_mono() - epoch) / period)
+            if not self._live:
+                idle += 1
+                if idle >= 50:  # 1 s without streams: exit; _ensure_ticker restarts it
+                    return
+                continue
+            idle = 0
+            now = _mono()
+            for st in list(self._live):
+                try:
+                    await st.pump(now)
+                except ConnectionClosed:
+                    self._live.pop(st, None)
+                except Exception:
+                    log.exception("media pump failed on %s", st.sid)
+                    self._live.pop(st, None)
