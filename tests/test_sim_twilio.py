@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request, Response, WebSocket
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from sim.twilio import SimCall, TwilioSim, TwilioSimError
+from sim.twilio import SimCall, TwilioObserver, TwilioSim, TwilioSimError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -101,6 +101,11 @@ class Conn(Waitable):
 
     def media_arrivals(self) -> list[float]:
         return [t for t, m in self.messages if m["event"] == "media"]
+
+    def media_since(self, t: float) -> bool:
+        """A caller frame arrived at or after monotonic time `t`: the caller's 20 ms frames are
+        the clock a test waits on instead of sleeping."""
+        return any(m["event"] == "media" and at >= t for at, m in reversed(self.messages))
 
     def mark_echo(self, name: str) -> tuple[float, dict[str, Any]] | None:
         for t, m in self.messages:
@@ -294,7 +299,10 @@ class FakeGateway(Waitable):
 
 @contextlib.asynccontextmanager
 async def environment(
-    public_url: str | None = None, sim_public_url: str | None = None, auth_token: str = AUTH_TOKEN
+    public_url: str | None = None,
+    sim_public_url: str | None = None,
+    auth_token: str = AUTH_TOKEN,
+    **sim_options: Any,
 ) -> AsyncIterator[tuple[FakeGateway, TwilioSim]]:
     gw = FakeGateway(AUTH_TOKEN)
     await gw.start(public_url)
@@ -303,6 +311,7 @@ async def environment(
         public_url=sim_public_url or gw.public,
         account_sid=ACCOUNT_SID,
         auth_token=auth_token,
+        **sim_options,
     )
     await sim.start()
     try:
@@ -758,3 +767,108 @@ async def test_echo_recording_and_wav(env: tuple[FakeGateway, TwilioSim], tmp_pa
     assert audioop.rms(right[2 * i0 : 2 * (i0 + 80)], 2) < 50 or h_segs[0][0] - s_start < 0.01
     j0 = int(h_segs[0][0] * 8000)
     assert audioop.rms(right[2 * j0 : 2 * (j0 + 800)], 2) > 1000
+
+
+class Tap(TwilioObserver):
+    """Records every hook call as it comes."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[SimCall, bytes, float, int]] = []
+        self.media: list[tuple[SimCall, bytes, float]] = []
+        self.marks: list[tuple[SimCall, str, float, str]] = []
+        self.clears: list[tuple[SimCall, float, int]] = []
+
+    def caller_frame_sent(self, call: SimCall, frame: bytes, at: float, pos: int) -> None:
+        self.frames.append((call, frame, at, pos))
+
+    def assistant_media_received(self, call: SimCall, audio: bytes, at: float) -> None:
+        self.media.append((call, audio, at))
+
+    def mark_echoed(self, call: SimCall, name: str, at: float, cause: str) -> None:
+        self.marks.append((call, name, at, cause))
+
+    def clear_received(self, call: SimCall, at: float, dropped: int) -> None:
+        self.clears.append((call, at, dropped))
+
+
+async def test_observer_sees_caller_frames_as_written() -> None:
+    tap = Tap()
+    async with environment(observer=tap) as (gw, sim):
+        call = await sim.place_call()
+        conn = await gw.next_conn()
+        speech = tone_ulaw(0.1, freq=500.0)  # 5 frames
+        call.say(speech)
+        await call.wait_speaking_done(timeout=3)
+        n = len(call.sent_frames)
+        await conn.wait_for(lambda: len(conn.of("media")) >= n)
+        await call.hangup()
+
+    frames = tap.frames[:n]
+    assert len(frames) == n and all(c is call for c, _, _, _ in frames)
+    # The bytes of each media message, at its place on the call clock.
+    assert b"".join(f for _, f, _, _ in frames) == bytes(conn.inbound[: 160 * n])
+    assert [p for _, _, _, p in frames] == [p for _, p in call.sent_frames[:n]]
+    assert all(call.sent[p : p + 160] == f for _, f, _, p in frames)
+    assert speech in b"".join(f for _, f, _, _ in frames)
+    # Taken after the write: no earlier than the ticker pass that sent it, before the gateway
+    # read it (same process, same monotonic clock).
+    arrivals = conn.media_arrivals()
+    for (_, _, sent_at, _), (t_tick, _), arrival in zip(frames, call.sent_frames, arrivals, strict=False):
+        assert call.t0 + t_tick - 1e-6 <= sent_at <= arrival
+
+
+async def test_observer_sees_media_marks_and_clear() -> None:
+    tap = Tap()
+    async with environment(observer=tap) as (gw, sim):
+        call = await sim.place_call()
+        conn = await gw.next_conn()
+
+        await conn.send_media(TONE_400MS)
+        await conn.send_mark("played")
+        await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+        assert [(c, a) for c, a, _ in tap.media] == [(call, TONE_400MS)]
+        assert tap.media[0][2] == pytest.approx(call.t0 + call.received_media_times[0][0], abs=1e-6)
+        (c, name, echoed_at, cause), = tap.marks
+        assert (c, name, cause) == (call, "played", "played")
+        assert echoed_at == pytest.approx(call.t0 + call.marks_echoed[0][0], abs=1e-6)
+        assert echoed_at - tap.media[0][2] >= 0.399
+
+        # A clear mid-playout: the hook reports the unplayed rest, the mark comes back "clear".
+        await conn.send_media(TONE_1S)
+        await conn.send_mark("cleared")
+        await call.wait_for(lambda: len(call.marks_sent_by_server) == 2, timeout=3)
+        t_media = call.received_media_times[1][0]
+        await conn.wait_for(lambda: conn.media_since(call.t0 + t_media + 0.2))
+        await conn.send_clear()
+        await call.wait_for(lambda: len(call.marks_echoed) == 2, timeout=3)
+        (c, received_at, dropped), = tap.clears
+        assert c is call
+        assert received_at == pytest.approx(call.t0 + call.clears[0], abs=1e-6)
+        played = len(call.heard) - int(t_media * 8000)  # heard ends where the clear cut it
+        assert played >= 0.2 * 8000 and dropped == 8000 - played
+        (event,) = [d for _, k, d in call.events if k == "clear"]
+        assert event["dropped_s"] == dropped / 8000
+        assert [(m[1], m[3]) for m in tap.marks] == [("played", "played"), ("cleared", "clear")]
+        assert tap.marks[1][2] >= received_at
+        await call.hangup()
+
+
+async def test_idle_frame_replaces_digital_silence() -> None:
+    quiet = tone_ulaw(0.02, freq=1000.0, amp=100)  # a quiet line, below any voice gate
+    speech = TONE_400MS[:800]
+    async with environment(idle_frame=quiet) as (gw, sim):
+        call = await sim.place_call()
+        conn = await gw.next_conn()
+        call.say(speech)
+        await call.wait_speaking_done(timeout=3)
+        n = len(call.sent_frames)
+        await conn.wait_for(lambda: len(conn.of("media")) >= n + 3)
+        await call.hangup()
+    inbound = bytes(conn.inbound)
+    frames = [inbound[i : i + 160] for i in range(0, len(inbound), 160)]
+    assert [f for f in frames if f != quiet] == [speech[i : i + 160] for i in range(0, 800, 160)]
+    assert frames[-3:] == [quiet] * 3 and b"\xff" * 160 not in frames
+    assert inbound in call.sent
+    with pytest.raises(ValueError, match="160 bytes"):
+        TwilioSim(gateway_url="http://127.0.0.1:9", public_url="http://127.0.0.1:9",
+                  account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, idle_frame=b"\xff" * 100)

@@ -16,7 +16,8 @@ What it does (wire details: docs/protocols.md, section "Twilio Media Streams"):
 * when the gateway closes the socket: follows `<Connect action>` (Hangup / Dial / Say /
   a fresh `<Connect><Stream>`), or continues the document, or ends the call;
 * a REST stand-in (`POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`, Basic auth) for
-  `Status=completed` hang-ups and `Twiml=`/`Url=` redirects.
+  `Status=completed` hang-ups and `Twiml=`/`Url=` redirects;
+* observer hooks (`TwilioObserver`) for a bench or test that times audio at the socket.
 
 Clock and recordings (per call): call time t=0 is the moment the first stream's `start` was
 sent; earlier events have negative times. `heard` and `sent` are **μ-law** byte timelines at
@@ -25,7 +26,7 @@ sent; earlier events have negative times. `heard` and `sent` are **μ-law** byte
 Modules, one job each: wire (messages, signatures, URLs), twiml (documents → verbs),
 playout (the outbound buffer), recording (timelines, segments, WAV), stream (one socket and its
 pacing), call (SimCall), webhooks (signed requests to the app), rest (the REST stand-in),
-sim (TwilioSim: server, ticker, place_call).
+sim (TwilioSim: server, ticker, place_call), hooks (TwilioObserver).
 
 Typical use::
 
@@ -38,6 +39,7 @@ Typical use::
 
 from .call import SimCall
 from .errors import TwilioSimError
+from .hooks import TwilioObserver
 from .sim import TwilioSim
 
-__all__ = ["SimCall", "TwilioSim", "TwilioSimError"]
+__all__ = ["SimCall", "TwilioObserver", "TwilioSim", "TwilioSimError"]

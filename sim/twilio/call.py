@@ -88,6 +88,7 @@ class SimCall:
         self._say_q: deque[bytes] = deque()
         self._say_idle = asyncio.Event()
         self._say_idle.set()
+        self._idle = sim._idle_frame  # (frame, base64) sent while nothing is queued
         self._sent = SentTimeline()
 
         # gateway → caller
@@ -102,6 +103,12 @@ class SimCall:
     def now(self) -> float:
         """Current call time in seconds."""
         return _mono() - self._t0
+
+    @property
+    def t0(self) -> float:
+        """`time.monotonic()` of call time 0 (until the first stream starts: of the call's
+        creation). Add it to a call time to compare with monotonic times, e.g. an observer's."""
+        return self._t0
 
     @property
     def stream_sid(self) -> str | None:
@@ -272,7 +279,7 @@ class SimCall:
     def _next_caller_frame(self) -> tuple[bytes, str]:
         q = self._say_q
         if not q:
-            return w.SILENCE_FRAME, w.SILENCE_FRAME_B64
+            return self._idle
         frame = q.popleft()
         if not q:
             self._say_idle.set()
@@ -291,6 +298,9 @@ class SimCall:
     def _on_media(self, audio: bytes, now: float) -> None:
         self.received_media_times.append((now - self._t0, len(audio)))
         self._playout.media(audio, self._pos(now))
+        observer = self._sim.observer
+        if observer is not None:
+            observer.assistant_media_received(self, audio, now)
         if self._waiters:
             self._notify()
 
@@ -317,14 +327,18 @@ class SimCall:
 
     async def _echo_marks(self, st: MediaStream, names: list[str], cause: str) -> None:
         sid = st.sid
+        observer = self._sim.observer
         for name in names:
 
             def build(seq: int, name: str = name) -> str:
                 return w.mark_echo_msg(sid, seq, name)
 
             if await st.emit(build):
-                self.marks_echoed.append((_mono() - self._t0, name))
+                now = _mono()
+                self.marks_echoed.append((now - self._t0, name))
                 self._event("mark-echoed", name=name, cause=cause, stream=sid)
+                if observer is not None:
+                    observer.mark_echoed(self, name, now, cause)
         self._notify()
 
     async def _on_mark(self, st: MediaStream, name: str, now: float) -> None:
@@ -340,6 +354,9 @@ class SimCall:
         dropped, names = self._playout.clear(self._pos(now))
         self._cancel_mark_timer()
         self._event("clear", dropped_s=dropped / w.SAMPLE_RATE, marks=len(names), stream=st.sid)
+        observer = self._sim.observer
+        if observer is not None:
+            observer.clear_received(self, now, dropped)
         if names:
             await self._echo_marks(st, names, "clear")
         self._notify()

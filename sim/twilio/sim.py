@@ -9,6 +9,7 @@ stay paced without a task or timer each.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 import math
@@ -24,6 +25,7 @@ from shared.serving import QuietServer, quiet_server
 from . import wire as w
 from .call import SimCall
 from .errors import TwilioSimError
+from .hooks import TwilioObserver
 from .rest import rest_app
 from .stream import MediaStream
 from .webhooks import Webhooks
@@ -44,6 +46,10 @@ class TwilioSim:
             drops audio). False: marks are echoed on arrival and clear has nothing to drop.
         voice_path: path of the voice webhook under public_url.
         max_call_duration: calls are ended ("time-limit") after this many seconds.
+        observer: told about caller frames, gateway media, marks and clears of every call
+            (hooks.py); may also be set later as `TwilioSim.observer`.
+        idle_frame: 160 μ-law bytes a caller sends while it has nothing to say (default digital
+            silence); e.g. a quiet line, so every frame can be told apart from silence.
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class TwilioSim:
         playout_model: bool = True,
         voice_path: str = "/twilio/voice",
         max_call_duration: float = 4 * 3600.0,
+        observer: TwilioObserver | None = None,
+        idle_frame: bytes | None = None,
     ) -> None:
         self.gateway_url = gateway_url.rstrip("/")
         self.public_url = public_url.rstrip("/")
@@ -64,6 +72,14 @@ class TwilioSim:
         self.playout_model = playout_model
         self.voice_url = self.public_url + voice_path
         self.max_call_duration = max_call_duration
+        self.observer = observer
+        if idle_frame is None:
+            self._idle_frame = (w.SILENCE_FRAME, w.SILENCE_FRAME_B64)
+        elif len(idle_frame) != w.FRAME_BYTES:
+            raise ValueError(f"idle_frame must be {w.FRAME_BYTES} bytes, not {len(idle_frame)}")
+        else:
+            frame = bytes(idle_frame)
+            self._idle_frame = (frame, binascii.b2a_base64(frame, newline=False).decode("ascii"))
         self.calls: dict[str, SimCall] = {}
         self.rest_requests: list[tuple[float, str, str, dict[str, str]]] = []
         self._live: dict[MediaStream, None] = {}

@@ -179,6 +179,7 @@ class MediaStream:
             return
         transport = ws.transport
         call = self.call
+        observer = call._sim.observer
         a, b, c, d, e = self.parts
         for _ in range(n):
             if transport.get_write_buffer_size() > WRITE_LIMIT - SEND_HEADROOM:
@@ -196,7 +197,10 @@ class MediaStream:
                 a + str(self.seq) + b + str(idx + 1) + c + str(idx * 20) + d + b64 + e
             )
             self.frames = idx + 1
-            call._record_sent(now, self.pos0 + idx * w.FRAME_BYTES, frame)
+            pos = self.pos0 + idx * w.FRAME_BYTES
+            call._record_sent(now, pos, frame)
+            if observer is not None:
+                observer.caller_frame_sent(call, frame, _mono(), pos)
 
     async def read(self) -> None:
         """Read until the socket closes, validating each message like Twilio (31950 binary
