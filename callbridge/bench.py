@@ -59,6 +59,8 @@ import numpy as np
 from callbridge.procs import ManagedProcess
 from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
+from sim.twilio import SimCall, TwilioObserver
+from sim.twilio.wire import SILENCE_FRAME
 from sim.vapi import VapiObserver, VapiSession
 
 RAMP_PER_S = 25.0
@@ -273,7 +275,7 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------
-# Recording hooks in the sims (bench process only; behaviour unchanged)
+# Recording through the stand-ins' observer hooks (bench process only)
 
 
 def caller_tone_frame() -> bytes:
@@ -316,7 +318,6 @@ class _Recorder:
     #   id -> (monotonic, wall ns, turnId) right after each `user-interrupted` went out
     wake: dict[str, asyncio.Event] = field(default_factory=dict)  # Vapi call id -> set on every
     #   assistant speech-update sent (wakes the bench's caller of that call)
-    _undo: list[Callable[[], None]] = field(default_factory=list)
 
     def wake_for(self, session_id: str) -> asyncio.Event:
         ev = self.wake.get(session_id)
@@ -324,74 +325,37 @@ class _Recorder:
             ev = self.wake[session_id] = asyncio.Event()
         return ev
 
-    def install(self, tone: bytes, conversation: bool = False) -> None:
-        """Wrap the Twilio sim's send/receive paths (class attributes, bench process only; what it
-        does is unchanged, except that in the conversation scenario an idle caller sends `tone`
-        instead of digital silence, like a quiet line, so every caller frame can be matched).
-        The Vapi stand-in is watched through `_VapiTap` instead."""
-        from sim.twilio import SimCall
-        from sim.twilio.wire import SILENCE_FRAME
 
-        orig_record = SimCall._record_sent
-        twilio_sent = self.twilio_sent
-        twilio_tone = self.twilio_tone
+class _TwilioTap(TwilioObserver):
+    """The Twilio stand-in's half of the recording, filled into `_Recorder`'s dicts: when each
+    caller frame was written to its socket, whether it carried the caller tone (conversation:
+    anything but digital silence, as the idle caller sends the quiet tone) and, in the
+    conversation scenario, every assistant media payload."""
 
-        def record_sent(call: SimCall, now: float, pos: int, frame: bytes) -> None:
-            orig_record(call, now, pos, frame)
-            t = twilio_sent.get(call.call_sid)
-            if t is None:
-                t = twilio_sent[call.call_sid] = array("d")
-                twilio_tone[call.call_sid] = bytearray()
-            t.append(_mono())  # the frame has just been written to the socket
-            if conversation:  # caller speech or the quiet line: everything but digital silence
-                twilio_tone[call.call_sid].append(frame != SILENCE_FRAME)
-            else:
-                twilio_tone[call.call_sid].append(frame is tone or frame == tone)
+    def __init__(self, rec: _Recorder, tone: bytes, conversation: bool) -> None:
+        self.rec = rec
+        self.tone = tone
+        self.conversation = conversation
 
-        SimCall._record_sent = record_sent  # type: ignore[method-assign,assignment]
+    def caller_frame_sent(self, call: SimCall, frame: bytes, at: float, pos: int) -> None:
+        sid = call.call_sid
+        t = self.rec.twilio_sent.get(sid)
+        if t is None:
+            t = self.rec.twilio_sent[sid] = array("d")
+            self.rec.twilio_tone[sid] = bytearray()
+        t.append(at)
+        if self.conversation:  # caller speech or the quiet line: everything but digital silence
+            self.rec.twilio_tone[sid].append(frame != SILENCE_FRAME)
+        else:
+            self.rec.twilio_tone[sid].append(frame is self.tone or frame == self.tone)
 
-        def undo() -> None:
-            SimCall._record_sent = orig_record  # type: ignore[method-assign]
-
-        self._undo.append(undo)
-        if conversation:
-            self._install_conversation(tone)
-
-    def _install_conversation(self, tone: bytes) -> None:
-        import binascii
-
-        from sim.twilio import SimCall
-
-        orig_media = SimCall._on_media
-        media = self.media
-
-        def on_media(call: SimCall, audio: bytes, now: float) -> None:
-            orig_media(call, audio, now)
-            lst = media.get(call.call_sid)
-            if lst is None:
-                lst = media[call.call_sid] = []
-            lst.append(audio)
-
-        orig_next = SimCall._next_caller_frame
-        tone_b64 = binascii.b2a_base64(tone, newline=False).decode("ascii")
-
-        def next_caller_frame(call: SimCall) -> tuple[bytes, str]:
-            if call._say_q:
-                return orig_next(call)
-            return tone, tone_b64  # quiet line between the caller's utterances
-
-        SimCall._on_media = on_media  # type: ignore[method-assign,assignment]
-        SimCall._next_caller_frame = next_caller_frame  # type: ignore[method-assign,assignment]
-
-        def undo() -> None:
-            SimCall._on_media = orig_media  # type: ignore[method-assign]
-            SimCall._next_caller_frame = orig_next  # type: ignore[method-assign]
-
-        self._undo.append(undo)
-
-    def uninstall(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+    def assistant_media_received(self, call: SimCall, audio: bytes, at: float) -> None:
+        if not self.conversation:
+            return
+        lst = self.rec.media.get(call.call_sid)
+        if lst is None:
+            lst = self.rec.media[call.call_sid] = []
+        lst.append(audio)
 
 
 class _VapiTap(VapiObserver):
@@ -548,7 +512,7 @@ async def _worker_barge_ins(redis_url: str, prefix: str, sids: list[str]) -> dic
 
 async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[ManagedProcess]) -> int:
     from sim import voices
-    from sim.twilio import SimCall, TwilioSim
+    from sim.twilio import TwilioSim
     from sim.vapi import AssistantScript, VapiSim, interrupter
 
     loop = asyncio.get_running_loop()
@@ -578,13 +542,13 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
     tone = caller_tone_frame()
     tone_run = tone * round((greeting_s + 5) * 50)  # the caller "talks" (quietly) all along
     rec = _Recorder()
-    rec.install(tone, conversation=conversation)
     vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False,
                    observer=_VapiTap(rec, conversation))
     port = free_port()
     public = f"http://127.0.0.1:{port}"
     twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
-                       auth_token=AUTH_TOKEN)
+                       auth_token=AUTH_TOKEN, observer=_TwilioTap(rec, tone, conversation),
+                       idle_frame=tone if conversation else None)  # idle caller: a quiet line
     placed: list[SimCall] = []
     drivers: dict[str, asyncio.Task[None]] = {}
     actions: list[tuple[float, str]] = []
@@ -711,7 +675,6 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
             await asyncio.wait_for(twilio.stop(), 20)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(vapi.stop(), 10)
-        rec.uninstall()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -735,7 +698,7 @@ def _add_inbound(acc: _Inbound, call: Any, session: Any, rec: _Recorder, w0: flo
     # of digital silence at Vapi were not sent by the caller (worker silence fill)
     sent_all = np.frombuffer(rec.twilio_sent.get(call.call_sid, array("d")), dtype=np.float64)
     tone = np.frombuffer(bytes(rec.twilio_tone.get(call.call_sid, b"")), dtype=np.uint8)
-    tick = np.array([call._t0 + t for t, _ in call.sent_frames], dtype=np.float64)
+    tick = np.array([call.t0 + t for t, _ in call.sent_frames], dtype=np.float64)
     got_all = np.asarray(session.received_times, dtype=np.float64)
     flags = np.frombuffer(bytes(rec.vapi_caller.get(session.id, b"")), dtype=np.uint8)
     n_flags = min(flags.size, got_all.size)
@@ -825,7 +788,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         _add_inbound(inb, call, session, rec, w0, w1)
         # outbound: assistant frame k (Vapi stand-in) -> Twilio media message k
         vs = np.frombuffer(rec.vapi_sent.get(session.id, array("d")), dtype=np.float64)
-        tr = np.array([call._t0 + t for t, _ in call.received_media_times], dtype=np.float64)
+        tr = np.array([call.t0 + t for t, _ in call.received_media_times], dtype=np.float64)
         if tr.size > vs.size:
             misaligned_out += 1
         ks = np.flatnonzero((vs >= w0) & (vs < w1))
@@ -983,7 +946,7 @@ class _Received:
             import audioop
 
         self._ulaw2lin = audioop.ulaw2lin
-        t = np.array([call._t0 + t for t, _ in call.received_media_times], dtype=np.float64)
+        t = np.array([call.t0 + t for t, _ in call.received_media_times], dtype=np.float64)
         self.n = min(t.size, len(payloads))
         self.t = t[: self.n]
         self._payloads = payloads
@@ -1090,7 +1053,7 @@ def _compute_conversation(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Reco
                     out_lat.extend((got.t[ja:ja + nfr] - vs[s0:s0 + nfr]).tolist())
 
         # 1 + 2. interruptions: clear latency and stale frames
-        clears = np.sort(np.array([call._t0 + c for c in call.clears], dtype=np.float64))
+        clears = np.sort(np.array([call.t0 + c for c in call.clears], dtype=np.float64))
         used = np.zeros(clears.size, dtype=bool)
         wb = sorted(worker_bi.get(call.call_sid, []))
         idx_of = {u.turn_id: i for i, u in enumerate(spoken)}
@@ -1131,8 +1094,8 @@ def _compute_conversation(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Reco
         # late (the first of the segment after the gap): the stand-in sent it late (against
         # frame 0 + k * 20 ms) or the bridge took longer for it than for frame 0.
         segs = call.heard_segments(min_silence_s=CONV_GAP_S)
-        ss = np.array([call._t0 + a for a, _ in segs], dtype=np.float64)
-        se = np.array([call._t0 + e for _, e in segs], dtype=np.float64)
+        ss = np.array([call.t0 + a for a, _ in segs], dtype=np.float64)
+        se = np.array([call.t0 + e for _, e in segs], dtype=np.float64)
         for i, (u, ff, ja) in enumerate(zip(spoken, first, arr, strict=True)):
             if ff is None or ja is None or not w0 <= ff[0] < w1:
                 continue
