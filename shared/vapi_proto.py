@@ -118,24 +118,65 @@ class Other:
 
 VapiMessage = StatusUpdate | UserInterrupted | SpeechUpdate | Transcript | ToolCalls | Other
 
+# Bounds on what a Vapi message may hand the worker. Every field is untrusted: parsed values end
+# up in events, logs, Redis and the transfer allow-list check, so each has its declared type and a
+# size, or the message is refused (BadMessage) or the field falls back to its default.
+MAX_TYPE = 128  # message type names are short
+MAX_WORD = 200  # status, role, endedReason, ids, tool names
+MAX_TEXT = 8000  # one transcript
+MAX_TOOL_CALLS = 64
+MAX_ARGUMENTS = 64 * 1024  # a tool call's arguments as a JSON string
+MAX_TARGET = 256  # a transfer destination (E.164 number or SIP URI)
+
+
+class BadMessage(ValueError):
+    """A control message we cannot act on; `cause` is a bounded metric label."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _word(value: Any) -> str | None:
+    """A short string, else None (a number, object, list, null or huge string is not a word)."""
+    return value if isinstance(value, str) and len(value) <= MAX_WORD else None
+
+
+def _required_word(msg: dict[str, Any], key: str) -> str:
+    value = _word(msg.get(key))
+    if value is None:
+        raise BadMessage("bad_field")
+    return value
+
+
+def _arguments(raw: Any) -> dict[str, Any]:
+    """Arguments arrive as an object or as a JSON string of one (docs/protocols.md)."""
+    if isinstance(raw, str):
+        if len(raw) > MAX_ARGUMENTS:
+            return {}
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return {}
+    return raw if isinstance(raw, dict) else {}
+
 
 def _tool_call(item: dict[str, Any]) -> ToolCall:
     """Tool calls come as {id, function:{name, arguments}} (spec) or {id, name, parameters}."""
     raw_fn = item.get("function")
     fn: dict[str, Any] = raw_fn if isinstance(raw_fn, dict) else {}
-    name = fn.get("name") or item.get("name") or ""
-    args: Any = fn.get("arguments", item.get("parameters", item.get("arguments", {})))
-    if isinstance(args, str):
-        try:
-            args = orjson.loads(args)
-        except orjson.JSONDecodeError:
-            args = {"raw": args}
-    arguments = args if isinstance(args, dict) else {}
-    return ToolCall(id=str(item.get("id", "")), name=str(name), arguments=arguments)
+    name = _word(fn.get("name")) or _word(item.get("name")) or ""
+    if "arguments" in fn:
+        args = fn["arguments"]
+    else:
+        args = item.get("parameters", item.get("arguments"))
+    return ToolCall(id=_word(item.get("id")) or "", name=name, arguments=_arguments(args))
 
 
 def parse(text: str | bytes) -> VapiMessage:
-    """Parse a JSON text frame from Vapi; raises ValueError when it is not a typed object."""
+    """Parse a JSON text frame from Vapi. Raises ValueError (BadMessage for a known type with
+    unusable fields) when there is nothing to act on; optional fields of the wrong type or size
+    are dropped to their default instead of refusing the message."""
     try:
         msg = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -143,31 +184,43 @@ def parse(text: str | bytes) -> VapiMessage:
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ValueError("no type")
     kind: str = msg["type"]
+    if len(kind) > MAX_TYPE:
+        raise BadMessage("bad_type")
     if kind == "status-update":
-        return StatusUpdate(status=str(msg.get("status", "")), ended_reason=msg.get("endedReason"))
+        return StatusUpdate(status=_required_word(msg, "status"), ended_reason=_word(msg.get("endedReason")))
     if kind == "user-interrupted":
-        return UserInterrupted(turn_id=msg.get("turnId"))
+        return UserInterrupted(turn_id=_word(msg.get("turnId")))
     if kind == "speech-update":
         turn = msg.get("turn")
-        return SpeechUpdate(role=str(msg.get("role", "")), status=str(msg.get("status", "")),
-                            turn=turn if isinstance(turn, int) else None)
+        return SpeechUpdate(role=_required_word(msg, "role"), status=_required_word(msg, "status"),
+                            turn=turn if type(turn) is int and 0 <= turn < 2**31 else None)
     if kind.startswith("transcript"):
+        text_ = msg.get("transcript")
+        if not isinstance(text_, str):
+            raise BadMessage("bad_field")
         final = msg.get("transcriptType") == "final" or 'transcriptType="final"' in kind
-        return Transcript(role=str(msg.get("role", "")), final=final, text=str(msg.get("transcript", "")))
+        return Transcript(role=_required_word(msg, "role"), final=final, text=text_[:MAX_TEXT])
     if kind == "tool-calls":
-        items = msg.get("toolCallList") or []
-        return ToolCalls(calls=[_tool_call(i) for i in items if isinstance(i, dict)])
+        items = msg.get("toolCallList")
+        if not isinstance(items, list):
+            raise BadMessage("bad_field")
+        return ToolCalls(calls=[_tool_call(i) for i in items[:MAX_TOOL_CALLS] if isinstance(i, dict)])
     return Other(type=kind, raw=msg)
 
 
 def transfer_target(call: ToolCall) -> str | None:
-    """The number or SIP URI a transfer tool call names, if any."""
+    """The number or SIP URI a transfer tool call names, if any: the first candidate that is a
+    non-empty string of a plausible size (anything else names no destination)."""
     if call.name not in TRANSFER_TOOLS:
         return None
     args = call.arguments
     dest = args.get("destination")
+    candidates: tuple[Any, ...]
     if isinstance(dest, dict):
-        value = dest.get("number") or dest.get("sipUri")
+        candidates = (dest.get("number"), dest.get("sipUri"))
     else:
-        value = dest or args.get("number") or args.get("phoneNumber") or args.get("sipUri")
-    return str(value) if value else None
+        candidates = (dest, args.get("number"), args.get("phoneNumber"), args.get("sipUri"))
+    for value in candidates:
+        if isinstance(value, str) and value.strip() and len(value) <= MAX_TARGET:
+            return value
+    return None

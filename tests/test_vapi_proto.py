@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from typing import Any
+
 import orjson
+import pytest
 
 from shared import vapi_proto as V
 
@@ -80,3 +86,115 @@ def test_resumed_call_body_and_history_message() -> None:
     assert msg["message"]["content"].endswith("Caller: I need a refund\nAssistant: Sure.")
     long = V.conversation_so_far([("user", "x" * 10_000)], limit=100)
     assert long is not None and len(orjson.loads(long)["message"]["content"]) < 400
+
+
+# Untrusted fields --------------------------------------------------------------------------------
+
+HUGE = "x" * 1_000_000
+WRONG_TYPES: list[Any] = [0, 7, -1, 1.5, True, False, None, {}, {"a": 1}, [], ["ended"], HUGE]
+
+# One well-formed message per kind parse() handles; every field of each is replaced in turn.
+GOOD: dict[str, dict[str, Any]] = {
+    "status-update": {"type": "status-update", "status": "ended", "endedReason": "assistant-ended-call"},
+    "user-interrupted": {"type": "user-interrupted", "turnId": "t1"},
+    "speech-update": {"type": "speech-update", "status": "started", "role": "user", "turn": 2},
+    "transcript": {"type": "transcript", "role": "user", "transcriptType": "final", "transcript": "hi"},
+    "tool-calls": {"type": "tool-calls", "toolCallList": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "transferCall", "arguments": '{"destination":"+14155550100"}'}}]},
+    "hang": {"type": "hang"},
+}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """`value` has the declared type `hint` exactly (bool is not an int here)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return type(value) is list and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(hint)
+        return type(value) is dict and all(_conforms(a, k) and _conforms(b, v) for a, b in value.items())
+    if dataclasses.is_dataclass(hint):
+        return type(value) is hint and _well_typed(value)
+    return type(value) is hint
+
+
+def _well_typed(msg: Any) -> bool:
+    hints = typing.get_type_hints(type(msg), globalns=vars(V))
+    return all(_conforms(getattr(msg, f.name), hints[f.name]) for f in dataclasses.fields(msg))
+
+
+def _bounded(msg: Any, limit: int = 10_000) -> bool:
+    """No string the parser hands on is huge (they end up in events, logs and Redis)."""
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, str) and len(value) > limit:
+            return False
+        if isinstance(value, list) and not all(_bounded(v, limit) for v in value
+                                               if dataclasses.is_dataclass(v)):
+            return False
+    return True
+
+
+def _variants() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for kind, good in GOOD.items():
+        for field_name in good:
+            for bad in WRONG_TYPES:
+                if field_name == "type" and not isinstance(bad, str):
+                    continue  # a non-string type is refused outright (test_garbage_raises_value_error)
+                out.append((f"{kind}.{field_name}={str(bad)[:12]!r}", {**good, field_name: bad}))
+            out.append((f"{kind}.{field_name} missing", {k: v for k, v in good.items() if k != field_name}))
+    calls = GOOD["tool-calls"]["toolCallList"][0]
+    for bad in WRONG_TYPES:
+        out.append((f"tool.id={str(bad)[:12]!r}",
+                    {"type": "tool-calls", "toolCallList": [{**calls, "id": bad}]}))
+        out.append((f"tool.function={str(bad)[:12]!r}",
+                    {"type": "tool-calls", "toolCallList": [{**calls, "function": bad}]}))
+        out.append((f"tool.name={str(bad)[:12]!r}", {"type": "tool-calls", "toolCallList": [
+            {"id": "c", "function": {"name": bad, "arguments": "{}"}}]}))
+        out.append((f"tool.arguments={str(bad)[:12]!r}", {"type": "tool-calls", "toolCallList": [
+            {"id": "c", "function": {"name": "transferCall", "arguments": bad}}]}))
+        out.append((f"tool.destination={str(bad)[:12]!r}", {"type": "tool-calls", "toolCallList": [
+            {"id": "c", "function": {"name": "transferCall", "arguments": {"destination": bad}}}]}))
+        out.append((f"tool.destination.number={str(bad)[:12]!r}", {"type": "tool-calls", "toolCallList": [
+            {"id": "c", "name": "transfer", "parameters": {"destination": {"number": bad}}}]}))
+        out.append((f"toolCallList item={str(bad)[:12]!r}", {"type": "tool-calls", "toolCallList": [bad]}))
+    out.append(("toolCallList huge", {"type": "tool-calls", "toolCallList": [calls] * 10_000}))
+    out.append(("type huge", {"type": "y" * 100_000}))
+    out.append(("transcript type huge", {"type": "transcript" + "z" * 100_000, "transcript": "a"}))
+    return out
+
+
+@pytest.mark.parametrize(("name", "msg"), _variants(), ids=[n for n, _m in _variants()])
+def test_every_field_is_untrusted(name: str, msg: dict[str, Any]) -> None:
+    """Each field of each message kind, replaced by a number, an object, null, a list or a huge
+    string: parse() either refuses the message (ValueError) or returns fields of their declared
+    types, bounded in size; transfer_target() then yields a bounded string or None."""
+    try:
+        parsed = V.parse(orjson.dumps(msg))
+    except ValueError:
+        return
+    assert _well_typed(parsed), parsed
+    assert _bounded(parsed), name
+    if isinstance(parsed, V.ToolCalls):
+        assert len(parsed.calls) <= 64
+        for call in parsed.calls:
+            target = V.transfer_target(call)
+            assert target is None or (type(target) is str and 0 < len(target) <= 256), target
+
+
+def test_status_update_with_a_bad_ended_reason_still_ends_the_call() -> None:
+    """The fields the worker acts on survive a bad neighbour: `ended` still ends the call."""
+    for bad in (5, {"code": 1}, ["x"], None, True):
+        msg = V.parse(orjson.dumps({"type": "status-update", "status": "ended", "endedReason": bad}))
+        assert msg == V.StatusUpdate("ended", None)
+    assert V.parse(orjson.dumps({"type": "speech-update", "status": "started", "role": "user",
+                                 "turn": True})) == V.SpeechUpdate("user", "started", None)
