@@ -3,7 +3,8 @@
 Twilio signs every webhook and the Media Stream upgrade with HMAC-SHA1 over the URL it was
 given; we validate against the configured public URL (never the Host header, which a proxy
 rewrites). The stream token is defence in depth: an HMAC over the CallSid that any gateway replica
-can verify, so a leaked stream URL alone cannot open a paid Vapi session.
+can verify, so a leaked stream URL alone cannot open a paid Vapi session; each token carries a
+random nonce so it is single-use on its own, not per call and second.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 
@@ -41,23 +43,27 @@ def ws_signature_ok(auth_token: str, stream_url: str, signature: str | None) -> 
         return False
 
 
-def _mac(secret: bytes, call_sid: str, expires: int) -> str:
-    digest = hmac.new(secret, f"{call_sid}.{expires}".encode(), hashlib.sha256).digest()
+def _mac(secret: bytes, call_sid: str, expires: int, nonce: str) -> str:
+    digest = hmac.new(secret, f"{call_sid}.{expires}.{nonce}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest[:18]).decode()
 
 
 def make_stream_token(secret: bytes, call_sid: str, ttl_s: int, now: float | None = None) -> str:
+    """`{expires}.{nonce}.{mac}`. The random nonce makes every token distinct: the gateway marks
+    a token used by its MAC (`tok:{mac}`), and two tokens for one call minted in the same second
+    (an answer and a quick re-attach) must not look like a replay of each other."""
     expires = int((time.time() if now is None else now) + ttl_s)
-    return f"{expires}.{_mac(secret, call_sid, expires)}"
+    nonce = base64.urlsafe_b64encode(secrets.token_bytes(9)).decode()
+    return f"{expires}.{nonce}.{_mac(secret, call_sid, expires, nonce)}"
 
 
 def verify_stream_token(secret: bytes, call_sid: str, token: str, now: float | None = None) -> bool:
     """True when `token` was minted for `call_sid` and has not expired."""
     try:
-        exp_s, mac = token.split(".", 1)
+        exp_s, nonce, mac = token.split(".")
         expires = int(exp_s)
     except (ValueError, AttributeError):
         return False
-    if expires < (time.time() if now is None else now):
+    if expires < (time.time() if now is None else now) or len(nonce) > 32:
         return False
-    return hmac.compare_digest(mac, _mac(secret, call_sid, expires))
+    return hmac.compare_digest(mac, _mac(secret, call_sid, expires, nonce))

@@ -401,3 +401,46 @@ async def test_reattaching_is_bounded(gw: Gw, redis: aioredis.Redis) -> None:
         outcomes.append(root[0].tag)
     assert outcomes[: gw.settings.max_reattaches] == ["Connect"] * gw.settings.max_reattaches
     assert outcomes[-1] == "Say" and root[-1].tag == "Hangup"
+
+
+async def _attached(gw: Gw, redis: aioredis.Redis, sid: str, starts: int) -> None:
+    """Wait until `starts` start entries are on the call's inbound stream."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        got = [f for f in await _entries(redis, gw.keys.inbound(sid)) if f[b"k"] == b"start"]
+        if len(got) >= starts:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"only {len(got)} of {starts} starts"
+        await asyncio.sleep(0.01)
+
+
+async def test_reattach_token_minted_in_the_same_second_as_a_used_one_is_accepted(
+    gw: Gw, redis: aioredis.Redis
+) -> None:
+    """Two `<Connect action>` answers within one second carry different tokens, so the second
+    re-attach is not refused as `token_reused`."""
+    sid = call_sid()
+    first = await _open(gw)
+    await first.send(_start_msg(sid, await _answer(gw, sid)))
+    await _attached(gw, redis, sid, 1)
+    await first.close()
+
+    async def reattach_token() -> str:
+        root = ET.fromstring((await _post(gw, "/twilio/stream-ended", _form(sid))).text)
+        param = root.find("./Connect/Stream/Parameter")
+        assert param is not None
+        return str(param.get("value"))
+
+    # Two tokens minted in the same second (the expiry is their first part); consecutive pairs
+    # straddle a second boundary at most once, so this takes at most three answers.
+    a, b = await reattach_token(), await reattach_token()
+    while a.split(".")[0] != b.split(".")[0]:
+        a, b = b, await reattach_token()
+    rejected_before = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="token_reused")
+    for n, token in enumerate((a, b), start=2):
+        ws = await _open(gw)
+        await ws.send(_start_msg(sid, token, stream_sid=f"MZ{n:032d}"))
+        await _attached(gw, redis, sid, n)
+        await ws.close()
+    reused = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="token_reused")
+    assert reused == rejected_before

@@ -66,8 +66,8 @@ def test_stream_token_roundtrip_expiry_and_binding() -> None:
     assert not verify_stream_token(secret, sid, tok, now=1061.0)  # expired
     assert not verify_stream_token(secret, "CA" + "b" * 32, tok, now=1030.0)  # other call
     assert not verify_stream_token(b"x" * 32, sid, tok, now=1030.0)  # other secret
-    exp, mac = tok.split(".")
-    assert not verify_stream_token(secret, sid, f"{int(exp) + 1000}.{mac}", now=1030.0)  # extended
+    exp, nonce, mac = tok.split(".")
+    assert not verify_stream_token(secret, sid, f"{int(exp) + 1000}.{nonce}.{mac}", now=1030.0)  # extended
     for junk in ("", "abc", "1.2.3", "notanumber.mac"):
         assert not verify_stream_token(secret, sid, junk, now=1030.0)
 
@@ -124,3 +124,21 @@ def test_transfer_allow_list() -> None:
     assert not s.transfer_allowed("+19005550199")
     assert not s.transfer_allowed("sip:desk@pbx.example.com.evil")
     assert Settings(TRANSFER_ALLOW="*").transfer_allowed("+1900")  # type: ignore[call-arg]
+
+
+def test_two_tokens_for_one_call_in_the_same_second_differ_and_both_verify() -> None:
+    """A re-attach minted in the same second as a used token must not collide with it: the
+    gateway marks tokens used by their MAC, so equal tokens would refuse the re-attach."""
+    secret = b"k" * 32
+    sid = "CA" + "a" * 32
+    tokens = {make_stream_token(secret, sid, ttl_s=60, now=1000.0) for _ in range(50)}
+    assert len(tokens) == 50
+    assert len({t[-24:] for t in tokens}) == 50, "the used-token marker (last 24 chars) differs too"
+    for tok in tokens:
+        assert verify_stream_token(secret, sid, tok, now=1030.0)
+        assert len(tok) < 100, "a <Parameter> name + value stays far under Twilio's 500 characters"
+    tok = next(iter(tokens))
+    exp, nonce, mac = tok.split(".")
+    other_nonce = ("A" if nonce[0] != "A" else "B") + nonce[1:]
+    assert not verify_stream_token(secret, sid, f"{exp}.{other_nonce}.{mac}", now=1030.0)
+    assert not verify_stream_token(secret, sid, f"{exp}.{mac}", now=1030.0)  # nonce stripped
