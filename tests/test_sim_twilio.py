@@ -1,7 +1,10 @@
-"""Tests for the Twilio simulator (sim/twilio.py) against a tiny throwaway gateway.
+"""Tests for the Twilio stand-in (sim/twilio/) against a tiny throwaway gateway.
 
 Everything runs over real loopback sockets: the gateway below is a FastAPI app under uvicorn
-(in-process), the simulator is the real thing. Waits are event-driven with timeouts.
+(in-process), the stand-in is the real thing. Waits are event-driven with deadlines, never a
+sleep; where time must pass, the caller's 20 ms media frames arriving at the gateway are the
+clock. Timing bounds leave room for a machine with one of two cores busy elsewhere: a lower bound
+the model guarantees is exact, an upper bound only says "soon, not much later".
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from fastapi import FastAPI, Request, Response, WebSocket
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
+from shared.serving import quiet_server
 from sim.twilio import SimCall, TwilioObserver, TwilioSim, TwilioSimError
+from sim.twilio.playout import Playout
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -279,8 +284,7 @@ class FakeGateway(Waitable):
             self.app, log_level="warning", lifespan="off", ws="websockets-sansio",
             timeout_graceful_shutdown=1,
         )
-        server = uvicorn.Server(config)
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        server = quiet_server(config)
         self._server = server
         self._task = asyncio.create_task(server.serve(sockets=[sock]))
         for _ in range(300):
@@ -418,12 +422,14 @@ async def test_pacing_and_caller_audio(env: tuple[FakeGateway, TwilioSim]) -> No
     calls[0].say(speech)
     calls[1].say_pcm(audioop.ulaw2lin(speech, 2))
 
+    # 50 frames/s per call: counted over 2 s so that a stall at either end of the window (the
+    # ticker catches up afterwards) moves a few frames, not the verdict.
     t1 = time.monotonic() + 0.1
     for conn in conns:
-        await conn.wait_for(lambda c=conn: bool(c.media_arrivals()) and c.media_arrivals()[-1] >= t1 + 1.0)
+        await conn.wait_for(lambda c=conn: c.media_since(t1 + 2.0), timeout=5.0)
     for conn in conns:
-        n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 1.0)
-        assert abs(n - 50) <= 2, n
+        n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 2.0)
+        assert abs(n - 100) <= 5, n
 
     await calls[0].wait_speaking_done(timeout=3)
     await calls[1].wait_speaking_done(timeout=3)
@@ -440,7 +446,7 @@ async def test_pacing_and_caller_audio(env: tuple[FakeGateway, TwilioSim]) -> No
     assert len(seg) == 1 and abs((seg[0][1] - seg[0][0]) - 0.5125) < 0.01
     # Each frame goes out once its 20 ms of audio exist, i.e. after the audio's call time.
     t_sent = calls[0].sent_time_at(seg[0][1] - 0.001)
-    assert t_sent is not None and seg[0][1] - 0.001 < t_sent < seg[0][1] + 0.1
+    assert t_sent is not None and seg[0][1] - 0.001 < t_sent < seg[0][1] + 0.3
     for call in calls:
         await call.hangup()
     for conn in conns:
@@ -459,15 +465,16 @@ async def test_mark_echo_waits_for_playout(env: tuple[FakeGateway, TwilioSim]) -
     assert name_rx == name_echo == "after-400ms"
     t_media = call.received_media_times[0][0]
     assert t_echo - t_media >= 0.399  # echoed only when the 400 ms had played
-    assert t_rx < t_echo < t_media + 0.65
+    assert t_rx < t_echo < t_media + 0.9  # ... and soon after (a timer, not a poll)
 
     # Buffer empty now: the next mark comes back at once.
     await conn.send_mark("empty")
     await call.wait_for(lambda: len(call.marks_echoed) == 2, timeout=3)
     assert call.marks_echoed[1][1] == "empty"
-    assert call.marks_echoed[1][0] - call.marks_sent_by_server[1][0] < 0.01
+    assert call.marks_echoed[1][0] - call.marks_sent_by_server[1][0] < 0.1
 
-    # Two chunks with a mark after each: echoes come in order, one chunk apart.
+    # Two chunks with a mark after each: echoes come in order, each once its chunk has played
+    # (the second chunk queues behind the first).
     chunk = TONE_400MS[:1600]  # 200 ms
     await conn.send_media(chunk)
     await conn.send_mark("a")
@@ -476,7 +483,9 @@ async def test_mark_echo_waits_for_playout(env: tuple[FakeGateway, TwilioSim]) -
     await call.wait_for(lambda: len(call.marks_echoed) == 4, timeout=3)
     (ta, na), (tb, nb) = call.marks_echoed[2:]
     assert (na, nb) == ("a", "b")
-    assert 0.19 <= tb - ta < 0.3
+    t_a = call.received_media_times[1][0]  # the buffer was empty: chunk a plays from here
+    assert ta >= t_a + 0.199 and tb >= t_a + 0.399
+    assert tb < t_a + 0.4 + 0.5
     await conn.wait_for(lambda: conn.mark_echo("b") is not None)
     echo = conn.mark_echo("b")
     assert echo is not None
@@ -506,13 +515,17 @@ async def test_clear_drops_unplayed_audio_and_echoes_marks(
     await conn.send_mark("second-second")
     await call.wait_for(lambda: len(call.marks_sent_by_server) == 2, timeout=3)
     t_media = call.received_media_times[0][0]
-    await asyncio.sleep(0.25)  # let ~250 ms play; assertions use the recorded clear time
+    # Let ≥ 250 ms play: a caller frame that reaches the gateway later proves the time passed.
+    played_by = call.t0 + t_media + 0.25
+    await conn.wait_for(lambda: conn.media_since(played_by))
     call.send_dtmf("*")  # the test gateway answers '*' with a clear
     await call.wait_for(lambda: len(call.marks_echoed) == 2, timeout=3)
 
     (t_clear,) = call.clears
     assert [n for _, n in call.marks_echoed] == ["first-second", "second-second"]
-    assert all(t - t_clear < 0.01 for t, _ in call.marks_echoed)  # at once, not after playout
+    causes = [d["cause"] for _, k, d in call.events if k == "mark-echoed"]
+    assert causes == ["clear", "clear"]  # released by the clear, not by playout ...
+    assert all(t - t_clear < 0.2 for t, _ in call.marks_echoed)  # ... at once (2nd: due in > 1 s)
     await conn.wait_for(lambda: conn.mark_echo("second-second") is not None)
 
     # Only what played before the clear was heard; the rest never was.
@@ -522,7 +535,7 @@ async def test_clear_drops_unplayed_audio_and_echoes_marks(
     start, end = segs[0]
     assert abs(start - t_media) < 0.002
     assert abs(end - t_clear) < 0.002
-    assert 0.2 < played < 0.6
+    assert 0.25 <= played < 0.9  # the clear came mid-playout (2 s were queued)
     n_played = len(call.heard) - int(t_media * 8000)
     assert call.heard[int(t_media * 8000) :] == TONE_1S[:n_played]
 
@@ -530,10 +543,30 @@ async def test_clear_drops_unplayed_audio_and_echoes_marks(
     await conn.send_media(TONE_400MS[:800])
     await conn.send_mark("after-clear")
     await call.wait_for(lambda: len(call.marks_echoed) == 3, timeout=3)
-    t_rx = call.marks_sent_by_server[-1][0]
-    assert 0.099 <= call.marks_echoed[-1][0] - t_rx < 0.3
+    t_rx = call.received_media_times[-1][0]  # plays from its arrival: nothing else is queued
+    assert 0.099 <= call.marks_echoed[-1][0] - t_rx < 0.6
     await call.hangup()
     assert_consecutive_seq(conn)
+
+
+def test_playout_model_without_sockets() -> None:
+    p = Playout()
+    p.media(b"\x01" * 800, now_pos=100)  # plays 100..900
+    assert p.mark("a", now_pos=200) == []  # waits for the audio queued before it
+    p.media(b"\x02" * 400, now_pos=300)  # queues behind: 900..1300
+    assert p.mark("b", now_pos=300) == [] and p.next_due() == 900
+    assert p.take_due(880) == [] and p.take_due(900) == ["a"] and p.next_due() == 1300
+    assert p.heard_until(950) == b"\xff" * 100 + b"\x01" * 800 + b"\x02" * 50
+    assert p.clear(1000) == (300, ["b"])  # unplayed rest dropped, pending mark released
+    assert p.heard == b"\xff" * 100 + b"\x01" * 800 + b"\x02" * 100
+    assert p.mark("c", now_pos=1000) == ["c"]  # nothing queued: at once
+    p.media(b"\x03" * 800, now_pos=2000)
+    assert p.mark("d", now_pos=2000) == [] and p.drop_unplayed(2100) == ["d"]
+    assert len(p.heard) == 2100 and p.next_due() is None
+
+    off = Playout(enabled=False)  # TwilioSim(playout_model=False)
+    off.media(b"\x01" * 800, now_pos=0)
+    assert off.mark("a", now_pos=0) == ["a"] and off.clear(100) == (0, [])
 
 
 async def test_signatures_over_public_url() -> None:
@@ -745,13 +778,12 @@ async def test_echo_recording_and_wav(env: tuple[FakeGateway, TwilioSim], tmp_pa
 
     heard = call.heard
     # Echo chunks play whole and in order; a chunk that arrives after the previous one has
-    # finished leaves a (real) underrun gap, so compare with silence removed.
-    assert speech.replace(b"\xff", b"") in heard.replace(b"\xff", b"")
-    (s_start, s_end), = call.sent_segments()
+    # finished leaves a (real) underrun gap, longer on a busy machine, so compare with silence
+    # removed: the caller heard exactly what it said, once.
+    assert heard.replace(b"\xff", b"") == speech.replace(b"\xff", b"")
+    (s_start, _), = call.sent_segments()
     h_segs = call.heard_segments()
-    assert len(h_segs) == 1
-    assert h_segs[0][0] > s_start  # heard after it was said
-    assert abs((h_segs[0][1] - h_segs[0][0]) - (s_end - s_start)) < 0.03
+    assert h_segs and h_segs[0][0] > s_start  # heard after it was said
     assert all(n == 800 for _, n in call.received_media_times)
 
     path = tmp_path / "call.wav"
