@@ -20,6 +20,7 @@ from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketState
 
+from gateway.records import ensure_ttl
 from gateway.state import GatewayState, SocketInfo
 from shared import metrics
 from shared import streams as S
@@ -133,8 +134,9 @@ async def media_socket(ws: WebSocket) -> None:
     except Rejected as exc:
         if exc.cause == "call_ended":
             # The worker already ended this call and waits for the stream to close: it has.
-            st.writer.xadd(st.keys.inbound(start.call_sid), S.entry(S.IN_DETACH, value=b"hangup"),
-                           st.settings.stream_maxlen)
+            in_key = st.keys.inbound(start.call_sid)
+            st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=b"hangup"), st.settings.stream_maxlen)
+            ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
         await _reject(ws, exc.cause)
         return
     call_sid_var.set(start.call_sid)
@@ -169,6 +171,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     st.writer.command("expire", in_key, st.settings.call_ttl_s)  # even if no worker ever claims it
     st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
                                                           "gateway": st.process_id})
+    ensure_ttl(st.writer, st.settings.call_ttl_s, st.keys.call(sid))
     metrics.MEDIA_SOCKETS.inc()
     info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, attached=time.monotonic())
     st.sockets[ws] = info
@@ -193,6 +196,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
                 ended if ended != "closed" else "lost")
             detach = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
             st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
+            ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
         metrics.MEDIA_CLOSED.labels(cause).inc()
         if ws.client_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
@@ -233,6 +237,7 @@ async def _receive_loop(
             # Recorded here too, so a worker taking the call over later knows it is over.
             st.writer.command("hset", call_key, mapping={
                 "status": S.STATUS_ENDED, "end_reason": "caller-hangup"})
+            ensure_ttl(st.writer, st.settings.call_ttl_s, in_key, call_key)
             return "stop"
         elif isinstance(event, Unknown):
             _drop("unknown_event")
@@ -276,6 +281,7 @@ async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo) -> Non
     info.closed_by = "no_worker"
     st.writer.command("hset", key, mapping={"status": S.STATUS_ENDED, "end_reason": "no-worker",
                                             "say": st.settings.unavailable_message})
+    ensure_ttl(st.writer, st.settings.call_ttl_s, key)
     await st.writer.flush()
     with contextlib.suppress(Exception):
         await ws.close(code=NORMAL)

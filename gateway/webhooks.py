@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from redis.exceptions import RedisError
 
 from gateway import twiml
+from gateway.records import ENSURE_TTL, ensure_ttl
 from gateway.state import GatewayState
 from shared import metrics
 from shared.logs import call_sid_var
@@ -128,7 +129,10 @@ async def stream_ended(request: Request) -> Response:
         # The socket went away while the call lives (a gateway drained or died): re-attach,
         # a bounded number of times, so a socket that keeps failing cannot loop forever.
         try:
-            attempts = await st.redis.hincrby(st.keys.call(sid), "reattaches", 1)
+            pipe = st.redis.pipeline(transaction=False)
+            pipe.hincrby(st.keys.call(sid), "reattaches", 1)
+            pipe.eval(ENSURE_TTL, 1, st.keys.call(sid), st.settings.call_ttl_s)  # expired meanwhile?
+            attempts, _ = await pipe.execute()
         except (RedisError, OSError):
             return _unavailable("stream_ended")
         if attempts > st.settings.max_reattaches:
@@ -152,13 +156,8 @@ async def status(request: Request) -> Response:
     detail = form.get("StreamError", "")
     if kind == "stream-error":
         log.warning("twilio reported a stream error", extra={"stream_error": detail})
-    try:
-        st.writer.xadd(
-            st.keys.events(sid),
-            entry(b"twilio-status", value=f"{kind} {detail}".strip()[:500]),
-            maxlen=1000,
-        )
-    except (RedisError, OSError):
-        return _unavailable("status")
+    events = st.keys.events(sid)
+    st.writer.xadd(events, entry(b"twilio-status", value=f"{kind} {detail}".strip()[:500]), maxlen=1000)
+    ensure_ttl(st.writer, st.settings.call_ttl_s, events)  # the callback may come first
     metrics.WEBHOOKS.labels("status", "ok").inc()
     return Response(status_code=204)

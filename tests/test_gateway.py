@@ -444,3 +444,52 @@ async def test_reattach_token_minted_in_the_same_second_as_a_used_one_is_accepte
         await ws.close()
     reused = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="token_reused")
     assert reused == rejected_before
+
+
+async def _ttls(redis: aioredis.Redis, prefix: str) -> dict[str, int]:
+    return {k.decode(): await redis.ttl(k) async for k in redis.scan_iter(match=f"{prefix}*")}
+
+
+async def test_every_key_the_gateway_creates_expires(gw: Gw, redis: aioredis.Redis, prefix: str) -> None:
+    """A call whose every process died must not leave keys behind: each key a gateway write can
+    create (also after the hash or `:in` vanished) has an expiry, and an ended call's shorter
+    expiry is not stretched back to CALL_TTL_S. The job queue `calls` is the one exception."""
+    from shared import streams as S
+
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    form = {**_form(sid), "StreamEvent": "stream-started"}
+    assert (await _post(gw, "/twilio/status", form)).status_code == 204  # creates :events
+    await gw.state.writer.flush()
+    assert 0 < await redis.ttl(gw.keys.events(sid)) <= gw.settings.call_ttl_s
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, token))
+    await _attached(gw, redis, sid, 1)
+    await ws.send(_media_msg(b"\x01" * 160))
+    await redis.delete(gw.keys.call(sid))  # the hash expired (or Redis lost it) mid-call
+    await ws.send(f'{{"event":"stop","sequenceNumber":"9","stop":{{"callSid":"{sid}"}}}}')
+    deadline = asyncio.get_running_loop().time() + 5
+    while await redis.hget(gw.keys.call(sid), "status") != b"ended":
+        assert asyncio.get_running_loop().time() < deadline, "stop was not recorded"
+        await asyncio.sleep(0.01)
+
+    # A socket for a call that ended while its :in had already gone: the gateway writes detach.
+    ended = call_sid()
+    token = await _answer(gw, ended)
+    await redis.hset(gw.keys.call(ended), "status", S.STATUS_ENDED)
+    ws = await _open(gw)
+    await ws.send(_start_msg(ended, token))
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 5)
+    # A worker completed this one: its keys carry ENDED_TTL_S, which a late status callback keeps.
+    await redis.expire(gw.keys.events(sid), 120)
+    late = await _post(gw, "/twilio/status", {**_form(sid), "StreamEvent": "stream-stopped"})
+    assert late.status_code == 204
+    await gw.state.writer.flush()
+
+    ttls = await _ttls(redis, prefix)
+    assert gw.keys.inbound(ended) in ttls, "the detach was written"
+    persistent = sorted(k for k, ttl in ttls.items() if ttl < 0 and k != gw.keys.calls)
+    assert persistent == [], persistent
+    assert all(ttl <= gw.settings.call_ttl_s for ttl in ttls.values())
+    assert 0 < ttls[gw.keys.events(sid)] <= 120
