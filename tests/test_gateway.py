@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -493,3 +494,28 @@ async def test_every_key_the_gateway_creates_expires(gw: Gw, redis: aioredis.Red
     assert persistent == [], persistent
     assert all(ttl <= gw.settings.call_ttl_s for ttl in ttls.values())
     assert 0 < ttls[gw.keys.events(sid)] <= 120
+
+
+async def test_caller_numbers_are_masked_at_info_and_whole_only_at_debug(
+    gw: Gw, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call through the gateway (webhook, stream, stop): no INFO-or-above line carries a whole
+    phone number, in its message or its structured fields; DEBUG may."""
+    from shared.logs import JsonFormatter
+
+    caplog.set_level(logging.DEBUG, logger="callbridge")
+    sid = call_sid()
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, await _answer(gw, sid)))
+    await _attached(gw, redis, sid, 1)
+    await ws.send(f'{{"event":"stop","sequenceNumber":"2","stop":{{"callSid":"{sid}"}}}}')
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 5)
+    fmt = JsonFormatter()
+    lines = [(r.levelno, fmt.format(r)) for r in caplog.records if r.name.startswith("callbridge")]
+    numbers = ("15550001111", "15550002222")
+    loud = [line for level, line in lines if level >= logging.INFO]
+    assert any("call answered" in line for line in loud)
+    assert not [line for line in loud if any(n in line for n in numbers)], loud
+    assert any("***1111" in line for line in loud), "the masked caller number is still logged"
+    assert any(numbers[0] in line for level, line in lines if level == logging.DEBUG)
