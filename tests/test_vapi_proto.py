@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
+from websockets.asyncio.server import serve
 
 from shared import vapi_proto as V
+from shared.settings import Settings
+from worker.vapi_client import VapiCall, VapiClient, VapiError
 
 
 def test_create_call_body_shape() -> None:
@@ -198,3 +205,105 @@ def test_status_update_with_a_bad_ended_reason_still_ends_the_call() -> None:
         assert msg == V.StatusUpdate("ended", None)
     assert V.parse(orjson.dumps({"type": "speech-update", "status": "started", "role": "user",
                                  "turn": True})) == V.SpeechUpdate("user", "started", None)
+
+
+# Where the Vapi key may go (worker/vapi_client.py) --------------------------------------------
+
+KEY = "vapi-private-key-do-not-leak"
+
+
+@contextlib.asynccontextmanager
+async def _ws_server(seen: list[dict[str, str]]) -> AsyncIterator[int]:
+    """A loopback websocket server that records each upgrade's headers and stays open."""
+
+    def record(_conn: Any, request: Any) -> None:
+        seen.append({k.lower(): v for k, v in request.headers.raw_items()})
+
+    async def handler(ws: Any) -> None:
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, process_request=record) as server:
+        yield server.sockets[0].getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def _http_answer(body: bytes) -> AsyncIterator[int]:
+    """A loopback HTTP server answering every request with 201 and `body` (a Vapi POST /call)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+def _client(base_url: str) -> VapiClient:
+    return VapiClient(Settings(VAPI_API_KEY=KEY, VAPI_BASE_URL=base_url,  # type: ignore[call-arg]
+                               VAPI_CONNECT_TIMEOUT_S=5))
+
+
+async def test_the_vapi_key_goes_only_to_the_configured_vapi_host() -> None:
+    """The transport URL comes from Vapi's response: a socket on the configured host (same
+    scheme, host and port as VAPI_BASE_URL) gets the bearer key, a socket on any other host is
+    opened without it."""
+    vapi_seen: list[dict[str, str]] = []
+    foreign_seen: list[dict[str, str]] = []
+    async with _ws_server(vapi_seen) as vapi_port, _ws_server(foreign_seen) as foreign_port:
+        client = _client(f"http://127.0.0.1:{vapi_port}")
+        try:
+            for seen, port in ((vapi_seen, vapi_port), (foreign_seen, foreign_port)):
+                ws = await client.connect(VapiCall("c1", f"ws://127.0.0.1:{port}/c1/transport"))
+                await ws.close()
+                assert len(seen) == 1
+        finally:
+            await client.aclose()
+    assert vapi_seen[0].get("authorization") == f"Bearer {KEY}"
+    assert "authorization" not in foreign_seen[0], "the private key went to a foreign host"
+    assert not any(KEY in value for value in foreign_seen[0].values())
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/c1/transport",  # not a websocket URL
+    "ftp://api.vapi.test/c1",
+    "ws://api.vapi.test/c1/transport",  # plain text although Vapi is https
+    "wss:///c1/transport",  # no host
+    "wss://api.vapi.test:99999/c1",  # no valid port
+    "",
+])
+async def test_a_transport_url_we_may_not_open_is_a_clear_vapi_error(url: str) -> None:
+    client = _client("https://api.vapi.test")
+    try:
+        with pytest.raises(VapiError) as info:
+            await client.connect(VapiCall("c1", url))
+    finally:
+        await client.aclose()
+    assert (info.value.reason, info.value.kind) == ("vapi-error", "bad_response")
+    text = f"{info.value} {info.value!r} {info.value.detail}"
+    assert "/c1" not in text and KEY not in text, "the URL (a credential) or the key leaked"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"id":"c1","transport":{"websocketCallUrl":{"url":"wss://x"}}}',
+    b'{"id":"c1","transport":{"websocketCallUrl":7}}',
+    b'{"id":"c1","transport":{"websocketCallUrl":null}}',
+    b'{"id":"c1","transport":"wss://x"}',
+    b'{"id":{"a":1},"transport":{"websocketCallUrl":"wss://x/c1"}}',
+    b'{"id":"c1","transport":{"websocketCallUrl":"wss://x/' + b"a" * 10_000 + b'"}}',
+    b'["c1"]',
+])
+async def test_create_call_answer_with_bad_fields_is_a_clear_vapi_error(body: bytes) -> None:
+    async with _http_answer(body) as port:
+        client = _client(f"http://127.0.0.1:{port}")
+        try:
+            with pytest.raises(VapiError) as info:
+                await client.create_call({"assistantId": "a"})
+        finally:
+            await client.aclose()
+    assert (info.value.reason, info.value.kind) == ("vapi-error", "bad_response")

@@ -1,7 +1,9 @@
 """Vapi's control plane: create a websocket-transport call and open its transport socket.
 
 `websocketCallUrl` is a bearer secret (the bare URL joins the live call), so it never leaves
-this module in a log line or an exception message.
+this module in a log line or an exception message. It also names the host we connect to, and
+Vapi's answer is not ours to trust with our private key: the key goes only to the host
+VAPI_BASE_URL names (see `transport_credentials`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -37,6 +40,55 @@ class VapiCall:
 
     def __repr__(self) -> str:  # keep the secret URL out of reprs and tracebacks
         return f"VapiCall(id={self.id!r})"
+
+
+MAX_URL = 2048  # a transport URL is a host and an id, far below this
+MAX_ID = 200
+
+
+class UnusableUrl(ValueError):
+    """A transport URL we will not open; the message never contains the URL."""
+
+
+def created_call(data: Any) -> VapiCall:
+    """The call id and transport URL of a `POST /call` answer. Both are untrusted: anything but
+    strings of a sane size is refused (ValueError) rather than turned into a URL by str()."""
+    transport = data.get("transport") if isinstance(data, dict) else None
+    url = transport.get("websocketCallUrl") if isinstance(transport, dict) else None
+    call_id = data.get("id", "") if isinstance(data, dict) else None
+    if not isinstance(url, str) or not url or len(url) > MAX_URL:
+        raise ValueError("no usable transport.websocketCallUrl")
+    if not isinstance(call_id, str) or len(call_id) > MAX_ID:
+        raise ValueError("no usable id")
+    return VapiCall(id=call_id, websocket_url=url)
+
+
+def _origin(url: str) -> tuple[bool, str, int]:
+    """(secure, host, port) of an http(s)/ws(s) URL; ValueError for a port out of range."""
+    parts = urlsplit(url)
+    secure = parts.scheme in ("https", "wss")
+    return secure, (parts.hostname or "").lower(), parts.port or (443 if secure else 80)
+
+
+def transport_credentials(base_url: str, ws_url: str) -> bool:
+    """Whether the transport upgrade may carry our API key: only when it goes to the origin
+    (scheme, host, port) of VAPI_BASE_URL. Vapi's transport host is its own to choose (its
+    sample answer names a host other than api.vapi.ai) and the URL is itself the credential
+    there, so another host is opened without the key. Refused (UnusableUrl): a URL that is not
+    ws(s), has no host, or is plain ws while the API is https."""
+    try:
+        scheme = urlsplit(ws_url).scheme
+        secure, host, port = _origin(ws_url)
+        base = _origin(base_url)
+    except ValueError:
+        raise UnusableUrl("malformed websocketCallUrl") from None
+    if scheme not in ("ws", "wss"):
+        raise UnusableUrl("websocketCallUrl is not a ws(s) URL")
+    if not host:
+        raise UnusableUrl("websocketCallUrl has no host")
+    if base[0] and not secure:
+        raise UnusableUrl("plain ws:// websocketCallUrl while VAPI_BASE_URL is https")
+    return (secure, host, port) == base
 
 
 class VapiClient:
@@ -67,11 +119,9 @@ class VapiClient:
                 raise VapiError("vapi-unreachable", "connect", type(exc).__name__) from None
             if resp.status_code in (200, 201):
                 try:
-                    data = resp.json()
-                    return VapiCall(id=str(data.get("id", "")),
-                                    websocket_url=str(data["transport"]["websocketCallUrl"]))
-                except (ValueError, KeyError, TypeError):
-                    raise VapiError("vapi-error", "bad_response", "no transport.websocketCallUrl") from None
+                    return created_call(resp.json())
+                except ValueError as exc:  # our own message, never the URL
+                    raise VapiError("vapi-error", "bad_response", str(exc)) from None
             detail = f"HTTP {resp.status_code}: {resp.text[:200]}"
             if resp.status_code == 429:
                 raise VapiError("vapi-rate-limited", "http_429", detail)
@@ -84,9 +134,15 @@ class VapiClient:
     async def connect(self, call: VapiCall) -> ClientConnection:
         s = self._settings
         try:
+            with_key = transport_credentials(s.vapi_base_url, call.websocket_url)
+        except UnusableUrl as exc:
+            raise VapiError("vapi-error", "bad_response", str(exc)) from None
+        if not with_key:
+            log.debug("vapi transport is on another host than VAPI_BASE_URL; connecting without the key")
+        try:
             return await connect(
                 call.websocket_url,
-                additional_headers={"Authorization": f"Bearer {s.vapi_key}"},
+                additional_headers={"Authorization": f"Bearer {s.vapi_key}"} if with_key else None,
                 user_agent_header=USER_AGENT,
                 open_timeout=s.vapi_connect_timeout_s,
                 ping_interval=s.vapi_ping_interval_s,
