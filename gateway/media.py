@@ -44,8 +44,9 @@ from shared.twilio_proto import (
 log = logging.getLogger("callbridge.gateway.media")
 router = APIRouter()
 
-# Close codes: 1008 policy violation (auth), 1013 try again later (draining / Redis down).
-POLICY, TRY_LATER, NORMAL = 1008, 1013, 1000
+# Close codes: 1008 policy violation (auth, a malformed start), 1013 try again later (draining /
+# Redis down), 1011 internal error (the socket is ended so that Twilio re-attaches).
+POLICY, TRY_LATER, NORMAL, INTERNAL_ERROR = 1008, 1013, 1000, 1011
 
 
 class Rejected(Exception):
@@ -58,31 +59,31 @@ def _drop(cause: str) -> None:
     metrics.DROPPED.labels(cause).inc()
 
 
-def _decode(msg: Mapping[str, Any], limit: int) -> TwilioEvent | None:
-    """One ASGI websocket message -> a Twilio event, or None (counted and dropped)."""
+def _decode(msg: Mapping[str, Any], limit: int) -> TwilioEvent:
+    """One ASGI websocket message -> a Twilio event; ProtocolError (for the caller to count and
+    drop) when it is binary, oversized or not a valid Media Streams message."""
     text = msg.get("text")
     if text is None:
-        _drop("binary")
-        return None
+        raise ProtocolError("binary")
     if len(text) > limit:
-        _drop("oversized")
-        return None
-    try:
-        return parse(text)
-    except ProtocolError as exc:
-        _drop(exc.cause)
-        return None
+        raise ProtocolError("oversized")
+    return parse(text)
 
 
 async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
-    """Read until `start`; `connected` comes first. Anything else before it is dropped."""
+    """Read until `start`; `connected` comes first. Anything else before it is dropped; a
+    malformed `start` ends the socket (Twilio sends one start, so no good one will follow)."""
     limit = st.settings.max_message_bytes
     while True:
         msg = await ws.receive()
         if msg["type"] == "websocket.disconnect":
             raise Rejected("disconnected")
-        event = _decode(msg, limit)
-        if event is None:
+        try:
+            event = _decode(msg, limit)
+        except ProtocolError as exc:
+            _drop(exc.cause)
+            if exc.event == "start":
+                raise Rejected("bad_start") from None
             continue
         if isinstance(event, Start):
             return event
@@ -139,6 +140,10 @@ async def media_socket(ws: WebSocket) -> None:
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
         await _reject(ws, exc.cause)
         return
+    except Exception as exc:  # a bug must still end the socket with a close frame, not 1006
+        log.error("media socket failed before start", extra={"error": type(exc).__name__})
+        await _reject(ws, "error")
+        return
     call_sid_var.set(start.call_sid)
     stream_sid_var.set(start.stream_sid)
     await _serve(ws, st, start)
@@ -149,7 +154,8 @@ async def _reject(ws: WebSocket, cause: str) -> None:
     log.warning("rejected media socket", extra={"cause": cause})
     if ws.client_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
-            await ws.close(code=TRY_LATER if cause == "redis_error" else POLICY)
+            code = {"redis_error": TRY_LATER, "error": INTERNAL_ERROR}.get(cause, POLICY)
+            await ws.close(code=code)
 
 
 async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
@@ -221,8 +227,10 @@ async def _receive_loop(
         if msg["type"] == "websocket.disconnect":
             return info.closed_by or "closed"
         info.last_rx = clock()
-        event = _decode(msg, limit)
-        if event is None:
+        try:
+            event = _decode(msg, limit)
+        except ProtocolError as exc:
+            _drop(exc.cause)
             continue
         if isinstance(event, Media):
             xadd(in_key, S.entry(S.IN_MEDIA, event.payload), maxlen)

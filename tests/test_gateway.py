@@ -519,3 +519,134 @@ async def test_caller_numbers_are_masked_at_info_and_whole_only_at_debug(
     assert not [line for line in loud if any(n in line for n in numbers)], loud
     assert any("***1111" in line for line in loud), "the masked caller number is still logged"
     assert any(numbers[0] in line for level, line in lines if level == logging.DEBUG)
+
+
+MZ = "MZ" + "0" * 32
+# Malformed messages after a good `start`: each must be counted and dropped, and the call go on.
+AFTER_START = [
+    '{"event":"connected","protocol":5,"version":"1.0.0"}',
+    '{"event":"connected","protocol":"Call","version":{"a":1}}',
+    '{"event":"media"}',
+    '{"event":"media","media":"AAAA"}',
+    '{"event":"media","media":null}',
+    '{"event":"media","media":["AAAA"]}',
+    '{"event":"media","media":{}}',
+    '{"event":"media","media":{"payload":5}}',
+    '{"event":"media","media":{"payload":null}}',
+    '{"event":"media","media":{"payload":["AAAA"]}}',
+    '{"event":"media","media":{"payload":"AAAA","track":"outbound"}}',
+    '{"event":"media","media":{"payload":"AAAA","track":5}}',
+    '{"event":"media","media":{"payload":"AAAA","chunk":{"a":1}}}',
+    '{"event":"media","media":{"payload":"AAAA","timestamp":"1e3"}}',
+    '{"event":"media","media":{"payload":"AAAA","timestamp":true}}',
+    '{"event":"media","sequenceNumber":[1],"media":{"payload":"AAAA"}}',
+    '{"event":"media","sequenceNumber":"' + "9" * 3000 + '","media":{"payload":"AAAA"}}',
+    '{"event":"media","media":{"payload":"' + "A" * 3001 + '"}}',
+    '{"event":"mark"}',
+    '{"event":"mark","mark":"0:100"}',
+    '{"event":"mark","mark":{"name":5}}',
+    '{"event":"mark","mark":{"name":null}}',
+    '{"event":"mark","mark":{"name":"' + "n" * 3000 + '"}}',
+    '{"event":"dtmf"}',
+    '{"event":"dtmf","dtmf":"7"}',
+    '{"event":"dtmf","dtmf":{"digit":7}}',
+    '{"event":"dtmf","dtmf":{"digit":"77"}}',
+    '{"event":"dtmf","dtmf":{}}',
+    '{"event":"stop","stop":"x"}',
+    '{"event":"stop","stop":{"callSid":5}}',
+    '{"event":"stop","sequenceNumber":{},"stop":{}}',
+    '{"event":"start","start":"x"}',  # a second start, malformed
+    '{"event":5}',
+    '{"event":null}',
+    '{"event":["media"]}',
+    '{"event":"' + "e" * 3000 + '"}',
+    '{"event":"media","extra":' + "[" * 2000 + "]" * 2000 + "}",  # nested past orjson's limit
+    "[]",
+    "null",
+    '"media"',
+    "1e999",
+]
+# Malformed starts: the socket is closed with a close frame, never dropped (1006).
+BAD_STARTS = [
+    '{"event":"start","start":"x"}',
+    '{"event":"start","start":null}',
+    '{"event":"start","start":[1]}',
+    '{"event":"start","start":{}}',
+    '{"event":"start","streamSid":5,"start":{"callSid":"CA' + "0" * 32 + '"}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":5}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":{"a":1}}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1","customParameters":"token"}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1","customParameters":{"token":5}}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1","customParameters":[]}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1","accountSid":[]}}',
+    '{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1","mediaFormat":"x"}}',
+    '{"event":"start","start":{"streamSid":"' + "M" * 3000 + '","callSid":"CA1"}}',
+    '{"event":"start","sequenceNumber":"x","start":{"streamSid":"MZ1","callSid":"CA1"}}',
+]
+
+
+class _Raised(logging.Handler):
+    """Collects what uvicorn logs when the app raises out of a websocket handler."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_malformed_twilio_messages_are_dropped_or_close_with_a_frame(
+    gw: Gw, redis: aioredis.Redis
+) -> None:
+    """Wrong types for every field of every event, missing fields, unknown events, huge values,
+    through the real socket: a bad message after `start` is counted and dropped and the call
+    goes on (the next frame and `stop` arrive, nothing else); a bad `start` closes the socket with
+    a close frame and a counted cause. The gateway never raises out of the handler."""
+    raised = _Raised()
+    logging.getLogger("uvicorn.error").addHandler(raised)
+    try:
+        good = bytes(range(160))
+        for n, bad in enumerate(AFTER_START):
+            sid = call_sid()
+            ws = await _open(gw)
+            await ws.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+            await ws.send(_start_msg(sid, await _answer(gw, sid)))
+            await ws.send(bad)
+            await ws.send(_media_msg(good))
+            await ws.send(f'{{"event":"stop","sequenceNumber":"9","stop":{{"callSid":"{sid}"}}}}')
+            deadline = asyncio.get_running_loop().time() + 5
+            while True:
+                kinds = [f[b"k"] for f in await _entries(redis, gw.keys.inbound(sid))]
+                if kinds and kinds[-1] == b"stop":
+                    break
+                assert asyncio.get_running_loop().time() < deadline, \
+                    f"case {n} ended the call (close code {ws.close_code}): {bad[:80]}"
+                await asyncio.sleep(0.01)
+            assert kinds == [b"start", b"m", b"stop"], f"case {n} was forwarded: {bad[:80]}"
+            assert ws.close_code in (None, 1000), (n, ws.close_code)  # 1000: closed after the stop
+            await ws.close()
+
+        before = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="bad_start")
+        for n, bad in enumerate(BAD_STARTS):
+            ws = await _open(gw)
+            await ws.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+            await ws.send(bad)
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None, f"start case {n} dropped without a close frame"
+            assert info.value.rcvd.code == 1008, (n, info.value.rcvd.code)
+        after = await _metric(gw, "callbridge_gateway_media_rejected_total", cause="bad_start")
+        assert after - before == len(BAD_STARTS)
+
+        sid = call_sid()  # a frame over WS_MAX_SIZE ends the socket, with a close frame
+        ws = await _open(gw)
+        await ws.send(_start_msg(sid, await _answer(gw, sid)))
+        await ws.send('{"event":"media","media":{"payload":"' + "A" * (2 << 20) + '"}}')
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        assert await _metric(gw, "callbridge_messages_dropped_total", cause="not_inbound") >= 1
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(raised)
+    assert not raised.records, [r.getMessage() for r in raised.records]
