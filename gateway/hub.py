@@ -7,15 +7,76 @@ gateway with 200 calls issues one blocked XREAD, not 200.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import redis.asyncio as aioredis
 
+from shared import metrics
+from shared import streams as S
 from shared.redisio import Entries, MultiReader, OnError
+
+# 5 s of 20 ms frames. A healthy socket holds a few frames here: the worker releases audio on
+# its playout clock, at most PLAYOUT_LEAD_MS ahead. A backlog of 5 s means Twilio has not taken
+# our audio for seconds; older audio is no use in a conversation (the caller would hear it that
+# late), and the bound caps a stuck socket at about 250 x 0.3 KB, so 200 of them stay under 20 MB.
+MAX_OUT_MEDIA = 250
+
+
+class OutQueue:
+    """One socket's backlog of `out` entries, bounded: past MAX_OUT_MEDIA entries the oldest audio
+    frames are dropped (counted as `out_overflow`). Marks, clears and hang-ups are kept, since
+    losing one breaks the call's state while lost audio only costs audio; only a flood of them
+    beyond twice the bound (a worker gone wrong) drops the oldest, and of hang-ups only the last
+    is kept then."""
+
+    def __init__(self, max_media: int = MAX_OUT_MEDIA) -> None:
+        self._batches: deque[Entries] = deque()
+        self._size = 0
+        self._max = max_media
+        self._ready = asyncio.Event()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def put(self, entries: Entries) -> None:
+        self._batches.append(entries)
+        self._size += len(entries)
+        if self._size > self._max:
+            self._compact()
+        self._ready.set()
+
+    async def get(self) -> Entries:
+        while not self._batches:
+            self._ready.clear()
+            await self._ready.wait()
+        batch = self._batches.popleft()
+        self._size -= len(batch)
+        return batch
+
+    def _compact(self) -> None:
+        """The rare path: a socket that stopped draining. O(backlog) per put while it stays so."""
+        items = [item for batch in self._batches for item in batch]
+        excess = sum(1 for _id, f in items if f.get(b"k") == S.OUT_MEDIA) - self._max
+        kept: Entries = []
+        for item in items:
+            if excess > 0 and item[1].get(b"k") == S.OUT_MEDIA:
+                excess -= 1
+            else:
+                kept.append(item)
+        if len(kept) > 2 * self._max:  # no audio left to drop: control entries flood in
+            hangups = [i for i, (_id, f) in enumerate(kept) if f.get(b"k") == S.OUT_HANGUP]
+            others = [i for i, (_id, f) in enumerate(kept) if f.get(b"k") != S.OUT_HANGUP]
+            keep = set(others[-2 * self._max:]) | set(hangups[-1:])
+            kept = [item for i, item in enumerate(kept) if i in keep]
+        metrics.DROPPED.labels("out_overflow").inc(len(items) - len(kept))
+        self._batches = deque([kept]) if kept else deque()
+        self._size = len(kept)
 
 
 class OutboundHub:
     def __init__(self, redis: aioredis.Redis, wake_key: str, on_error: OnError | None = None) -> None:
-        self._queues: dict[bytes, asyncio.Queue[Entries]] = {}
+        self._queues: dict[bytes, OutQueue] = {}
         self._reader = MultiReader(redis, wake_key, self._dispatch, on_error=on_error)
 
     def start(self) -> None:
@@ -24,13 +85,13 @@ class OutboundHub:
     async def close(self) -> None:
         await self._reader.close()
 
-    async def attach(self, out_key: str, from_id: str) -> asyncio.Queue[Entries]:
-        queue: asyncio.Queue[Entries] = asyncio.Queue()
+    async def attach(self, out_key: str, from_id: str) -> OutQueue:
+        queue = OutQueue()
         self._queues[out_key.encode()] = queue
         await self._reader.add(out_key, from_id)
         return queue
 
-    def detach(self, out_key: str, queue: asyncio.Queue[Entries]) -> None:
+    def detach(self, out_key: str, queue: OutQueue) -> None:
         """Stop delivering to `queue`, unless the call's stream already re-attached here."""
         key = out_key.encode()
         if self._queues.get(key) is queue:
@@ -40,4 +101,4 @@ class OutboundHub:
     def _dispatch(self, key: bytes, entries: Entries) -> None:
         queue = self._queues.get(key)
         if queue is not None:
-            queue.put_nowait(entries)
+            queue.put(entries)

@@ -12,20 +12,21 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from gateway.hub import OutQueue
 from gateway.records import ensure_ttl
 from gateway.state import GatewayState, SocketInfo
 from shared import metrics
 from shared import streams as S
 from shared.logs import call_sid_var, stream_sid_var
-from shared.redisio import Entries
 from shared.security import verify_stream_token, ws_signature_ok
 from shared.twilio_proto import (
     Connected,
@@ -182,19 +183,23 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, attached=time.monotonic())
     st.sockets[ws] = info
     log.info("media stream started")
-    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)))
+    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)), name="twilio-send")
+    receiver = asyncio.create_task(
+        _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)),
+        name="twilio-receive")
     ended = "closed"
     try:
         if st.draining:  # drain began while we were attaching: hand this one back too
             await ws.close(code=1001)
-        ended = await _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid))
+        ended = await _supervise(ws, sid, receiver, sender)
     finally:
         st.hub.detach(out_key, queue)
         st.sockets.pop(ws, None)
         metrics.MEDIA_SOCKETS.dec()
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
+        receiver.cancel()
         sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        await asyncio.gather(receiver, sender, return_exceptions=True)
         cause = ended
         if ended != "stop":
             # The worker must know the stream is gone even when Twilio did not say `stop`.
@@ -208,6 +213,45 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
             with contextlib.suppress(Exception):
                 await ws.close(code=NORMAL)
         log.info("media stream closed", extra={"cause": cause})
+
+
+def _peer_gone(ws: WebSocket, exc: BaseException) -> bool:
+    """A send or receive that failed because the socket is already closing is no bug."""
+    return isinstance(exc, WebSocketDisconnect) or WebSocketState.DISCONNECTED in (
+        ws.application_state, ws.client_state)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line:function of the failure: enough to find the bug, and unlike the exception's
+    message it cannot carry a token, a key or a URL."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}:{last.name}"
+
+
+async def _supervise(ws: WebSocket, sid: str, receiver: asyncio.Task[str],
+                     sender: asyncio.Task[bool]) -> str:
+    """Run both directions of one socket as a unit and return how it ended (the receive loop's
+    cause, or "error"). A call must never go on half: if either loop fails, the socket is closed
+    with 1011, so Twilio asks `<Connect action>` and re-attaches to a fresh socket. The sender
+    ending (a hang-up closed the socket) leaves the receive loop to see the disconnect."""
+    pending: set[asyncio.Task[Any]] = {receiver, sender}
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and not _peer_gone(ws, exc):
+                log.error("media socket failed; closing it so Twilio re-attaches",
+                          extra={"call_sid": sid, "error": type(exc).__name__, "at": _where(exc),
+                                 "direction": "uplink" if task is receiver else "downlink"})
+                with contextlib.suppress(Exception):
+                    await ws.close(code=INTERNAL_ERROR)
+                return "error"
+            if task is receiver:
+                return receiver.result() if exc is None and not task.cancelled() else "closed"
+    return "closed"
 
 
 async def _receive_loop(
@@ -295,8 +339,31 @@ async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo) -> Non
         await ws.close(code=NORMAL)
 
 
-async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound) -> bool:
-    """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed)."""
+# Bounds on what an `out` entry may carry: entries are untrusted like any Redis data.
+MAX_OUT_AUDIO = 16_000  # bytes of μ-law in one entry (2 s); the worker writes 160 (20 ms)
+MAX_OUT_MARK = 256  # a mark name; the worker's are `{turn}:{ms}`
+
+
+def _age_s(fields: dict[bytes, bytes], now_ns: int) -> float | None:
+    """Seconds since the sender stamped the entry, or None when the stamp is not a number."""
+    t = fields.get(b"t")
+    if t is None or not 0 < len(t) <= 20 or not t.isdigit():
+        return None
+    return (now_ns - int(t)) / 1e9
+
+
+def _mark_name(value: bytes | None) -> str | None:
+    if not value or len(value) > MAX_OUT_MARK:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound) -> bool:
+    """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed). An entry
+    that is not one we can send is counted and dropped; the audio after it goes on."""
     frames = metrics.FRAMES.labels("out", "twilio")
     latency = metrics.HOP_LATENCY.labels("worker_to_twilio")
     send = ws.send_text
@@ -306,14 +373,26 @@ async def _send_loop(ws: WebSocket, queue: asyncio.Queue[Entries], out: Outbound
         for _id, f in entries:
             kind = f.get(b"k")
             if kind == S.OUT_MEDIA:
-                await send(out.media(f[b"a"]))
+                audio = f.get(b"a")
+                if not audio or len(audio) > MAX_OUT_AUDIO:
+                    _drop("bad_out_entry")
+                    continue
+                await send(out.media(audio))
                 frames.inc()
-                latency.observe(S.entry_age_ms(f, now) / 1000)
+                if (age := _age_s(f, now)) is not None:
+                    latency.observe(age)
             elif kind == S.OUT_MARK:
-                await send(out.mark(f.get(b"v", b"").decode()))
+                name = _mark_name(f.get(b"v"))
+                if name is None:
+                    _drop("bad_out_entry")
+                    continue
+                await send(out.mark(name))
             elif kind == S.OUT_CLEAR:
                 await send(out.clear())
-                metrics.CLEAR_LATENCY.observe(S.entry_age_ms(f) / 1000)
+                if (age := _age_s(f, now)) is not None:
+                    metrics.CLEAR_LATENCY.observe(age)
             elif kind == S.OUT_HANGUP:
                 await ws.close(code=NORMAL)
                 return True
+            else:
+                _drop("bad_out_entry")

@@ -65,7 +65,8 @@ MEDIA_REJECTED = Counter(
 MEDIA_CLOSED = Counter(
     "callbridge_gateway_media_closed_total",
     "Media Stream sockets ended, by cause: stop (caller hung up), hangup (worker asked), "
-    "drain, idle_timeout (Twilio went silent), no_worker (no worker took the call), lost.",
+    "drain, idle_timeout (Twilio went silent), no_worker (no worker took the call), lost, "
+    "error (a failure in either direction; closed with 1011 so Twilio re-attaches).",
     ["cause"],
 )
 CALLS_ANSWERED = Counter("callbridge_gateway_calls_answered_total", "Calls answered with TwiML.")

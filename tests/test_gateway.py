@@ -9,6 +9,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import orjson
@@ -650,3 +651,135 @@ async def test_malformed_twilio_messages_are_dropped_or_close_with_a_frame(
     finally:
         logging.getLogger("uvicorn.error").removeHandler(raised)
     assert not raised.records, [r.getMessage() for r in raised.records]
+
+
+async def _live_socket(gw: Gw, redis: aioredis.Redis, stream_sid: str = MZ) -> tuple[str, ClientConnection]:
+    sid = call_sid()
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, await _answer(gw, sid), stream_sid=stream_sid))
+    await _attached(gw, redis, sid, 1)
+    return sid, ws
+
+
+async def test_bad_out_entries_are_dropped_and_the_audio_goes_on(gw: Gw, redis: aioredis.Redis) -> None:
+    """`out` entries are untrusted too: one without audio, with too much, with a mark name that
+    is not text or of an unknown kind is counted and dropped; the entries after it still play."""
+    from shared import streams as S
+
+    before = await _metric(gw, "callbridge_messages_dropped_total", cause="bad_out_entry")
+    sid, ws = await _live_socket(gw, redis)
+    out = gw.keys.outbound(sid)
+    for fields in ({b"k": b"m"}, {b"k": b"m", b"a": b"\x01" * 100_000}, {b"k": b"mark", b"v": b"\xff\xfe"},
+                   {b"k": b"mark", b"v": b"n" * 1000}, {b"k": b"surprise"}):
+        await redis.xadd(out, fields)
+    await redis.xadd(out, {b"k": b"m", b"a": b"\x02" * 160, b"t": b"not-a-time"})  # audio is fine
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, b"\x03" * 160))
+    await redis.xadd(out, S.entry(S.OUT_MARK, value="1:40"))
+    got = [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+    assert [m["event"] for m in got] == ["media", "media", "mark"]
+    assert base64.b64decode(got[0]["media"]["payload"]) == b"\x02" * 160
+    assert base64.b64decode(got[1]["media"]["payload"]) == b"\x03" * 160
+    assert got[2]["mark"]["name"] == "1:40"
+    assert await _metric(gw, "callbridge_messages_dropped_total", cause="bad_out_entry") - before == 5
+    await ws.close()
+
+
+async def _closed_for_error(gw: Gw, redis: aioredis.Redis, sid: str, ws: ClientConnection,
+                            caplog: pytest.LogCaptureFixture, before: float) -> None:
+    """The socket ended with 1011 (so Twilio re-attaches), counted, logged with the call_sid and
+    the error type but not its message, and the worker was told the stream is lost."""
+    with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+    assert await _metric(gw, "callbridge_gateway_media_closed_total", cause="error") - before == 1
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await _entries(redis, gw.keys.inbound(sid)))[-1][b"k"] != b"detach":
+        assert asyncio.get_running_loop().time() < deadline, "no detach for the worker"
+        await asyncio.sleep(0.01)
+    assert (await _entries(redis, gw.keys.inbound(sid)))[-1][b"v"] == b"lost"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("callbridge")]
+    assert any(getattr(r, "call_sid", None) == sid and getattr(r, "error", None) == "RuntimeError"
+               for r in errors), [r.__dict__ for r in errors]
+    from shared.logs import JsonFormatter
+
+    assert not [r for r in caplog.records if "SECRET" in JsonFormatter().format(r)]
+
+
+async def test_a_failing_sender_closes_the_socket_with_1011(
+    gw: Gw, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either direction failing ends both: no call keeps its uplink with a dead downlink."""
+    from shared import streams as S
+    from shared.twilio_proto import Outbound
+
+    def broken(self: Outbound, ulaw: bytes) -> str:
+        raise RuntimeError("auth token SECRET must not be logged")
+
+    caplog.set_level(logging.INFO, logger="callbridge")
+    before = await _metric(gw, "callbridge_gateway_media_closed_total", cause="error")
+    sid, ws = await _live_socket(gw, redis)
+    monkeypatch.setattr(Outbound, "media", broken)  # a bug in the downlink, injected
+    await redis.xadd(gw.keys.outbound(sid), S.entry(S.OUT_MEDIA, b"\x01" * 160))
+    await _closed_for_error(gw, redis, sid, ws, caplog, before)
+
+
+async def test_a_failing_receiver_closes_the_socket_with_1011(
+    gw: Gw, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.media
+
+    real = gateway.media.parse
+
+    def broken(text: str | bytes) -> Any:
+        if "boom" in str(text):
+            raise RuntimeError("Vapi key SECRET must not be logged")
+        return real(text)
+
+    caplog.set_level(logging.INFO, logger="callbridge")
+    before = await _metric(gw, "callbridge_gateway_media_closed_total", cause="error")
+    sid, ws = await _live_socket(gw, redis)
+    monkeypatch.setattr(gateway.media, "parse", broken)  # a bug in the uplink, injected
+    await ws.send('{"event":"boom"}')
+    await _closed_for_error(gw, redis, sid, ws, caplog, before)
+
+
+async def test_a_slow_socket_backlog_is_bounded(redis_url: str, prefix: str, redis: aioredis.Redis) -> None:
+    """A socket that does not drain its `out` queue holds at most 5 s of audio: the oldest frames
+    go first (counted); marks, clear and hangup are all kept, in order."""
+    from gateway.hub import OutboundHub
+    from shared import metrics
+    from shared import streams as S
+
+    dropped = metrics.DROPPED.labels("out_overflow")
+    before = dropped._value.get()
+    reader = aioredis.Redis.from_url(redis_url)
+    hub = OutboundHub(reader, f"{prefix}wake:test")
+    hub.start()
+    out = f"{prefix}call:X:out"
+    try:
+        queue = await hub.attach(out, "0-0")
+        pipe = redis.pipeline(transaction=False)
+        for i in range(600):
+            pipe.xadd(out, S.entry(S.OUT_MEDIA, i.to_bytes(2, "big") * 80))
+            if i % 60 == 59:
+                pipe.xadd(out, S.entry(S.OUT_MARK, value=f"0:{i}"))
+        pipe.xadd(out, S.entry(S.OUT_CLEAR))
+        pipe.xadd(out, S.entry(S.OUT_HANGUP))
+        await pipe.execute()
+        deadline = asyncio.get_running_loop().time() + 10
+        while dropped._value.get() - before < 600 - 250:
+            assert asyncio.get_running_loop().time() < deadline, dropped._value.get() - before
+            await asyncio.sleep(0.01)
+        got: list[dict[bytes, bytes]] = []
+        while not got or got[-1][b"k"] != S.OUT_HANGUP:
+            got.extend(f for _id, f in await asyncio.wait_for(queue.get(), 5))
+    finally:
+        await hub.close()
+        await reader.aclose()
+    frames = [int.from_bytes(f[b"a"][:2], "big") for f in got if f[b"k"] == S.OUT_MEDIA]
+    assert frames == list(range(350, 600)), "the newest 5 s of audio, in order"
+    control = [(f[b"k"], f.get(b"v")) for f in got if f[b"k"] != S.OUT_MEDIA]
+    assert control == [(S.OUT_MARK, f"0:{i}".encode()) for i in range(59, 600, 60)] + [
+        (S.OUT_CLEAR, None), (S.OUT_HANGUP, None)]
+    assert dropped._value.get() - before == 350
