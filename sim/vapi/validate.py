@@ -30,6 +30,14 @@ ALLOWED_PROPERTIES = frozenset(
 PHONE_PROPERTIES = ("phoneNumberId", "phoneNumber")
 TRANSPORT_PROPERTIES = frozenset({"provider", "conversationType", "audioFormat"})
 AUDIO_FORMAT_PROPERTIES = frozenset({"format", "container", "sampleRate"})
+#: ``firstMessageMode``'s documented values (API reference, AssistantOverrides).
+FIRST_MESSAGE_MODES = (
+    "assistant-speaks-first",
+    "assistant-speaks-first-with-model-generated-message",
+    "assistant-waits-for-user",
+)
+#: ``role`` of a message in ``model.messages`` (OpenAIMessage in the OpenAPI spec).
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
 
 
 def validate_create_call(body: Any) -> list[str]:
@@ -85,6 +93,46 @@ def _validate_overrides(overrides: dict[str, Any]) -> list[str]:
     cm = overrides.get("clientMessages")
     if cm is not None and not (isinstance(cm, list) and all(isinstance(m, str) for m in cm)):
         errors.append("assistantOverrides.clientMessages must be an array of strings")
+    if "firstMessageMode" in overrides and overrides["firstMessageMode"] not in FIRST_MESSAGE_MODES:
+        errors.append(
+            "assistantOverrides.firstMessageMode must be one of the following values: "
+            + ", ".join(FIRST_MESSAGE_MODES)
+        )
+    if "model" in overrides:
+        errors.extend(_validate_model(overrides["model"], "assistantOverrides.model"))
+    return errors
+
+
+def _validate_model(model: Any, path: str) -> list[str]:
+    """A ``model`` object. Vapi's model is a union discriminated by ``provider``: without a
+    provider the validator cannot pick a class, so the whole object is refused. Provider names
+    are not checked against Vapi's list (the stand-in runs no model)."""
+    if not isinstance(model, dict):
+        return [f"{path} must be an object"]
+    errors: list[str] = []
+    for key in ("provider", "model"):
+        value = model.get(key)
+        if not isinstance(value, str):
+            errors.append(f"{path}.{key} must be a string")
+        elif not value:
+            errors.append(f"{path}.{key} should not be empty")
+    if "messages" not in model:
+        return errors
+    messages = model["messages"]
+    if not isinstance(messages, list):
+        errors.append(f"{path}.messages must be an array")
+        return errors
+    for i, message in enumerate(messages):
+        where = f"{path}.messages.{i}"
+        if not isinstance(message, dict):
+            errors.append(f"{where} must be an object")
+            continue
+        if message.get("role") not in MESSAGE_ROLES:
+            errors.append(
+                f"{where}.role must be one of the following values: {', '.join(MESSAGE_ROLES)}"
+            )
+        if not isinstance(message.get("content"), str):
+            errors.append(f"{where}.content must be a string")
     return errors
 
 
