@@ -1,9 +1,12 @@
-"""The stand-in's REST side: ``POST /call``, ``GET /call/{id}``, ``POST /{id}/control``.
+"""The stand-in's REST side: ``POST /call``, ``GET /call/{id}``, ``GET /assistant/{id}``,
+``POST /{id}/control``.
 
 ``docs/protocols.md``, "Vapi websocket transport" / "Creating the call" and "Control messages".
 Errors are NestJS-shaped like Vapi's; the Call object is the ``vapi.websocketCall`` the bridge
-reads its ``transport.websocketCallUrl`` from. Test knobs (``create_delay``, ``fail_status``,
-``api_key``) are read from the sim on every request so a test can change them mid-run.
+reads its ``transport.websocketCallUrl`` from; the Assistant object is what a worker reads the
+saved provider and model from before it overrides ``model.messages``. Test knobs
+(``create_delay``, ``fail_status``, ``assistant_fail_status``, ``api_key``, the saved model) are
+read from the sim on every request so a test can change them mid-run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ ECHOED = (*RUNNERS, "assistantOverrides", "name", "customer", "customerId", "met
 
 def build_app(sim: VapiSim) -> Starlette:
     """The routes, bound to ``sim``."""
+
+    saved_at = _iso(datetime.now(UTC))
 
     def authorized(request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -82,6 +87,21 @@ def build_app(sim: VapiSim) -> Starlette:
             return error(404, "Not Found")
         return JSONResponse(session.call_json())
 
+    async def get_assistant(request: Request) -> Response:
+        """The saved assistant (any id: the stand-in does not look ids up, as for POST /call)."""
+        assistant_id = request.path_params["assistant_id"]
+        entry: dict[str, Any] = {"status": 0, "id": assistant_id, "at": time.monotonic()}
+        sim.assistant_log.append(entry)
+        if not authorized(request):
+            entry["status"] = 401
+            return error(401, UNAUTHORIZED_MESSAGE)
+        fail = sim.assistant_fail_status
+        if fail is not None:
+            entry["status"] = fail
+            return error(fail, None)
+        entry["status"] = 200
+        return JSONResponse(assistant_object(sim, assistant_id, saved_at))
+
     async def control(request: Request) -> Response:
         """Live Call Control: the same messages as the socket, no auth (like Vapi's URL)."""
         session = sim.sessions.get(request.path_params["call_id"])
@@ -102,6 +122,7 @@ def build_app(sim: VapiSim) -> Starlette:
         routes=[
             Route("/call", create_call, methods=["POST"]),
             Route("/call/{call_id}", get_call, methods=["GET"]),
+            Route("/assistant/{assistant_id}", get_assistant, methods=["GET"]),
             Route("/{call_id}/control", control, methods=["POST"]),
         ]
     )
@@ -136,6 +157,27 @@ def call_object(session: VapiSession) -> dict[str, Any]:
     if session.ended_reason is not None:
         call["endedReason"] = session.ended_reason
     return call
+
+
+def assistant_object(sim: VapiSim, assistant_id: str, saved_at: str) -> dict[str, Any]:
+    """The Assistant object as ``GET /assistant/{id}`` returns it: the fields a bridge reads
+    (``model.provider``, ``model.model``) plus enough of the rest to look like Vapi's. Its
+    ``firstMessageMode`` says what the script does on connect."""
+    script = sim.assistants.get(assistant_id, sim.assistant)
+    mode = "assistant-speaks-first" if script.greeting_s else "assistant-waits-for-user"
+    return {
+        "id": assistant_id,
+        "orgId": sim.org_id,
+        "name": script.name,
+        "firstMessageMode": mode,
+        "model": {
+            "provider": sim.assistant_provider,
+            "model": sim.assistant_model,
+            "messages": [{"role": "system", "content": sim.system_prompt}],
+        },
+        "createdAt": saved_at,
+        "updatedAt": saved_at,
+    }
 
 
 def error(status: int, message: Any) -> JSONResponse:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import uvicorn
 
 from shared.serving import QuietServer, quiet_server
-from sim.vapi.callspec import call_spec
+from sim.vapi.callspec import SavedModel, call_spec
 from sim.vapi.hooks import VapiObserver
 from sim.vapi.rest import build_app
 from sim.vapi.scripts import AssistantScript, greeter
@@ -37,7 +37,10 @@ class VapiSim:
 
     Attributes settable at runtime: ``assistant`` (script for new calls), ``assistants``
     (assistantId -> script, takes precedence), ``create_delay``, ``fail_status``, ``downlink``
-    (for utterances started afterwards), ``respond_to_pings``, ``observer``.
+    (for utterances started afterwards), ``respond_to_pings``, ``observer``, and the saved
+    assistant's model as ``GET /assistant/{id}`` shows it and ``assistantOverrides.model`` is
+    merged into: ``assistant_provider``, ``assistant_model``, ``system_prompt`` (one model for
+    every assistant id); ``assistant_fail_status`` makes that GET fail.
     """
 
     def __init__(
@@ -71,10 +74,18 @@ class VapiSim:
         #: told about frames and control messages as they cross the socket (None: nobody).
         self.observer = observer
         self.org_id = str(uuid.uuid4())
+        saved = SavedModel()
+        self.assistant_provider: str = saved.provider
+        self.assistant_model: str = saved.model
+        self.system_prompt: str = saved.system_prompt
+        #: answer GET /assistant/{id} with this status instead (None: answer normally).
+        self.assistant_fail_status: int | None = None
 
         self.sessions: dict[str, VapiSession] = {}
         #: every POST /call: {"status", "body", "at"}.
         self.create_log: list[dict[str, Any]] = []
+        #: every GET /assistant/{id}: {"status", "id", "at"}.
+        self.assistant_log: list[dict[str, Any]] = []
         #: transport handshakes refused: (path, status).
         self.rejected_handshakes: list[tuple[str, int]] = []
 
@@ -181,12 +192,22 @@ class VapiSim:
 
     # -- calls -------------------------------------------------------------------------------
 
+    @property
+    def assistant_gets(self) -> int:
+        """How many ``GET /assistant/{id}`` requests arrived (answered or not)."""
+        return len(self.assistant_log)
+
+    @property
+    def saved_model(self) -> SavedModel:
+        """The saved assistant's model as configured now."""
+        return SavedModel(self.assistant_provider, self.assistant_model, self.system_prompt)
+
     def create_session(self, body: dict[str, Any]) -> VapiSession:
         """A new call for a valid ``POST /call`` body (what the route does once it has checked
         auth and the body)."""
         call_id = str(uuid.uuid4())
         script = self.assistants.get(str(body.get("assistantId")), self.assistant)
-        session = VapiSession(self, call_id, body, call_spec(body, script))
+        session = VapiSession(self, call_id, body, call_spec(body, script, self.saved_model))
         self.sessions[call_id] = session
         if self.connect_timeout is not None:
             session._call_later(self.connect_timeout, session._never_connected)
