@@ -9,6 +9,7 @@ utterance has no gap inside it:
 | greeting   | -     | 400 Hz               | ``greeting`` |
 | goodbye    | -     | 350 Hz               | ``goodbye``  |
 | say        | -     | 450 Hz               | ``say``      |
+| resume     | -     | 300 Hz               | ``resume``   |
 | answer     | k     | 500 + 100·(k mod 5)  | ``answer:k`` |
 | caller     | k     | 1000 + 100·(k mod 6) | ``caller:k`` |
 
@@ -56,7 +57,9 @@ FORMATS = ("pcm_s16le", "mulaw")
 VOICED_RMS = 32768 * 10 ** (-40 / 20)
 IDENTIFY_TOLERANCE_HZ = 20.0
 
-_FIXED = {"greeting": 400.0, "goodbye": 350.0, "say": 450.0}
+#: ``resume`` (the first message of a taken-over call) sits below ``goodbye`` with the same 50 Hz
+#: spacing as the other fixed tones, so it is more than 2 tolerances away from every label.
+_FIXED = {"greeting": 400.0, "goodbye": 350.0, "say": 450.0, "resume": 300.0}
 _ANSWER_SLOTS = 5
 _CALLER_SLOTS = 6
 

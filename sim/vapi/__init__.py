@@ -7,12 +7,18 @@ worker, the demo, the end-to-end tests and the load generator can run without a 
   NestJS validator does (400 ``{"message": [...], "error": "Bad Request", "statusCode": 400}``), then
   answers 201 with a ``vapi.websocketCall`` Call whose ``transport.websocketCallUrl`` is
   ``ws://HOST:PORT/<id>/transport``. ``GET /call/{id}`` returns the call's current state;
-  ``POST /{id}/control`` is the Live Call Control endpoint (same messages as the socket).
+  ``GET /assistant/{id}`` the saved assistant (its ``model.provider``/``model.model``, which a
+  ``assistantOverrides.model`` is merged into); ``POST /{id}/control`` is the Live Call Control
+  endpoint (same messages as the socket).
 - ``WS /{id}/transport``: binary frames are audio in the negotiated format both ways, text frames
   are JSON control messages both ways. Unknown ids are rejected during the handshake (404).
 - Scripted assistants speak synthetic tones (:mod:`sim.voices`) so a listener can tell utterances
   apart, detect caller turns with an energy VAD on the received audio, barge-in on a real-time
   playout clock, and end calls the way Vapi does (``status-update`` ended, then close 1000).
+  Each utterance has a text (``"answer:0 w1 … wN"``, 2.5 words/s) sent as one ``model-output``
+  when it starts and as the final transcript when it ends; with ``firstMessageMode``
+  ``assistant-speaks-first-with-model-generated-message`` the first utterance is ``resume``,
+  whose text repeats the last assistant message of the history the override handed over.
 
 One module per job:
 
@@ -48,9 +54,14 @@ Inferences about Vapi (``docs/protocols.md``, "Inferred behaviour the stand-in b
 - ``user-interrupted`` is preceded by ``speech-update`` role=user started and followed by
   ``speech-update`` role=assistant stopped for the cut utterance.
 - Downlink frames are 20 ms (640 B pcm_s16le@16k, 160 B mulaw@8k), paced in real time by default.
+- An ``assistantOverrides.model`` with the saved provider keeps the saved system prompt and adds
+  its user/assistant messages after it; a system message replaces the prompt; another provider
+  drops it (recorded as ``CallSpec.model_replaced`` / ``system_replaced``).
+- ``model-output`` precedes the utterance's ``speech-update`` started and its audio, whole.
 
 Limits: no listenUrl, no server-URL webhooks (end-of-call-report, tool webhooks), no
-conversation-update/model-output messages; transcripts are placeholders ("utterance N"); the VAD is
+conversation-update messages; ``model-output`` is one message per utterance, not per token; caller
+transcripts are placeholders ("utterance N"), assistant texts are made-up words; the VAD is
 energy-only (anything above −40 dBFS is speech); ``maxDurationSeconds`` is honoured but not
 range-checked; ``silenceTimeoutSeconds``, concurrency limits and server-side pings are not
 modelled; ``assistantId`` is neither checked to be a UUID nor looked up (unknown ids get
@@ -59,7 +70,7 @@ modelled; ``assistantId`` is neither checked to be a UUID nor looked up (unknown
 
 from __future__ import annotations
 
-from sim.vapi.callspec import CallSpec, call_spec
+from sim.vapi.callspec import CallSpec, SavedModel, call_spec
 from sim.vapi.hooks import VapiObserver
 from sim.vapi.scripts import AssistantScript, greeter, interrupter, silent
 from sim.vapi.session import CallerTurn, Spoken, VapiSession
@@ -71,6 +82,7 @@ __all__ = [
     "CallSpec",
     "CallerTurn",
     "Downlink",
+    "SavedModel",
     "Spoken",
     "VapiObserver",
     "VapiSession",

@@ -30,6 +30,17 @@ def transcript(role: str, text: str) -> dict[str, Any]:
     return {"type": "transcript", "role": role, "transcriptType": "final", "transcript": text}
 
 
+def model_output(text: str, turn_id: str) -> dict[str, Any]:
+    """The model's text for an utterance, as one ``model-output``.
+
+    Vapi streams ``model-output`` token by token while the model generates (``output`` is "a
+    token or tool call"; recent specs add an optional ``turnId`` shared by a response's tokens).
+    The stand-in has no model, so it sends the utterance's whole text as one output when the
+    utterance starts: a client that concatenates tokens gets the same text either way.
+    """
+    return {"type": "model-output", "output": text, "turnId": turn_id}
+
+
 def user_interrupted(turn_id: str) -> dict[str, Any]:
     return {"type": "user-interrupted", "turnId": turn_id}
 

@@ -2,6 +2,10 @@
 
 A script is plain data so a test or the bench can tune it per run; ``POST /call`` copies it per
 call (:mod:`sim.vapi.callspec`), so changing ``VapiSim.assistant`` never affects calls already made.
+
+Every utterance also has a text (:func:`utterance_text`): the model's words for the tone, sent as
+``model-output`` and as the final transcript, so a bridge that keeps what was said (and hands it
+to a new session on failover) can be checked word by word.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class AssistantScript:
         greeting_delay_s: pause between the socket opening and the first message.
         tool_call_after: after answer number ``k`` (0-based) has been spoken, send a
             ``tool-calls`` message for ``tool_call_name(**tool_call_arguments)``.
+        resume_s: length of the ``resume`` utterance spoken first when the call asks for
+            ``assistant-speaks-first-with-model-generated-message`` (None: say nothing).
     """
 
     name: str = "greeter"
@@ -41,6 +47,7 @@ class AssistantScript:
     tool_call_after: int | None = None
     tool_call_name: str = "transfer_call"
     tool_call_arguments: dict[str, Any] = field(default_factory=dict)
+    resume_s: float | None = 1.0
 
 
 def greeter(
@@ -82,4 +89,23 @@ def interrupter(
 
 def silent() -> AssistantScript:
     """Never speaks (still records, detects caller turns and sends transcripts)."""
-    return AssistantScript(name="silent", greeting_s=None, answers=0)
+    return AssistantScript(name="silent", greeting_s=None, answers=0, resume_s=None)
+
+
+#: words per second of the stand-in's "speech" (about 150 words per minute).
+WORDS_PER_S = 2.5
+
+
+def utterance_text(label: str, seconds: float) -> str:
+    """``"{label} w1 … wN"`` with N = round(seconds × 2.5): the label says which tone it is, the
+    word count how long it lasts, so a share of the words is a share of the audio."""
+    n = round(seconds * WORDS_PER_S)
+    return " ".join([label, *(f"w{i}" for i in range(1, n + 1))])
+
+
+def resume_text(history: tuple[tuple[str, str], ...]) -> str:
+    """The model-generated first message of a taken-over call: ``"resume"`` followed by the words
+    of the last assistant message of the history it was given, so a test can see the stand-in
+    resumed from that history (a real model would continue from it)."""
+    last = next((text for role, text in reversed(history) if role == "assistant"), "")
+    return " ".join(["resume", *last.split()])

@@ -29,6 +29,7 @@ from sim import voices
 from sim.vapi import messages as M
 from sim.vapi.callspec import CallSpec
 from sim.vapi.rest import call_object
+from sim.vapi.scripts import resume_text, utterance_text
 from sim.vapi.vad import TurnDetector
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ log = logging.getLogger("sim.vapi")
 
 @dataclass
 class Spoken:
-    """One assistant utterance as sent (times are ``time.monotonic()``)."""
+    """One assistant utterance as sent (times are ``time.monotonic()``); ``text`` is the words
+    sent as its ``model-output`` and final transcript."""
 
     label: str
     turn: int
@@ -54,6 +56,7 @@ class Spoken:
     ended: float | None = None
     frames_sent: int = 0
     interrupted: bool = False
+    text: str = ""
 
 
 @dataclass
@@ -86,6 +89,7 @@ class _Utterance:
 
     plan: _Plan
     label: str
+    text: str
     frames: tuple[bytes, ...]
     frame_s: float
     burst: bool
@@ -297,9 +301,11 @@ class VapiSession:
             self._call_later(self.spec.max_duration_s, self._end, "exceeded-max-duration")
         self._emit(M.status_update("in-progress"))
         script = self.script
-        if script.greeting_s:
-            greeting = _Plan("greeting", 0, script.greeting_s, script.first_message_interruptible)
-            self._enqueue(greeting, delay=script.greeting_delay_s)
+        first = self.spec.first_message
+        seconds = script.resume_s if first == "resume" else script.greeting_s
+        if first is not None and seconds:
+            plan = _Plan(first, 0, seconds, script.first_message_interruptible)
+            self._enqueue(plan, delay=script.greeting_delay_s)
         self._notify()
 
     def _on_binary(self, data: bytes) -> None:
@@ -448,10 +454,15 @@ class VapiSession:
         )
         self._turn += 1
         label = voices.label(plan.kind, plan.index)
-        record = Spoken(label, self._turn, str(uuid.uuid4()), now, len(frames))
+        if plan.kind == "resume":
+            text = resume_text(self.spec.history)
+        else:
+            text = utterance_text(label, plan.seconds)
+        record = Spoken(label, self._turn, str(uuid.uuid4()), now, len(frames), text=text)
         self._utt = _Utterance(
             plan=plan,
             label=label,
+            text=text,
             frames=frames,
             frame_s=self._frame_s,
             burst=self.sim.downlink == "burst",
@@ -462,6 +473,8 @@ class VapiSession:
             record=record,
         )
         self.spoken.append(record)
+        # The model's text comes before its audio, as it would from a real model and TTS.
+        self._emit(M.model_output(text, record.turn_id))
         self._emit(M.speech_update("started", "assistant", self._turn))
 
     def _send_frame(self, u: _Utterance, index: int) -> None:
@@ -483,7 +496,7 @@ class VapiSession:
         self._emit(M.speech_update("stopped", "assistant", u.turn))
         if interrupted:
             return
-        self._emit(M.transcript("assistant", u.label))
+        self._emit(M.transcript("assistant", u.text))
         if u.plan.then_end:
             self._end(u.plan.then_end)
             return
