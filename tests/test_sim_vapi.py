@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -18,17 +19,31 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Inval
 from sim import voices
 from sim.vapi import (
     AssistantScript,
+    SavedModel,
     VapiObserver,
     VapiSession,
     VapiSim,
+    call_spec,
     greeter,
     interrupter,
     silent,
 )
+from sim.vapi.scripts import resume_text, utterance_text
 
 KEY = "test-vapi-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 FORMATS = [("pcm_s16le", 16000, 640), ("mulaw", 8000, 160)]
+MODEL_GENERATED = "assistant-speaks-first-with-model-generated-message"
+
+
+def resumed_body(messages: list[dict[str, Any]], provider: str = "openai",
+                 model: str = "gpt-4o-mini", **overrides: Any) -> dict[str, Any]:
+    """A failover's body: the model speaks first from the conversation handed over."""
+    body = call_body()
+    body["assistantOverrides"].update(
+        firstMessageMode=MODEL_GENERATED,
+        model={"provider": provider, "model": model, "messages": messages}, **overrides)
+    return body
 
 
 def call_body(fmt: str = "pcm_s16le", rate: int = 16000, **extra: Any) -> dict[str, Any]:
@@ -293,6 +308,143 @@ async def test_fail_status(sim: VapiSim, status: int, check: Callable[[Any], boo
     sim.fail_status = None
     assert (await post_call(sim)).status_code == 201
     assert [e["status"] for e in sim.create_log] == [status, 201]
+
+
+async def test_get_assistant_auth_shape_and_count(sim: VapiSim) -> None:
+    async with httpx.AsyncClient(base_url=sim.base_url, timeout=5) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = await client.get("/assistant/asst-test-0001", headers=headers)
+            assert r.status_code == 401 and r.json()["error"] == "Unauthorized"
+        r = await client.get("/assistant/asst-test-0001", headers=AUTH)
+        assert r.status_code == 200
+        got = r.json()
+        assert {k: got[k] for k in ("id", "name", "firstMessageMode", "model")} == {
+            "id": "asst-test-0001", "name": "greeter", "firstMessageMode": "assistant-speaks-first",
+            "model": {"provider": "openai", "model": "gpt-4o-mini",
+                      "messages": [{"role": "system", "content": "You are a test assistant."}]}}
+        # configurable, read on every request; every GET counted, answered or not
+        sim.assistant_provider, sim.assistant_model = "anthropic", "claude-sonnet-4"
+        model = (await client.get("/assistant/other", headers=AUTH)).json()["model"]
+        assert (model["provider"], model["model"]) == ("anthropic", "claude-sonnet-4")
+        sim.assistant_fail_status = 500
+        assert (await client.get("/assistant/other", headers=AUTH)).status_code == 500
+    assert sim.assistant_gets == 5
+    assert [e["status"] for e in sim.assistant_log] == [401, 401, 200, 200, 500]
+    assert [e["id"] for e in sim.assistant_log][-1] == "other"
+    assert sim.create_log == [] and sim.sessions == {}
+
+
+def _model_override(**model: Any) -> Callable[[dict[str, Any]], Any]:
+    return lambda b: b["assistantOverrides"].update(model=model)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (_model_override(model="gpt-4o-mini", messages=[]),
+         "assistantOverrides.model.provider must be a string"),
+        (_model_override(provider="openai"), "assistantOverrides.model.model must be a string"),
+        (_model_override(provider="", model="gpt-4o-mini"),
+         "assistantOverrides.model.provider should not be empty"),
+        (lambda b: b["assistantOverrides"].update(model="gpt-4o"),
+         "assistantOverrides.model must be an object"),
+        (_model_override(provider="openai", model="m", messages={"role": "user"}),
+         "assistantOverrides.model.messages must be an array"),
+        (_model_override(provider="openai", model="m", messages=["hi"]),
+         "assistantOverrides.model.messages.0 must be an object"),
+        (_model_override(provider="openai", model="m",
+                         messages=[{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]),
+         "assistantOverrides.model.messages.1.role must be one of the following values: "
+         "system, user, assistant, tool, function"),
+        (_model_override(provider="openai", model="m", messages=[{"role": "user", "content": 5}]),
+         "assistantOverrides.model.messages.0.content must be a string"),
+        (_model_override(provider="openai", model="m", messages=[{"role": "user"}]),
+         "assistantOverrides.model.messages.0.content must be a string"),
+        (lambda b: b["assistantOverrides"].update(firstMessageMode="model-speaks-first"),
+         "assistantOverrides.firstMessageMode must be one of the following values: "
+         "assistant-speaks-first, assistant-speaks-first-with-model-generated-message, "
+         "assistant-waits-for-user"),
+    ],
+)
+async def test_model_override_and_first_message_mode_validation_400(
+    sim: VapiSim, mutate: Callable[[dict[str, Any]], Any], expect: str
+) -> None:
+    body = call_body()
+    mutate(body)
+    r = await post_call(sim, body)
+    assert r.status_code == 400
+    assert expect in r.json()["message"], r.json()["message"]
+    assert sim.sessions == {}
+
+
+async def test_model_override_accepted_and_read_into_the_spec(sim: VapiSim) -> None:
+    history = [{"role": "user", "content": "utterance 1"},
+               {"role": "assistant", "content": "answer:0 w1 w2…"}]
+    _url, session = await new_call(sim, resumed_body(history))
+    spec = session.spec
+    assert spec.first_message_mode == MODEL_GENERATED and spec.first_message == "resume"
+    assert spec.history == (("user", "utterance 1"), ("assistant", "answer:0 w1 w2…"))
+    assert spec.messages == (("system", "You are a test assistant."), *spec.history)
+    assert not spec.model_replaced and not spec.system_replaced
+    # the saved model is the sim's at creation time
+    sim.assistant_model = "gpt-4o"
+    _url, session = await new_call(sim, resumed_body(history))
+    assert session.spec.model_replaced and session.spec.messages[0][0] == "system"
+    # every documented mode is accepted
+    for mode in ("assistant-speaks-first", "assistant-waits-for-user"):
+        body = call_body()
+        body["assistantOverrides"]["firstMessageMode"] = mode
+        assert (await post_call(sim, body)).status_code == 201
+
+
+def test_call_spec_applies_the_model_override_as_documented() -> None:
+    saved = SavedModel("openai", "gpt-4o-mini", "PROMPT")
+    script = greeter()
+
+    def spec(model: dict[str, Any] | None) -> Any:
+        body = call_body()
+        if model is not None:
+            body["assistantOverrides"]["model"] = model
+        return call_spec(body, script, saved)
+
+    plain = spec(None)
+    assert plain.history == () and plain.messages == (("system", "PROMPT"),)
+    assert not plain.model_replaced and not plain.system_replaced
+    assert plain.first_message == "greeting"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+             {"role": "tool", "content": "{}"}]
+    # same provider and model: merged, the saved prompt stays first
+    same = spec({"provider": "openai", "model": "gpt-4o-mini", "messages": turns})
+    assert same.history == (("user", "hi"), ("assistant", "hello there"))
+    assert same.messages == (("system", "PROMPT"), *same.history, ("tool", "{}"))
+    assert not same.model_replaced and not same.system_replaced
+    # a system message replaces the saved prompt
+    system = spec({"provider": "openai", "model": "gpt-4o-mini",
+                   "messages": [{"role": "system", "content": "NEW"}, *turns[:1]]})
+    assert system.system_replaced and not system.model_replaced
+    assert system.messages == (("system", "NEW"), ("user", "hi"))
+    assert system.history == (("user", "hi"),)
+    # same provider, other model: merged (prompt kept), but another LLM runs
+    other_model = spec({"provider": "openai", "model": "gpt-4o", "messages": turns[:1]})
+    assert other_model.model_replaced and other_model.messages[0] == ("system", "PROMPT")
+    # another provider replaces the whole model: the saved prompt is gone
+    other = spec({"provider": "anthropic", "model": "gpt-4o-mini", "messages": turns[:1]})
+    assert other.model_replaced and not other.system_replaced
+    assert other.messages == (("user", "hi"),)
+    # no messages: the same provider keeps the saved ones
+    bare = spec({"provider": "openai", "model": "gpt-4o-mini"})
+    assert bare.messages == (("system", "PROMPT"),) and bare.history == ()
+    assert script.greeting_s == 1.0, "the script is copied, not modified"
+
+
+def test_utterance_texts() -> None:
+    assert utterance_text("answer:0", 4.0) == "answer:0 " + " ".join(f"w{i}" for i in range(1, 11))
+    assert utterance_text("greeting", 1.2) == "greeting w1 w2 w3"
+    assert utterance_text("say", 0.1) == "say"
+    assert resume_text(()) == "resume"
+    assert resume_text((("user", "hi"),)) == "resume"
+    assert resume_text((("assistant", "answer:0 w1  w2…"), ("user", "and?"))) == \
+        "resume answer:0 w1 w2…"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,6 +745,109 @@ async def test_keypad_add_message_and_say(sim: VapiSim) -> None:
     assert [s.label for s in session.spoken] == ["answer:0", "say"]
 
 
+@pytest.mark.parametrize(("fmt", "rate", "frame_bytes"), FORMATS)
+async def test_model_generated_first_message_speaks_resume_from_the_history(
+    sim: VapiSim, fmt: str, rate: int, frame_bytes: int
+) -> None:
+    sim.assistant = greeter(answers=1, greeting_s=0.6, answer_s=0.4)
+    history = [{"role": "assistant", "content": "greeting w1 w2"},
+               {"role": "user", "content": "utterance 1"},
+               {"role": "assistant", "content": "answer:0 w1 w2 w3…"},
+               {"role": "user", "content": "utterance 2"}]
+    body = resumed_body(history)
+    body["transport"]["audioFormat"] = {"format": fmt, "container": "raw", "sampleRate": rate}
+    url, session = await new_call(sim, body)
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, fmt, rate)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+        resume = c.turn_frames(0)
+        assert len(resume) == 50 and {len(f) for _, f in resume} == {frame_bytes}  # 1.0 s
+        assert c.label(resume) == "resume"
+        text = "resume answer:0 w1 w2 w3…"  # the last assistant message handed over
+        assert c.of("model-output")[0]["output"] == text
+        final = await c.wait_msg("transcript", role="assistant")  # sent just after "stopped"
+        assert final["transcript"] == text
+        assert session.spoken[0].label == "resume" and session.spoken[0].text == text
+        # then the conversation goes on as usual
+        c.start_stream()
+        c.speak(0.5)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=2)
+        assert c.label(c.turn_frames(2)) == "answer:0"
+        assert [s.label for s in session.spoken] == ["resume", "answer:0"]
+        await c.aclose()
+
+
+async def test_first_message_modes_without_history(sim: VapiSim) -> None:
+    sim.assistant = AssistantScript(greeting_s=0.6, answers=1, answer_s=0.3, resume_s=0.4)
+    # model-generated without an assistant message: plain "resume", resume_s long
+    url, session = await new_call(sim, resumed_body([{"role": "user", "content": "hello?"}]))
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, "pcm_s16le", 16000)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+        assert len(c.turn_frames(0)) == 20 and c.label(c.turn_frames(0)) == "resume"
+        assert [m["output"] for m in c.of("model-output")] == ["resume"]
+        await c.aclose()
+    # waits-for-user: nothing until the caller (here a keypad entry) asks; the first utterance
+    # is the answer, so no greeting was queued on connect (it would have started at once)
+    for mode in ("assistant-waits-for-user", MODEL_GENERATED):
+        body = call_body()
+        body["assistantOverrides"]["firstMessageMode"] = mode
+        if mode == MODEL_GENERATED:  # a script with resume_s None skips the model's first message
+            sim.assistants["asst-test-0001"] = AssistantScript(
+                greeting_s=0.6, answers=1, answer_s=0.3, resume_s=None)
+        url, session = await new_call(sim, body)
+        async with connect(url, ping_interval=None) as ws:
+            c = Client(ws, "pcm_s16le", 16000)
+            await c.wait_msg("status-update", status="in-progress")
+            await ws.send(orjson.dumps({"type": "add-message", "message": {
+                "role": "user", "content": "User's Keypad Entry: 1"}}).decode())
+            await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+            assert c.label(c.turn_frames(0)) == "answer:0", mode
+            assert [s.label for s in session.spoken] == ["answer:0"], mode
+            await c.aclose()
+
+
+async def test_model_output_precedes_each_utterance_and_matches_its_transcript(
+    sim: VapiSim,
+) -> None:
+    sim.assistant = greeter(answers=1, greeting_s=0.6, answer_s=0.4)
+    url, session = await new_call(sim)
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, "pcm_s16le", 16000)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+        c.start_stream()
+        c.speak(0.5)
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=2)
+        await c.stop_stream()
+        await c.wait(lambda: len(c.of("transcript", role="assistant")) == 2)
+        outputs = c.of("model-output")
+        assert [m["output"] for m in outputs] == ["greeting w1 w2", "answer:0 w1"]
+        assert [m["turnId"] for m in outputs] == [s.turn_id for s in session.spoken]
+        assert [m["transcript"] for m in c.of("transcript", role="assistant")] == \
+            [m["output"] for m in outputs]
+        assert [s.text for s in session.spoken] == ["greeting w1 w2", "answer:0 w1"]
+        # each output comes before its utterance's speech-update started and its first frame
+        events = [e if isinstance(e, dict) else {"type": "audio"} for _, e in c.events]
+        kinds = [e["type"] for e in events]
+        for output in outputs:
+            i = next(k for k, e in enumerate(events) if e is output)
+            assert kinds[i + 1] == "speech-update" and events[i + 1]["status"] == "started"
+            assert kinds[i + 2] == "audio"
+        await c.aclose()
+    # clientMessages: only when subscribed
+    for subscribed in (["speech-update", "model-output"], ["speech-update", "transcript"]):
+        body = call_body()
+        body["assistantOverrides"]["clientMessages"] = subscribed
+        url, session = await new_call(sim, body)
+        async with connect(url, ping_interval=None) as ws:
+            c = Client(ws, "pcm_s16le", 16000)
+            await session.wait_for(lambda s=session: bool(s.spoken) and s.spoken[0].ended, 3)
+            await session.send_json({"type": "hang"})  # arrives after all that came before it
+            await c.wait_msg("hang")
+            assert {m["type"] for m in c.msgs} == {*subscribed, "hang"}
+            await c.aclose()
+
+
 async def test_control_url_client_messages_and_hooks(sim: VapiSim) -> None:
     body = call_body()
     body["assistantOverrides"]["clientMessages"] = ["status-update", "tool-calls"]
@@ -726,7 +981,7 @@ async def test_never_connected_and_stop_closes_sockets() -> None:
 
 @pytest.mark.parametrize(("fmt", "rate", "frame_bytes"), FORMATS)
 def test_voices_identify_every_utterance(fmt: str, rate: int, frame_bytes: int) -> None:
-    cases = [("greeting", 0), ("goodbye", 0), ("say", 0),
+    cases = [("greeting", 0), ("goodbye", 0), ("say", 0), ("resume", 0),
              *[("answer", k) for k in range(5)], *[("caller", k) for k in range(6)]]
     for kind, index in cases:
         data = voices.render(kind, index, 0.3, rate, fmt)
@@ -739,6 +994,11 @@ def test_voices_identify_every_utterance(fmt: str, rate: int, frame_bytes: int) 
         assert voices.identify(voices.decode(frames[7], fmt), rate) == voices.label(kind, index)
     assert voices.identify(voices.decode(voices.silence(0.2, rate, fmt), fmt), rate) is None
     assert voices.frequency("answer", 2) == 700 and voices.frequency("greeting") == 400
+    assert voices.frequency("resume") == 300 and voices.label("resume") == "resume"
+    # every label more than two tolerances from every other: a tone is never mistaken
+    freqs = sorted(voices.LABELS)
+    assert len(voices.LABELS) == 4 + 5 + 6  # no two labels share a frequency (a dict key)
+    assert min(b - a for a, b in itertools.pairwise(freqs)) > 2 * voices.IDENTIFY_TOLERANCE_HZ
 
 
 def test_voices_tone_shape() -> None:
