@@ -25,6 +25,15 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("callbridge.redis")
 
+
+async def _stop(task: asyncio.Task[None], every_s: float) -> None:
+    """Cancel `task` until it has ended. One cancel can be lost: redis-py (8.x) swallows a
+    cancellation that lands while a command completes, and the loop then goes on, so a single
+    cancel-and-await could wait forever."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+
 Fields = dict[bytes, bytes]
 Entries = list[tuple[bytes, Fields]]
 OnEntries = Callable[[bytes, Entries], None]
@@ -120,9 +129,8 @@ class BatchWriter:
         except TimeoutError:
             pass
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            task, self._task = self._task, None
+            await _stop(task, 1.0)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -193,6 +201,7 @@ class MultiReader:
         self._on_error = on_error
         self._ids: dict[bytes, bytes] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._token = uuid.uuid4().hex.encode()
 
     def start(self) -> None:
@@ -200,10 +209,12 @@ class MultiReader:
             self._task = asyncio.create_task(self._run(), name="redis-multi-reader")
 
     async def close(self) -> None:
+        """Stop reading. Besides the cancel, the loop checks `_closing` after every read, so it
+        ends within one blocked read even if a cancellation is lost (see `_stop`)."""
+        self._closing = True
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            task, self._task = self._task, None
+            await _stop(task, self._block_ms / 1000 + 1)
         try:
             await self._redis.delete(self._wake_key)
         except (RedisError, OSError):
@@ -232,7 +243,7 @@ class MultiReader:
         backoff = 0.05
         failing = False
         wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
-        while True:
+        while not self._closing:
             streams: dict[Any, Any] = {self._wake_key: wake_id, **self._ids}
             try:
                 resp: Any = await self._redis.xread(streams, count=self._count, block=self._block_ms)
