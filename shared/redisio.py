@@ -9,6 +9,12 @@ data-path connections:
   as the loop is free (no timer, so batching adds no delay). One flusher keeps per-key order.
 - `MultiReader`: one multi-key `XREAD BLOCK` over every stream this process follows. Adding a
   stream wakes the blocked read through a per-process wake stream instead of waiting it out.
+
+A pipeline that fails while its reply comes back has run in Redis, in part or in full, and is
+sent again (by redis-py's retry or by the writer's), so an entry can be written twice. Writes
+cannot be made exactly-once cheaply, so duplicates are made harmless instead: every entry a
+writer adds carries `q` = `<writer id>:<n>` (n increasing per writer), and the reader delivers,
+per stream and writer, only entries whose n is above the last it delivered.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ OnEntries = Callable[[bytes, Entries], None]
 OnError = Callable[[str], None]
 Batch = list[tuple[str, tuple[Any, ...], dict[str, Any]]]
 OnFlushed = Callable[[Batch, int], None]
+
+SEQ_FIELD = b"q"
+# Writers the reader remembers per stream: a stream has one writer at a time (a gateway socket,
+# an owning worker) and a few over its life (re-attaches, takeovers); past this the one first
+# seen is forgotten, so a flood of odd ids in Redis cannot grow the reader's memory.
+MAX_WRITERS_PER_KEY = 16
 
 
 def media_latency_observer(observe: Callable[[float], None], kind: bytes = b"m") -> OnFlushed:
@@ -94,15 +106,21 @@ class BatchWriter:
         self._idle.set()
         self.dropped = 0
         self.batches = 0
+        self._writer_id = uuid.uuid4().hex[:12].encode()
+        self._seq = 0
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="redis-batch-writer")
 
     def xadd(self, key: str, fields: Fields, maxlen: int | None = None) -> None:
+        """Queue an XADD. Takes `fields` over: it gains the `q` field (writer id and sequence),
+        which a re-sent copy of the entry keeps, so a reader can tell it is one."""
         kw: dict[str, Any] = {}
         if maxlen:
             kw = {"maxlen": maxlen, "approximate": True}
+        self._seq += 1
+        fields[SEQ_FIELD] = b"%s:%d" % (self._writer_id, self._seq)
         self._push("xadd", (key, fields), kw)
 
     def command(self, name: str, *args: Any, **kwargs: Any) -> None:
@@ -200,6 +218,8 @@ class MultiReader:
         self._block_ms = block_ms
         self._on_error = on_error
         self._ids: dict[bytes, bytes] = {}
+        self._seen: dict[bytes, dict[bytes, int]] = {}  # stream -> writer id -> last n delivered
+        self.duplicates = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._token = uuid.uuid4().hex.encode()
@@ -223,10 +243,38 @@ class MultiReader:
     async def add(self, key: str, from_id: str = "0-0") -> None:
         """Follow `key` from after `from_id`; wakes the blocked read so it takes effect now."""
         self._ids[key.encode()] = from_id.encode()
+        self._seen.setdefault(key.encode(), {})
         await self._poke()
 
     def remove(self, key: str) -> None:
         self._ids.pop(key.encode(), None)
+        self._seen.pop(key.encode(), None)
+
+    def _fresh(self, key: bytes, entries: Entries) -> Entries:
+        """`entries` without the ones their writer already delivered on `key`. Allocates nothing
+        unless a duplicate is found; an entry without a well-formed `q` is passed on."""
+        seen = self._seen.get(key)
+        if seen is None:
+            return entries
+        kept: Entries | None = None
+        for i, entry in enumerate(entries):
+            q = entry[1].get(SEQ_FIELD)
+            if q is not None:
+                writer, _, n_ = q.rpartition(b":")
+                if writer and 0 < len(n_) <= 19 and n_.isdigit():
+                    n = int(n_)
+                    last = seen.get(writer)
+                    if last is not None and n <= last:
+                        self.duplicates += 1
+                        if kept is None:
+                            kept = entries[:i]
+                        continue
+                    if last is None and len(seen) >= MAX_WRITERS_PER_KEY:
+                        del seen[next(iter(seen))]
+                    seen[writer] = n
+            if kept is not None:
+                kept.append(entry)
+        return entries if kept is None else kept
 
     async def _poke(self) -> None:
         if self._task is None:
@@ -274,6 +322,9 @@ class MultiReader:
                 if key not in self._ids:
                     continue  # removed while the read was in flight
                 self._ids[key] = entries[-1][0]
+                entries = self._fresh(key, entries)
+                if not entries:
+                    continue
                 try:
                     self._on_entries(key, entries)
                 except Exception:

@@ -1,4 +1,5 @@
-"""The batch writer and the multi-key reader against a real Redis."""
+"""The batch writer and the multi-key reader against a real Redis: entries carry their writer's
+sequence, and a pipeline re-sent after a failure mid-reply is delivered once."""
 
 from __future__ import annotations
 
@@ -6,9 +7,72 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
 import redis.asyncio as aioredis
 
-from shared.redisio import Entries, MultiReader
+from shared.redisio import MAX_WRITERS_PER_KEY, BatchWriter, Entries, MultiReader, connect
+
+
+class CutProxy:
+    """A loopback TCP proxy in front of Redis that, once armed, lets Redis answer a whole
+    pipeline of `replies` bulk-string replies and then hands the client only part of the
+    answer before cutting its connection: every command ran, yet the client saw a failure."""
+
+    def __init__(self, redis_host: str, redis_port: int) -> None:
+        self._upstream = (redis_host, redis_port)
+        self._armed = 0
+        self.cuts = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    def arm(self, replies: int) -> None:
+        self._armed = replies
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(*self._upstream)
+
+        async def requests() -> None:
+            while data := await client_r.read(65536):
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def replies() -> None:
+            held = b""
+            while data := await up_r.read(65536):
+                if not self._armed:
+                    client_w.write(data)
+                    await client_w.drain()
+                    continue
+                held += data
+                if held.count(b"\r\n") >= 2 * self._armed:  # `$n\r\n<id>\r\n` per XADD
+                    self._armed = 0
+                    self.cuts += 1
+                    client_w.write(held[: len(held) // 2])
+                    await client_w.drain()
+                    client_w.transport.abort()
+                    return
+            client_w.close()
+
+        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            up_w.close()
+            client_w.close()
+
 
 Delivered = list[tuple[bytes, Entries]]  # what the reader handed on: (stream, entries) per call
 
@@ -24,6 +88,10 @@ async def _reader(redis_url: str, prefix: str) -> AsyncIterator[tuple[MultiReade
     finally:
         await reader.close()
         await client.aclose()
+
+
+def _delivered(got: Delivered, key: str) -> list[bytes]:
+    return [f[b"v"] for k, entries in got if k == key.encode() for _id, f in entries]
 
 
 async def _until(cond: object, what: str, timeout: float = 10.0) -> None:
@@ -47,3 +115,105 @@ async def test_close_returns_even_if_a_read_swallows_the_cancellation(
             closing = asyncio.create_task(reader.close())
             done, _ = await asyncio.wait({closing}, timeout=5)
             assert done, f"close() hung in round {i}"
+
+
+async def test_every_entry_a_batch_writer_adds_names_its_writer_and_sequence(
+    redis_url: str, prefix: str, redis: aioredis.Redis
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    writers = [BatchWriter(client), BatchWriter(client)]
+    key = f"{prefix}s"
+    try:
+        for i in range(5):
+            for w in writers:
+                w.xadd(key, {b"v": str(i).encode()})
+        for w in writers:
+            await w.flush()
+    finally:
+        for w in writers:
+            await w.close()
+        await client.aclose()
+    seqs: dict[bytes, list[int]] = {}
+    for _id, f in await redis.xrange(key):
+        writer, _, n = f[b"q"].rpartition(b":")
+        seqs.setdefault(writer, []).append(int(n))
+    assert len(seqs) == 2, "each writer has an id of its own"
+    assert all(ns == sorted(set(ns)) and len(ns) == 5 for ns in seqs.values()), seqs
+
+
+async def test_reader_drops_what_a_writer_already_delivered_on_that_key(
+    redis_url: str, prefix: str, redis: aioredis.Redis
+) -> None:
+    """Per key and writer, an entry whose sequence is not above the last delivered one is a
+    re-sent duplicate. Entries without a sequence, or with one that is malformed, pass."""
+    a, b = f"{prefix}a", f"{prefix}b"
+    rows = [(a, b"w1:1", b"1"), (a, b"w1:2", b"2"), (a, b"w1:1", b"dup"), (a, b"w1:3", b"3"),
+            (a, b"w2:1", b"other writer"), (a, b"w1:2", b"dup"), (a, b"w1:3", b"dup"),
+            (a, b"w1:x", b"malformed"), (a, b"w1:" + b"9" * 40, b"huge"), (a, None, b"no seq"),
+            (b, b"w1:1", b"other key")]
+    async with _reader(redis_url, prefix) as (reader, got):
+        await reader.add(a)
+        await reader.add(b)
+        for key, q, v in [*rows, (a, b"w1:4", b"end")]:
+            await redis.xadd(key, {b"v": v} if q is None else {b"q": q, b"v": v})
+        await _until(lambda: b"end" in _delivered(got, a), "the reader never got to the end")
+        await _until(lambda: _delivered(got, b), "nothing delivered on the second key")
+        assert _delivered(got, a) == [b"1", b"2", b"3", b"other writer", b"malformed", b"huge",
+                                      b"no seq", b"end"]
+        assert _delivered(got, b) == [b"other key"]
+        assert reader.duplicates == 3
+        # Bounded memory: a few writers per key, forgotten when the key is.
+        for n in range(MAX_WRITERS_PER_KEY + 10):
+            await redis.xadd(a, {b"q": f"x{n}:1".encode(), b"v": b"many"})
+        await redis.xadd(a, {b"v": b"last"})
+        await _until(lambda: b"last" in _delivered(got, a), "the reader never got to the last")
+        assert len(reader._seen[a.encode()]) <= MAX_WRITERS_PER_KEY
+        reader.remove(a)
+        assert a.encode() not in reader._seen
+
+
+async def test_a_pipeline_resent_after_a_failure_mid_reply_is_delivered_once(
+    redis_url: str, prefix: str, redis: aioredis.Redis
+) -> None:
+    """Redis ran every command of a pipeline but the connection broke while the reply came back:
+    the client re-sends the whole batch (redis-py's retry or the writer's), so Redis holds each
+    entry twice. The reader downstream delivers each entry once, in order."""
+    where = redis.connection_pool.connection_kwargs
+    proxy = CutProxy(where["host"], where["port"])
+    await proxy.start()
+    client = connect(f"redis://127.0.0.1:{proxy.port}/0", health_check_interval=0)
+    writer = BatchWriter(client)
+    key = f"{prefix}in"
+    n = 50
+    try:
+        async with _reader(redis_url, prefix) as (reader, got):
+            await reader.add(key)
+            await client.ping()  # the connection (and its handshake) exists before the cut
+            proxy.arm(n)
+            for i in range(n):
+                writer.xadd(key, {b"v": str(i).encode()}, maxlen=10_000)
+            await writer.flush(timeout=15)
+            assert proxy.cuts == 1
+            assert await redis.xlen(key) > n, "the batch was written twice (the failure happened)"
+            writer.xadd(key, {b"v": b"end"})
+            await writer.flush(timeout=15)
+            await _until(lambda: b"end" in _delivered(got, key), "the reader never got to the end")
+            assert _delivered(got, key) == [str(i).encode() for i in range(n)] + [b"end"]
+            assert reader.duplicates == await redis.xlen(key) - n - 1
+    finally:
+        await writer.close()
+        await client.aclose()
+        await proxy.close()
+
+
+@pytest.mark.parametrize("bad", [b"", b":", b"w:", b":1", b"w:-1", b"w:1.5", b"w:\xff", b"\x00" * 200])
+async def test_a_malformed_sequence_never_breaks_the_reader(
+    redis_url: str, prefix: str, redis: aioredis.Redis, bad: bytes
+) -> None:
+    key = f"{prefix}m"
+    async with _reader(redis_url, prefix) as (reader, got):
+        await reader.add(key)
+        await redis.xadd(key, {b"q": bad, b"v": b"odd"})
+        await redis.xadd(key, {b"q": b"w:1", b"v": b"next"})
+        await _until(lambda: b"next" in _delivered(got, key), "the reader stalled")
+        assert _delivered(got, key) == [b"odd", b"next"]
