@@ -33,9 +33,10 @@ log = logging.getLogger("callbridge.redis")
 
 
 async def _stop(task: asyncio.Task[None], every_s: float) -> None:
-    """Cancel `task` until it has ended. One cancel can be lost: redis-py (8.x) swallows a
-    cancellation that lands while a command completes, and the loop then goes on, so a single
-    cancel-and-await could wait forever."""
+    """Cancel `task` until it has ended. One cancel can be lost: redis-py sends each command
+    under `asyncio.wait_for`, which on Python 3.11 returns normally when a cancellation lands as
+    the send completes, and the loop then goes on, so a single cancel-and-await could wait
+    forever."""
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=every_s)
@@ -229,11 +230,16 @@ class MultiReader:
             self._task = asyncio.create_task(self._run(), name="redis-multi-reader")
 
     async def close(self) -> None:
-        """Stop reading. Besides the cancel, the loop checks `_closing` after every read, so it
-        ends within one blocked read even if a cancellation is lost (see `_stop`)."""
+        """Stop reading. Besides the cancel, the loop checks `_closing` after every read, and a
+        poke of the wake stream ends the read at once if a cancellation was lost (see `_stop`)."""
         self._closing = True
         if self._task:
-            task, self._task = self._task, None
+            task = self._task
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+            if not task.done():  # the cancel was lost: end the blocked read now, not in block_ms
+                await self._poke()
+            self._task = None
             await _stop(task, self._block_ms / 1000 + 1)
         try:
             await self._redis.delete(self._wake_key)

@@ -104,16 +104,17 @@ async def _until(cond: object, what: str, timeout: float = 10.0) -> None:
 async def test_close_returns_even_if_a_read_swallows_the_cancellation(
     redis_url: str, prefix: str, redis: aioredis.Redis
 ) -> None:
-    """redis-py can swallow a cancellation that lands while a command completes (the reader then
-    reads on): close() must end the reader anyway, promptly, or a process cannot shut down."""
-    for i in range(40):
+    """A cancellation can be lost while redis-py sends a command (Python 3.11's wait_for returns
+    normally if it lands as the send completes; the reader then reads on): close() must end the
+    reader anyway, promptly, or a process cannot shut down. The loss is a race, so many rounds."""
+    for i in range(60):
         async with _reader(redis_url, f"{prefix}{i}:") as (reader, got):
             key = f"{prefix}c{i}"
             await reader.add(key)
             await redis.xadd(key, {b"v": b"x"})
             await _until(lambda: got, "nothing delivered")
             closing = asyncio.create_task(reader.close())
-            done, _ = await asyncio.wait({closing}, timeout=5)
+            done, _ = await asyncio.wait({closing}, timeout=3)
             assert done, f"close() hung in round {i}"
 
 
