@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 import httpx
 
@@ -50,7 +50,7 @@ class ManagedProcess:
     def __post_init__(self) -> None:
         self.log_path = _log_file(self.name)
 
-    def start(self) -> ManagedProcess:
+    def start(self) -> Self:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*self.program, *self.args], env=self.env, cwd=self.cwd,

@@ -21,6 +21,7 @@ from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from gateway.fence import OwnerFence, epoch_of
 from gateway.hub import OutQueue
 from gateway.records import ensure_ttl
 from gateway.state import GatewayState, SocketInfo
@@ -166,8 +167,13 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     try:
         # Follow `out` from its current end, taken *before* announcing ourselves, so nothing the
         # worker writes in reply to `start` can slip between the two.
-        last: Any = await st.redis.xrevrange(out_key, count=1)
+        pipe = st.redis.pipeline(transaction=False)
+        pipe.xrevrange(out_key, count=1)
+        pipe.hget(st.keys.call(sid), "epoch")  # the current owner's: nothing older may play
+        last, epoch = await pipe.execute()
         from_id = last[0][0].decode() if last else "0-0"
+        floor = epoch_of({b"e": epoch}) if isinstance(epoch, bytes) else None
+        fence = OwnerFence(floor or 0)
         queue = await st.hub.attach(out_key, from_id)
     except (RedisError, OSError):
         await _reject(ws, "redis_error")
@@ -183,7 +189,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
     info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, attached=time.monotonic())
     st.sockets[ws] = info
     log.info("media stream started")
-    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid)), name="twilio-send")
+    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid), fence),
+                                 name="twilio-send")
     receiver = asyncio.create_task(
         _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)),
         name="twilio-receive")
@@ -361,9 +368,10 @@ def _mark_name(value: bytes | None) -> str | None:
         return None
 
 
-async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound) -> bool:
+async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: OwnerFence) -> bool:
     """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed). An entry
-    that is not one we can send is counted and dropped; the audio after it goes on."""
+    that is not one we can send is counted and dropped; the audio after it goes on. Entries of
+    a replaced owner are dropped (gateway/fence.py)."""
     frames = metrics.FRAMES.labels("out", "twilio")
     latency = metrics.HOP_LATENCY.labels("worker_to_twilio")
     send = ws.send_text
@@ -371,6 +379,13 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound) -> bool:
         entries = await queue.get()
         now = time.time_ns()
         for _id, f in entries:
+            admitted = fence.admit(f)
+            if not admitted:
+                if admitted is None:  # a new owner: drop what the old one left in Twilio's buffer
+                    await send(out.clear())
+                else:
+                    _drop("stale_owner")
+                continue
             kind = f.get(b"k")
             if kind == S.OUT_MEDIA:
                 audio = f.get(b"a")

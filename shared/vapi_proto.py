@@ -19,7 +19,34 @@ CLIENT_MESSAGES = [
     "tool-calls",
     "transfer-update",
     "hang",
+    "model-output",  # the text of a response before it is spoken: what a takeover resumes from
 ]
+
+# How a session created by a takeover begins (TAKEOVER_RESUME).
+RESUME_SPEAK = "speak"  # the model speaks first, from the conversation so far
+RESUME_WAIT = "wait"  # no greeting; the history as a system note; the caller speaks next
+# Vapi's first-message modes (assistant.firstMessageMode).
+FIRST_MESSAGE_MODEL_GENERATED = "assistant-speaks-first-with-model-generated-message"
+FIRST_MESSAGE_WAIT = "assistant-waits-for-user"
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantModel:
+    """The saved assistant's LLM (GET /assistant/{id}): an override of `model.messages` must
+    name the same provider and model, or Vapi replaces the whole model object."""
+
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """How a taken-over call's new session begins (see worker/resume.py)."""
+
+    mode: str  # RESUME_SPEAK or RESUME_WAIT
+    messages: list[dict[str, str]]  # user/assistant history, oldest first
+    model: AssistantModel | None = None  # required for RESUME_SPEAK
+    heard_ms: int = 0  # how much of the cut response the caller heard
 
 # Client-side tool names the bridge treats as "transfer the phone call".
 TRANSFER_TOOLS = frozenset({"transferCall", "transfer_call", "transfer", "transferToHuman"})
@@ -27,10 +54,13 @@ TRANSFER_TOOLS = frozenset({"transferCall", "transfer_call", "transfer", "transf
 
 def create_call_body(
     *, assistant_id: str, audio_format: str, sample_rate: int, call_sid: str, from_: str, to: str,
-    resumed: bool = False,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
-    """`POST /call` body for a websocket-transport call (CreateCallDTO). A `resumed` call (taken
-    over mid-conversation) must not greet the caller a second time."""
+    """`POST /call` body for a websocket-transport call (CreateCallDTO). A resumed call (taken
+    over mid-conversation) must not greet the caller a second time: with RESUME_SPEAK the model
+    speaks first from the history given in `model.messages` (Vapi's
+    assistant-speaks-first-with-model-generated-message); with RESUME_WAIT it waits for the
+    caller."""
     body: dict[str, Any] = {
         "assistantId": assistant_id,
         "assistantOverrides": {
@@ -43,23 +73,39 @@ def create_call_body(
             "audioFormat": {"format": audio_format, "container": "raw", "sampleRate": sample_rate},
         },
     }
-    if resumed:
-        body["assistantOverrides"]["firstMessageMode"] = "assistant-waits-for-user"
+    overrides = body["assistantOverrides"]
+    if resume is not None and resume.mode == RESUME_SPEAK and resume.model is not None:
+        overrides["firstMessageMode"] = FIRST_MESSAGE_MODEL_GENERATED
+        # Same provider and model: Vapi merges, keeping the saved system prompt and tools, and
+        # adds these messages (docs/protocols.md, "Creating the call").
+        overrides["model"] = {"provider": resume.model.provider, "model": resume.model.model,
+                              "messages": resume.messages}
+    elif resume is not None:
+        overrides["firstMessageMode"] = FIRST_MESSAGE_WAIT
     return body
 
 
-def conversation_so_far(turns: list[tuple[str, str]], limit: int = 6000) -> str | None:
+def conversation_so_far(messages: list[dict[str, str]], limit: int = 6000) -> str:
     """An `add-message` that hands a resumed session the conversation before the takeover,
     without triggering a response (the caller speaks next)."""
-    if not turns:
-        return None
-    lines = [f"{'Caller' if role == 'user' else 'Assistant'}: {text}" for role, text in turns]
+    lines = [f"{'Caller' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
     history = "\n".join(lines)[-limit:]
     content = ("This phone call moved to a new session in the middle of the conversation. "
                "Do not greet the caller again; continue from here. The conversation so far:\n"
                + history)
     return orjson.dumps({"type": "add-message", "message": {"role": "system", "content": content},
                          "triggerResponseEnabled": False}).decode()
+
+def assistant_model(data: Any) -> AssistantModel | None:
+    """`model.provider` and `model.model` from a GET /assistant/{id} response, if both are there."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        return None
+    provider, name = model.get("provider"), model.get("model")
+    if isinstance(provider, str) and isinstance(name, str) and provider and name:
+        return AssistantModel(provider=provider[:100], model=name[:200])
+    return None
+
 
 END_CALL = orjson.dumps({"type": "end-call"}).decode()
 
@@ -111,12 +157,17 @@ class ToolCalls:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelOutput:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Other:
     type: str
     raw: dict[str, Any] = field(repr=False)
 
 
-VapiMessage = StatusUpdate | UserInterrupted | SpeechUpdate | Transcript | ToolCalls | Other
+VapiMessage = StatusUpdate | UserInterrupted | SpeechUpdate | Transcript | ToolCalls | ModelOutput | Other
 
 # Bounds on what a Vapi message may hand the worker. Every field is untrusted: parsed values end
 # up in events, logs, Redis and the transfer allow-list check, so each has its declared type and a
@@ -200,6 +251,9 @@ def parse(text: str | bytes) -> VapiMessage:
             raise BadMessage("bad_field")
         final = msg.get("transcriptType") == "final" or 'transcriptType="final"' in kind
         return Transcript(role=_required_word(msg, "role"), final=final, text=text_[:MAX_TEXT])
+    if kind == "model-output":
+        output = msg.get("output")
+        return ModelOutput(text=output[:MAX_TEXT] if isinstance(output, str) else "")
     if kind == "tool-calls":
         items = msg.get("toolCallList")
         if not isinstance(items, list):

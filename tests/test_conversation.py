@@ -262,14 +262,16 @@ async def test_fast_barge_in_resumes_when_vapi_does_not_confirm(
         await until(lambda c=call: bool(c.heard_segments()) and c.now() > 1.0, 10, "greeting")
         # A short sound: the local detector pauses, Vapi (200 ms minimum) never calls it a turn.
         call.say_pcm(voices.utterance("caller", 0, 0.16, 8000))
-        await wait_heard(call, 2, timeout=10)
+        await until(lambda c=call: audible_s(c) > 3.9 and c.now() - c.heard_segments()[-1][1] > 0.3,
+                    15, "the whole greeting, in two parts")
         kinds = [f[b"k"] for _i, f in await redis.xrange(stack.keys.events(call.call_sid))]
         assert b"fast-pause" in kinds and b"fast-resume" in kinds and b"barge-in" not in kinds
         # Held, not dropped: the whole greeting reaches the caller, in two parts.
         runs = utterances_heard(call)
         assert [label for label, _ in runs] == ["greeting"], runs
         assert len(call.heard_segments(min_silence_s=0.2)) == 2, "paused once, for a while"
-        assert abs(runs[0][1] - 4.0) < 0.015, runs
+        # The seam may lose what Twilio played between our clock and its own (under a frame each).
+        assert abs(runs[0][1] - 4.0) < 0.04, runs
         await call.hangup()
 
 
@@ -311,7 +313,7 @@ async def test_talking_over_a_message_vapi_does_not_interrupt_only_pauses_it(
         assert b"hold" in kinds and b"hold-released" in kinds and b"barge-in" not in kinds
         (a0, a1), (_b0, b1) = call.heard_segments(min_silence_s=0.2)
         # Held, not lost: the whole 4 s greeting and the 1.2 s answer reach the caller.
-        assert abs(audible_s(call) - 5.2) < 0.015, audible_s(call)
+        assert abs(audible_s(call) - 5.2) < 0.04, audible_s(call)  # a pause's seam: under a frame
         pcm = call.heard_pcm16()
         assert voices.identify(pcm[int(a0 * 8000) * 2:int(a1 * 8000) * 2], 8000) == "greeting"
         assert voices.identify(pcm[int((b1 - 1.1) * 8000) * 2:int(b1 * 8000) * 2], 8000) == "answer:0"

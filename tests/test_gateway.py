@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection
 
-from callbridge.redis_server import free_port
+from callbridge.redis_server import RedisServer, free_port, start_redis
 from gateway.app import create_app, drain, server_config
 from gateway.state import GatewayState
 from shared.serving import quiet_server
@@ -319,6 +321,57 @@ async def test_outbound_entries_reach_twilio_and_hangup_closes(gw: Gw, redis: ai
             break
         await asyncio.sleep(0.01)
     assert entries[-1] [b"v"] == b"hangup"
+
+
+async def test_a_replaced_owner_cannot_reach_the_caller(gw: Gw, redis: aioredis.Redis) -> None:
+    """Ownership fencing at the gateway: once the new owner's `own` marker (epoch 2) is on `out`,
+    the old owner's entries (epoch 1) are dropped, and Twilio is told to flush what the old one
+    left in its buffer."""
+    from shared import streams as S
+
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    await redis.hset(gw.keys.call(sid), "epoch", "1")
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, token))
+    for _ in range(300):
+        if await redis.xlen(gw.keys.inbound(sid)):
+            break
+        await asyncio.sleep(0.01)
+    out = gw.keys.outbound(sid)
+    old, new = b"\x11" * 160, b"\x22" * 160
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, old, epoch=b"1"))
+    await redis.xadd(out, {b"k": S.OUT_OWN, b"e": b"2"})
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, old, epoch=b"1"))  # the frozen owner woke up
+    await redis.xadd(out, S.entry(S.OUT_HANGUP, epoch=b"1"))
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, new, epoch=b"2"))
+    got = [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+    assert [g["event"] for g in got] == ["media", "clear", "media"]
+    assert base64.b64decode(got[0]["media"]["payload"]) == old
+    assert base64.b64decode(got[2]["media"]["payload"]) == new, "the old owner's frame and hang-up dropped"
+    assert await _metric(gw, "callbridge_messages_dropped_total", cause="stale_owner") >= 2
+    await ws.close()
+
+
+async def test_a_socket_attached_after_a_takeover_starts_at_the_owner_s_epoch(
+        gw: Gw, redis: aioredis.Redis) -> None:
+    from shared import streams as S
+
+    sid = call_sid()
+    token = await _answer(gw, sid)
+    await redis.hset(gw.keys.call(sid), "epoch", "3")
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, token))
+    for _ in range(300):
+        if await redis.xlen(gw.keys.inbound(sid)):
+            break
+        await asyncio.sleep(0.01)
+    out = gw.keys.outbound(sid)
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, b"\x11" * 160, epoch=b"2"))
+    await redis.xadd(out, S.entry(S.OUT_MEDIA, b"\x33" * 160, epoch=b"3"))
+    got = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert base64.b64decode(got["media"]["payload"]) == b"\x33" * 160
+    await ws.close()
 
 
 async def test_health_and_readiness(gw: Gw) -> None:
@@ -783,3 +836,139 @@ async def test_a_slow_socket_backlog_is_bounded(redis_url: str, prefix: str, red
     assert control == [(S.OUT_MARK, f"0:{i}".encode()) for i in range(59, 600, 60)] + [
         (S.OUT_CLEAR, None), (S.OUT_HANGUP, None)]
     assert dropped._value.get() - before == 350
+
+
+# Redis restarts empty mid-call ------------------------------------------------------------------
+
+
+@dataclass
+class Restartable:
+    """An in-process gateway on a private redis-server that a test can restart empty."""
+
+    gw: Gw
+    port: int
+    server: RedisServer
+
+    def restart_empty(self) -> None:
+        self.server.stop()
+        self.server = start_redis(self.port)
+
+    def client(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.server.url, socket_timeout=2)
+
+
+@pytest.fixture
+async def restartable(prefix: str) -> AsyncIterator[Restartable]:
+    redis_port, port = free_port(), free_port()
+    server = start_redis(redis_port)
+    base = f"http://127.0.0.1:{port}"
+    settings = Settings(  # type: ignore[call-arg]
+        REDIS_URL=server.url, REDIS_PREFIX=prefix, PUBLIC_URL=base, TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN, NO_WORKER_TIMEOUT_S=2, MEDIA_IDLE_TIMEOUT_S=30,
+        LOG_FORMAT="text")
+    box = Restartable(Gw(base, settings, Keys(prefix), None), redis_port, server)  # type: ignore[arg-type]
+    try:
+        async for state in _serve(settings, port):
+            box.gw.state = state
+            yield box
+    finally:
+        box.server.stop()
+
+
+async def _until_true(what: str, check: Callable[[], Awaitable[object]], timeout: float = 15) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            if await check():
+                return
+        except (RedisError, OSError):
+            pass  # Redis is restarting
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def _keep_writing(r: aioredis.Redis, key: str, fields: dict[bytes, bytes], every: float) -> None:
+    """A stand-in for a live owner (or Twilio) that keeps writing through a Redis restart."""
+    while True:
+        with contextlib.suppress(RedisError, OSError):
+            await r.xadd(key, dict(fields))
+        await asyncio.sleep(every)
+
+
+async def test_a_call_a_worker_still_serves_survives_redis_restarting_empty(
+    restartable: Restartable,
+) -> None:
+    """Redis comes back empty mid-call; the owner never re-writes `owner` but keeps writing audio.
+    The gateway re-asserts its part of the call record (stream_sid, gateway, status live, the
+    expiry) and does not end the call: a worker that writes `out` entries is alive."""
+    from shared import streams as S
+
+    box, gw = restartable, restartable.gw
+    r = box.client()
+    sid = call_sid()
+    await r.hset(gw.keys.call(sid), "owner", "worker-1")  # the owner took the call at once
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, await _answer(gw, sid)))
+    await _until_true("attached", lambda: r.exists(gw.keys.inbound(sid)))
+    audio = S.entry(S.OUT_MEDIA, b"\x05" * 160)
+    owner = asyncio.create_task(_keep_writing(r, gw.keys.outbound(sid), audio, 0.1))
+    await asyncio.wait_for(ws.recv(), 5)  # the owner's audio flows: the call went live
+    box.restart_empty()
+    restarted = asyncio.get_running_loop().time()
+    r2 = box.client()
+
+    async def reasserted() -> bool:
+        call = await r2.hgetall(gw.keys.call(sid))
+        return (call.get(b"stream_sid") == MZ.encode() and call.get(b"status") == b"live"
+                and call.get(b"gateway") == gw.state.process_id.encode()
+                and 0 < await r2.ttl(gw.keys.call(sid)) <= gw.settings.call_ttl_s)
+
+    try:
+        await _until_true("the gateway never re-asserted the call record", reasserted)
+        # Caller audio keeps flowing into the new Redis; its stream gets its expiry back too.
+        await ws.send(_media_msg(b"\x01" * 160))
+        await _until_true("no expiry on :in", lambda: _positive(r2.ttl(gw.keys.inbound(sid))))
+        # Well past NO_WORKER_TIMEOUT_S after the restart the call still carries the owner's audio.
+        while asyncio.get_running_loop().time() - restarted < 2 * gw.settings.no_worker_timeout_s + 2:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert msg["event"] == "media"
+        assert await r2.hget(gw.keys.call(sid), "status") == b"live"
+        assert gw.state.sockets, "the socket is still served"
+    finally:
+        owner.cancel()
+        await asyncio.gather(owner, return_exceptions=True)
+        await ws.close()
+        await r.aclose()
+        await r2.aclose()
+
+
+async def _positive(ttl: Awaitable[int]) -> bool:
+    return await ttl > 0
+
+
+async def test_a_call_no_worker_serves_still_ends_after_redis_restarts_empty(
+    restartable: Restartable,
+) -> None:
+    """No owner and no `out` entries: the call ends with the unavailable message, no sooner than
+    NO_WORKER_TIMEOUT_S after Redis came back (the timeout restarts with Redis)."""
+    box, gw = restartable, restartable.gw
+    sid = call_sid()
+    ws = await _open(gw)
+    await ws.send(_start_msg(sid, await _answer(gw, sid)))
+    r = box.client()
+    await _until_true("attached", lambda: r.exists(gw.keys.inbound(sid)))
+    await r.aclose()
+    box.restart_empty()
+    back = asyncio.get_running_loop().time()
+    r = box.client()
+    try:
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 15)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+        assert asyncio.get_running_loop().time() - back >= gw.settings.no_worker_timeout_s
+        call = await r.hgetall(gw.keys.call(sid))
+        assert call[b"status"] == b"ended" and call[b"end_reason"] == b"no-worker"
+        assert call[b"say"] == gw.settings.unavailable_message.encode()
+        assert 0 < await r.ttl(gw.keys.call(sid)) <= gw.settings.call_ttl_s
+    finally:
+        await r.aclose()

@@ -290,7 +290,8 @@ def test_image_runs_our_cli_as_non_root_on_python_313_from_prebuilt_wheels() -> 
     froms = [s_[0].args for s_ in stages]
     builder_name = froms[0].split()[-1]
     final_from = froms[-1]
-    assert _image_python(final_from) is not None and _image_python(final_from) >= (3, 13), final_from
+    version = _image_python(final_from)
+    assert version is not None and version >= (3, 13), final_from
     assert builder_name not in final_from.split(), "the runtime stage is not built on the builder"
     final = stages[-1]
 

@@ -118,3 +118,22 @@ def test_prebuffer_gathers_a_jitter_cushion_before_playback_starts() -> None:
     q = Playout(prebuffer_s=0.04)
     q.push(bytes(FRAME_BYTES), now=0.0)
     assert q.due(0.01) == [] and len(q.due(0.041)) == 1
+
+
+def test_a_burst_beyond_the_bound_is_dropped_not_buffered() -> None:
+    p = Playout(max_buffer_s=2.0)
+    assert p.push(b"\x7f" * 8000, now=0.0) == 0
+    assert p.push(b"\x7f" * 16000, now=0.0) == 8000, "only one more second fits"
+    assert p.buffered_s == 2.0
+    assert p.push(b"\x7f" * 160, now=0.0) == 160
+    sent = frames_until(p, 0.0, 3.0)
+    assert len(sent) == 100 and p.idle, "what was kept plays whole"
+
+
+def test_marks_carry_the_owner_prefix_and_only_ours_count() -> None:
+    p = Playout(mark_every_ms=100, mark_prefix="7.")
+    p.push(b"\x7f" * 1600, now=0.0)
+    marks = [m for _, _, m in frames_until(p, 0.0, 1.0) if m]
+    assert marks == ["7.0:100", "7.0:200"]
+    assert not p.on_mark("0:100") and not p.on_mark("6.0:100"), "a previous owner's echo"
+    assert p.on_mark("7.0:200") and p.turns[0].heard_ms == 200

@@ -82,17 +82,51 @@ def test_garbage_raises_value_error() -> None:
         raise AssertionError(text)
 
 
-def test_resumed_call_body_and_history_message() -> None:
-    body = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000,
-                              call_sid="CA1", from_="+1", to="+2", resumed=True)
-    assert body["assistantOverrides"]["firstMessageMode"] == "assistant-waits-for-user"
-    assert V.conversation_so_far([]) is None
-    msg = orjson.loads(V.conversation_so_far([("user", "I need a refund"), ("assistant", "Sure.")]) or "")
+def test_resumed_call_bodies_speak_from_the_history_or_wait() -> None:
+    history = [{"role": "user", "content": "I need a refund"},
+               {"role": "assistant", "content": "Sure, let me…"}]
+    model = V.AssistantModel(provider="openai", model="gpt-4o-mini")
+    speak = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000, call_sid="CA1",
+                               from_="+1", to="+2", resume=V.Resume(V.RESUME_SPEAK, history, model))
+    overrides = speak["assistantOverrides"]
+    assert overrides["firstMessageMode"] == "assistant-speaks-first-with-model-generated-message"
+    # Same provider and model as the saved assistant, so Vapi merges; no system message, which
+    # would replace the saved prompt.
+    assert overrides["model"] == {"provider": "openai", "model": "gpt-4o-mini", "messages": history}
+    wait = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000, call_sid="CA1",
+                              from_="+1", to="+2", resume=V.Resume(V.RESUME_WAIT, history))
+    assert wait["assistantOverrides"]["firstMessageMode"] == "assistant-waits-for-user"
+    assert "model" not in wait["assistantOverrides"]
+    # Without the model (GET /assistant failed) a "speak" resume cannot name it: it waits instead.
+    fallback = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000,
+                                  call_sid="CA1", from_="+1", to="+2",
+                                  resume=V.Resume(V.RESUME_SPEAK, history, None))
+    assert fallback["assistantOverrides"]["firstMessageMode"] == "assistant-waits-for-user"
+    fresh = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000,
+                               call_sid="CA1", from_="+1", to="+2")
+    assert "firstMessageMode" not in fresh["assistantOverrides"]
+    assert "model-output" in fresh["assistantOverrides"]["clientMessages"]
+
+    msg = orjson.loads(V.conversation_so_far(history))
     assert msg["type"] == "add-message" and msg["triggerResponseEnabled"] is False
     assert msg["message"]["role"] == "system"
-    assert msg["message"]["content"].endswith("Caller: I need a refund\nAssistant: Sure.")
-    long = V.conversation_so_far([("user", "x" * 10_000)], limit=100)
-    assert long is not None and len(orjson.loads(long)["message"]["content"]) < 400
+    assert msg["message"]["content"].endswith("Caller: I need a refund\nAssistant: Sure, let me…")
+    long = V.conversation_so_far([{"role": "user", "content": "x" * 10_000}], limit=100)
+    assert len(orjson.loads(long)["message"]["content"]) < 400
+
+
+def test_assistant_model_is_read_only_from_well_formed_fields() -> None:
+    assert V.assistant_model({"model": {"provider": "openai", "model": "gpt-4o"}}) == \
+        V.AssistantModel("openai", "gpt-4o")
+    bad: Any
+    for bad in (None, [], {"model": None}, {"model": {"provider": 1, "model": "x"}},
+                {"model": {"provider": "openai"}}, {"model": {"provider": "", "model": "x"}}):
+        assert V.assistant_model(bad) is None, bad
+
+
+def test_model_output_text_is_a_string_or_empty() -> None:
+    assert V.parse('{"type": "model-output", "output": "Sure, "}') == V.ModelOutput("Sure, ")
+    assert V.parse('{"type": "model-output", "output": {"x": 1}}') == V.ModelOutput("")
 
 
 # Untrusted fields --------------------------------------------------------------------------------

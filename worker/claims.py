@@ -1,8 +1,16 @@
-"""Which worker serves which call: a consumer group on the `calls` stream with leases.
+"""Which worker serves which call: new jobs from a consumer group, orphans from dead workers.
 
-A claimed job stays pending in the group for as long as the call lasts. Its owner refreshes the
-claim (XCLAIM to itself, which resets the idle time) every lease/3; a job idle longer than the
-lease belongs to a dead worker, and XAUTOCLAIM hands it to a live one. XACK + XDEL end the job.
+New calls arrive as jobs on the `calls` stream, read through the consumer group `workers`
+(XREADGROUP: each job to one worker). The job only carries the call to a worker: ownership lives
+in the call hash (`owner`, `epoch`, see worker/ownership.py), so the job is acknowledged and
+deleted as soon as the call is claimed.
+
+A worker whose lease lapsed is dead (or stalled: same thing for its calls). Every survivor
+looks for lapsed leases every `lease/5` and takes over, up to its free slots, the dead worker's
+calls (its `worker:{id}:calls` set) and any job it had read but not yet claimed (its pending
+entries in the group). Each call moves by a script that checks the owner, so two survivors never
+both take one. When nothing of the dead worker is left, its lease entry and its consumer name
+are removed.
 """
 
 from __future__ import annotations
@@ -10,19 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import random
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from shared import metrics
-from shared.streams import WORKER_GROUP
+from shared.streams import WORKER_GROUP, Keys
+from worker import ownership
 
 log = logging.getLogger("callbridge.worker.claims")
 
-Job = tuple[bytes, dict[bytes, bytes]]
-OnJob = Callable[[bytes, dict[bytes, bytes], bool], None]
+# (job id or None, fields: sid/from/to, previous owner: '' for a new call)
+OnJob = Callable[[bytes | None, dict[bytes, bytes], str], None]
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str) -> None:
@@ -38,25 +48,23 @@ class Claimer:
     def __init__(
         self,
         redis: aioredis.Redis,
-        stream: str,
+        keys: Keys,
         consumer: str,
         *,
         lease_s: float,
         free_slots: Callable[[], int],
-        owned: Callable[[], Iterable[bytes]],
+        serving: Callable[[str], bool],
         on_job: OnJob,
-        on_lost: Callable[[bytes], None] | None = None,
     ) -> None:
         self._redis = redis
-        self._stream = stream
+        self._keys = keys
+        self._stream = keys.calls
         self._consumer = consumer
-        self._lease_ms = int(lease_s * 1000)
+        self._scan_s = max(0.05, lease_s / 5)
         self._free_slots = free_slots
-        self._owned = owned
+        self._serving = serving
         self._on_job = on_job
-        self._on_lost = on_lost
         self.paused = False
-        self._cursor = "0-0"  # XAUTOCLAIM scans count*10 entries per call: keep our place
 
     async def run(self) -> None:
         backoff = 0.2
@@ -69,12 +77,12 @@ class Claimer:
                 log.warning("cannot create the consumer group yet", extra={"error": type(exc).__name__})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        maintain = asyncio.create_task(self._maintain())
+        watch = asyncio.create_task(self._watch(), name="orphan-watch")
         try:
             await self._claim_new()
         finally:
-            maintain.cancel()
-            await asyncio.gather(maintain, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
 
     async def _claim_new(self) -> None:
         backoff = 0.1
@@ -102,58 +110,48 @@ class Claimer:
                 for job_id, fields in entries or []:
                     if fields:  # a job deleted after delivery comes back empty
                         metrics.CLAIMS.labels("new").inc()
-                        self._on_job(job_id, fields, False)
+                        self._on_job(job_id, fields, "")
 
-    async def _maintain(self) -> None:
-        """Refresh our leases and take over jobs whose owner stopped refreshing."""
-        interval = self._lease_ms / 3000
+    async def _watch(self) -> None:
+        """Find workers whose lease lapsed and take over what they held."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self._scan_s)
+            if self.paused:
+                continue
             try:
-                await self.refresh()
-                if not self.paused:
-                    await self.take_over()
+                for dead in await ownership.lapsed_workers(self._redis, self._keys):
+                    if dead != self._consumer:
+                        await self._take_over(dead)
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("claim").inc()
-                log.warning("lease maintenance failed", extra={"error": type(exc).__name__})
+                log.warning("orphan scan failed", extra={"error": type(exc).__name__})
 
-    async def refresh(self) -> None:
-        """Renew the leases we still hold. A job another worker took over while we were stalled
-        (GC pause, partition) is not ours any more: we let it go instead of taking it back, so a
-        call never has two live assistants."""
-        owned = set(self._owned())
-        if not owned:
+    async def _take_over(self, dead: str) -> None:
+        r = self._redis
+        members: Any = await r.smembers(self._keys.worker_calls(dead))
+        sids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        pending: Any = await r.xpending_range(self._stream, WORKER_GROUP, min="-", max="+", count=100,
+                                              consumername=dead)
+        if not sids and not pending:
+            # Everything it held has moved (each claim removes its call from the set).
+            if await ownership.forget(r, self._keys, dead):
+                with contextlib.suppress(ResponseError):
+                    await r.xgroup_delconsumer(self._stream, WORKER_GROUP, dead)
+                log.info("forgot a dead worker", extra={"dead": dead})
             return
-        pending: Any = await self._redis.xpending_range(
-            self._stream, WORKER_GROUP, min="-", max="+", count=len(owned) + 1000,
-            consumername=self._consumer)
-        mine = {p["message_id"] for p in pending} & owned
-        for job_id in owned - mine:
-            log.warning("lost the lease on a call to another worker; releasing it",
-                        extra={"job": job_id.decode()})
-            metrics.CLAIMS.labels("lost").inc()
-            if self._on_lost:
-                self._on_lost(job_id)
-        if mine:
-            ids: list[Any] = list(mine)
-            await self._redis.xclaim(self._stream, WORKER_GROUP, self._consumer, 0, ids, justid=True)
-
-    async def take_over(self) -> None:
-        free = self._free_slots()
-        if free <= 0:
-            return
-        resp: Any = await self._redis.xautoclaim(
-            self._stream, WORKER_GROUP, self._consumer, self._lease_ms, self._cursor,
-            count=min(free, 10),
-        )
-        cursor = resp[0]
-        self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = resp[1] if len(resp) > 1 else []
-        for job_id, fields in entries:
-            if fields:
-                metrics.CLAIMS.labels("takeover").inc()
-                log.info("took over a call from an idle worker", extra={"job": job_id.decode()})
-                self._on_job(job_id, fields, True)
-        deleted = resp[2] if len(resp) > 2 else []
-        if deleted:  # jobs trimmed away: nothing to serve, just forget them
-            await self._redis.xack(self._stream, WORKER_GROUP, *deleted)
+        random.shuffle(sids)  # several survivors: spread the dead worker's calls between them
+        for sid in sids:
+            if self._serving(sid) or self._free_slots() <= 0:
+                continue  # ours already (its claim is under way), or no room: next scan
+            log.warning("taking over a call from a dead worker", extra={"call_sid": sid, "dead": dead})
+            metrics.CLAIMS.labels("takeover").inc()
+            self._on_job(None, {b"sid": sid.encode()}, dead)
+        ids = [p["message_id"] for p in pending]
+        if ids and self._free_slots() > 0:
+            claimed: Any = await r.xclaim(self._stream, WORKER_GROUP, self._consumer, 0, ids)
+            for job_id, fields in claimed:
+                if fields:
+                    metrics.CLAIMS.labels("takeover").inc()
+                    self._on_job(job_id, fields, dead)
+                else:  # deleted after delivery: nothing to serve
+                    await r.xack(self._stream, WORKER_GROUP, job_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -23,9 +24,11 @@ from shared import streams as S
 from shared.health import readiness
 from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
 from shared.serving import quiet_server
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings
 from shared.streams import WORKER_GROUP, Keys
-from worker.claims import Claimer
+from worker import ownership
+from worker.claims import Claimer, ensure_group
+from worker.ownership import Lease
 from worker.session import CallSession
 from worker.twilio_rest import TwilioRest
 from worker.vapi_client import VapiClient
@@ -33,6 +36,9 @@ from worker.vapi_client import VapiClient
 log = logging.getLogger("callbridge.worker")
 
 TICK_S = 0.010
+# How often each call's resume point is saved: a takeover re-sends at most this much caller
+# audio to the new session (harmless: it is a new session), for one fenced write per interval.
+PROGRESS_EVERY_S = 0.25
 
 
 def _redis_error(op: str) -> None:
@@ -63,56 +69,146 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._playing: set[CallSession] = set()
         self._tick_wake = asyncio.Event()
+        self._claiming: set[str] = set()  # CallSids whose claim is under way
         self.claimer = Claimer(
-            self._claim_redis, self.keys.calls, self.worker_id,
+            self._claim_redis, self.keys, self.worker_id,
             lease_s=settings.claim_lease_s,
-            free_slots=lambda: settings.worker_max_calls - len(self.sessions),
-            owned=lambda: [s.job_id for s in self.sessions.values()],
+            free_slots=lambda: settings.worker_max_calls - len(self.sessions) - len(self._claiming),
+            serving=lambda sid: sid in self.sessions or sid in self._claiming,
             on_job=self._on_job,
-            on_lost=self._on_lost,
         )
+        self.lease: Lease | None = None
+        self._verifying: asyncio.Task[None] | None = None
         self.draining = False
         self.failed = False
         self._frames_out = metrics.FRAMES.labels("out", "redis")
 
     # Jobs and sessions ------------------------------------------------------------------------
 
-    def _on_job(self, job_id: bytes, fields: dict[bytes, bytes], takeover: bool) -> None:
+    def _on_job(self, job_id: bytes | None, fields: dict[bytes, bytes], previous: str) -> None:
+        """A new job (`previous` '') or a dead worker's call: claim it, then serve it."""
         sid = fields.get(b"sid", b"").decode()
-        if not sid or sid in self.sessions:
-            if not sid:
+        if not sid or sid in self.sessions or sid in self._claiming:
+            if job_id is not None:  # malformed, or a duplicate of a call we already serve
                 self.writer.command("xack", self.keys.calls, WORKER_GROUP, job_id)
             return
-        session = CallSession(self, sid, job_id, fields, takeover)
+        self._claiming.add(sid)
+        self._spawn(self._claim_and_serve(job_id, fields, sid, previous), f"claim-{sid}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _claim_and_serve(self, job_id: bytes | None, fields: dict[bytes, bytes], sid: str,
+                               previous: str) -> None:
+        try:
+            epoch = await self._claim(sid, previous)
+            if epoch <= 0:
+                log.info("call not claimed", extra={"call_sid": sid, "outcome": epoch})
+            pipe = self.redis.pipeline(transaction=False)
+            if epoch > 0:
+                pipe.sadd(self.keys.worker_calls(self.worker_id), sid)
+            if previous:
+                pipe.srem(self.keys.worker_calls(previous), sid)
+            if job_id is not None:  # ownership lives in the call hash now: the job is done
+                pipe.xack(self.keys.calls, WORKER_GROUP, job_id)
+                pipe.xdel(self.keys.calls, job_id)
+            await pipe.execute()
+            if epoch <= 0:
+                self._claiming.discard(sid)
+                return
+            record: Any = await self.redis.hgetall(self.keys.call(sid))
+        except (RedisError, OSError) as exc:
+            # Not claimed, or claimed but not started: a claimed call stays in our set, and a
+            # lease lapse check or our death hands it on; an unclaimed job stays pending.
+            log.warning("claim failed", extra={"call_sid": sid, "error": type(exc).__name__})
+            self._claiming.discard(sid)
+            return
+        info = {k.decode(): v.decode(errors="replace") for k, v in record.items()
+                if isinstance(k, bytes) and isinstance(v, bytes)}
+        job = dict(fields)
+        for name in ("from", "to"):
+            job.setdefault(name.encode(), info.get(name, "").encode())
+        session = CallSession(self, sid, job, epoch=epoch, record=info)
         self.sessions[sid] = session
+        self._claiming.discard(sid)
         in_key = self.keys.inbound(sid)
         self._by_in_key[in_key.encode()] = session
         metrics.CALLS_ACTIVE.set(len(self.sessions))
         metrics.CALLS_STARTED.inc()
-        task = asyncio.create_task(self._start_session(session, in_key, takeover),
-                                   name=f"session-{sid}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _start_session(self, session: CallSession, in_key: str, takeover: bool) -> None:
         # A new owner reads the caller's audio from the first entry: what arrived before Vapi
-        # was ready is delivered, in order. A takeover starts from now: the old audio is stale.
+        # was ready is delivered, in order. A takeover resumes after what the previous owner
+        # forwarded (`in_pos`): what the caller said during the gap reaches the new session.
         from_id = "0-0"
-        if takeover:
-            with contextlib.suppress(RedisError, OSError):
-                last: Any = await self.redis.xrevrange(in_key, count=1)
-                from_id = last[0][0].decode() if last else "0-0"
+        if session.takeover:
+            from_id = info.get("in_pos") or await self._stream_end(in_key)
         await self.inbox.add(in_key, from_id)
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name(f"session-{sid}")
         await session.run()
 
-    def _on_lost(self, job_id: bytes) -> None:
-        """Another worker owns this call now: stop ours without touching the call's state."""
+    async def _claim(self, sid: str, previous: str) -> int:
+        """Claim with a few retries (a Redis blip must not strand a call we were handed)."""
+        s = self.settings
+        for attempt in range(5):
+            try:
+                epoch = await ownership.claim(self.redis, self.keys, sid, self.worker_id, previous,
+                                              maxlen=s.stream_maxlen, ttl_s=s.call_ttl_s)
+                if epoch == 0 and previous:  # it had read the job but never claimed the call
+                    epoch = await ownership.claim(self.redis, self.keys, sid, self.worker_id, "",
+                                                  maxlen=s.stream_maxlen, ttl_s=s.call_ttl_s)
+                return epoch
+            except (RedisError, OSError):
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
+        return 0
+
+    async def _stream_end(self, key: str) -> str:
+        with contextlib.suppress(RedisError, OSError):
+            last: Any = await self.redis.xrevrange(key, count=1)
+            if last:
+                return str(last[0][0].decode())
+        return "0-0"
+
+    # Ownership --------------------------------------------------------------------------------
+
+    def _on_lease_lapsed(self) -> None:
+        """Our lease was gone when renewed: we stalled past it, or Redis lost its data. Check
+        every call before going on (runs on the loop; one check at a time)."""
+        if self._verifying is None or self._verifying.done():
+            self._verifying = asyncio.create_task(self._verify_ownership(), name="verify-ownership")
+
+    async def _verify_ownership(self) -> None:
+        s = self.settings
+        log.warning("lease lapsed; checking which calls are still ours",
+                    extra={"calls": len(self.sessions)})
+        with contextlib.suppress(RedisError, OSError):
+            await ensure_group(self.redis, self.keys.calls)
         for session in list(self.sessions.values()):
-            if session.job_id == job_id:
-                session.lost = True
-                for task in self._tasks:
-                    if task.get_name() == f"session-{session.sid}":
-                        task.cancel()
+            try:
+                outcome = await ownership.reassert(self.redis, self.keys, session.sid, self.worker_id,
+                                                   session.epoch, s.call_ttl_s, session.record_fields())
+            except (RedisError, OSError):
+                continue  # the next lapse check tries again
+            if outcome == 0:
+                log.warning("another worker took this call over; letting it go",
+                            extra={"call_sid": session.sid})
+                metrics.CLAIMS.labels("lost").inc()
+                self._release_session(session)
+                continue
+            self.writer.command("sadd", self.keys.worker_calls(self.worker_id), session.sid)
+            if outcome == 1:
+                session.on_reasserted()
+
+    def _release_session(self, session: CallSession) -> None:
+        """Stop serving a call without touching its state (another worker owns it now)."""
+        session.lost = True
+        for task in self._tasks:
+            if task.get_name() == f"session-{session.sid}":
+                task.cancel()
 
     def session_done(self, session: CallSession, completed: bool) -> None:
         sid = session.sid
@@ -122,18 +218,16 @@ class Worker:
         self._playing.discard(session)
         metrics.CALLS_ACTIVE.set(len(self.sessions))
         if not completed:
-            return  # released: the job stays pending and another worker takes it over
+            return  # released or lost: another worker takes it over (or has)
         reason = session.ending.reason if session.ending else "skipped"
         if session.ending:
             metrics.CALLS_ENDED.labels(metrics.end_reason_label(reason)).inc()
             session.event("call-ended", reason=reason, side=session.ending.side,
                           detail=session.ending.detail[:300])
-            self.writer.command("hset", self.keys.call(sid), mapping={
-                "status": S.STATUS_ENDED, "end_reason": reason})
+            session.update_call({"status": S.STATUS_ENDED, "end_reason": reason})
         for key in self.keys.all_call_keys(sid):
             self.writer.command("expire", key, self.settings.ended_ttl_s)
-        self.writer.command("xack", self.keys.calls, WORKER_GROUP, session.job_id)
-        self.writer.command("xdel", self.keys.calls, session.job_id)
+        self.writer.command("srem", self.keys.worker_calls(self.worker_id), sid)
         log.info("call finished", extra={"call_sid": sid, "reason": reason})
 
     def _on_inbound(self, key: bytes, entries: Entries) -> None:
@@ -155,13 +249,14 @@ class Worker:
         xadd = self.writer.xadd
         maxlen = self.settings.stream_maxlen
         out_key = session.out_key
+        epoch = session.epoch_b
         for frame in session.playout.due(now):
             if frame.first:
                 session.on_turn_started()
-            xadd(out_key, S.entry(S.OUT_MEDIA, frame.audio), maxlen)
+            xadd(out_key, S.entry(S.OUT_MEDIA, frame.audio, epoch=epoch), maxlen)
             self._frames_out.inc()
             if frame.mark:
-                xadd(out_key, S.entry(S.OUT_MARK, value=frame.mark), maxlen)
+                xadd(out_key, S.entry(S.OUT_MARK, value=frame.mark, epoch=epoch), maxlen)
 
     async def _ticker(self) -> None:
         """Every 10 ms, emit what has come due for every playing call (one pipeline for all)."""
@@ -189,9 +284,14 @@ class Worker:
         after = self.settings.silence_fill_after_s
         frames = metrics.FRAMES.labels("in", "silence_fill")
         fill: Entries = [(b"0-0", {b"k": S.IN_SILENCE})]
+        next_progress = time.monotonic()
         while True:
             await asyncio.sleep(0.02)
             now = time.monotonic()
+            if now >= next_progress:  # where a successor would resume, a few times a second
+                next_progress = now + PROGRESS_EVERY_S
+                for session in self.sessions.values():
+                    session.persist_progress()
             lost_after = self.settings.reattach_timeout_s
             for session in self.sessions.values():
                 if session.vapi_connected and now - session.last_media_at > after:
@@ -223,27 +323,56 @@ class Worker:
 
         return app
 
-    async def run(self, stop: asyncio.Event, *, serve_http: bool = True) -> None:
+    def bind_http(self) -> socket.socket | None:
+        """Take the health port before anything else: a second worker on the same host with the
+        same port must stop here, before it claims a call it could not report on."""
+        host, port = self.settings.worker_http_host, self.settings.worker_http_port
+        if not port:
+            return None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port} for health and metrics ({exc.strerror}); "
+                              "set WORKER_HTTP_PORT to a free port (0 disables)") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    async def run(self, stop: asyncio.Event, *, serve_http: bool = True,
+                  http_socket: socket.socket | None = None) -> None:
         """Serve until `stop` is set, then drain: finish live calls up to the drain timeout."""
+        if serve_http and http_socket is None:
+            http_socket = self.bind_http()
         self.writer.start()
         self.inbox.start()
+        self.lease = Lease(self.settings.redis_url or "", self.keys, self.worker_id,
+                           lease_s=self.settings.claim_lease_s, on_lapsed=self._on_lease_lapsed,
+                           loop=asyncio.get_running_loop())
+        self.lease.start()
+        self._spawn(self.vapi.assistant_model(), "vapi-assistant-model")  # ready before a takeover
         background = [
             asyncio.create_task(self._ticker(), name="playout-ticker"),
             asyncio.create_task(self.claimer.run(), name="claimer"),
             asyncio.create_task(self._silence_keeper(), name="silence-keeper"),
         ]
+        watched = [*self.writer.tasks(), *self.inbox.tasks()]  # stopped by close(), after a flush
         server = None
-        if serve_http and self.settings.worker_http_port:
-            config = uvicorn.Config(self.http_app(), host=self.settings.worker_http_host,
-                                    port=self.settings.worker_http_port, log_level="warning",
-                                    lifespan="off", access_log=False)
+        if http_socket is not None:
+            config = uvicorn.Config(self.http_app(), log_level="warning", lifespan="off",
+                                    access_log=False)
             server = quiet_server(config)
-            background.append(asyncio.create_task(server.serve(), name="worker-http"))
+            background.append(asyncio.create_task(server.serve(sockets=[http_socket]),
+                                                  name="worker-http"))
         log.info("worker ready", extra={"worker_id": self.worker_id,
                                         "max_calls": self.settings.worker_max_calls})
         try:
             stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({stopper, *background}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({stopper, *background, *watched},
+                                         return_when=asyncio.FIRST_COMPLETED)
             if stopper not in done:
                 # A loop this process depends on died: better to exit (and be restarted, with
                 # our calls taken over) than to look healthy while claiming nothing.
@@ -251,8 +380,9 @@ class Worker:
                     log.critical("worker loop died", extra={"task": task.get_name()},
                                  exc_info=task.exception() if not task.cancelled() else None)
                 self.failed = True
+                self.draining = True  # unready at once
             stopper.cancel()
-            await self.drain(self.settings.worker_drain_timeout_s)
+            await self.drain(0.0 if self.failed else self.settings.worker_drain_timeout_s)
         finally:
             if server is not None:
                 server.should_exit = True
@@ -269,19 +399,22 @@ class Worker:
         deadline = time.monotonic() + timeout
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        released: list[Any] = [s.job_id for s in self.sessions.values()]
+        released = len(self.sessions)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if released:
-            # Make the jobs look long idle so a live worker's next XAUTOCLAIM takes them at once.
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.xclaim(self.keys.calls, WORKER_GROUP, self.worker_id, 0, released,
-                                        idle=10 * 24 * 3600 * 1000, justid=True)
-            log.info("released calls for takeover", extra={"calls": len(released)})
         await self.writer.flush()
+        if self.lease is not None:
+            # Dropping the lease makes survivors take what we still hold at their next scan.
+            await asyncio.to_thread(self.lease.stop, True)
+            self.lease = None
+        if released:
+            log.info("released calls for takeover", extra={"calls": released})
 
     async def close(self) -> None:
+        if self.lease is not None:
+            await asyncio.to_thread(self.lease.stop, True)
+            self.lease = None
         await self.inbox.close()
         await self.writer.close()
         await self.vapi.aclose()

@@ -45,6 +45,12 @@ class Playout:
     # Vapi's network jitter is absorbed by Twilio's buffer instead of becoming a gap the caller
     # hears. Costs the same in added latency on each turn's first word.
     prebuffer_s: float = 0.0
+    # Mark names start with this (the owner's epoch): after a takeover, echoes of the previous
+    # owner's marks cannot be taken for ours.
+    mark_prefix: str = ""
+    # Vapi may hand over a response far faster than it plays: keep at most this much unsent
+    # (a minute is 480 KB per call); what comes beyond it is dropped and counted by the caller.
+    max_buffer_s: float = 60.0
 
     turn: int = 0
     turns: dict[int, TurnRecord] = field(default_factory=dict)
@@ -65,9 +71,16 @@ class Playout:
     _paused: bool = False
     _fill_started: float = 0.0  # when audio began to gather while Twilio's buffer was empty
 
-    def push(self, ulaw: bytes, now: float) -> None:
+    def push(self, ulaw: bytes, now: float) -> int:
+        """Queue assistant audio; returns how many bytes did not fit (dropped)."""
         if not ulaw:
-            return
+            return 0
+        room = int(self.max_buffer_s * 8000) - len(self._buf)
+        dropped = max(0, len(ulaw) - max(0, room))
+        if dropped:
+            ulaw = ulaw[:len(ulaw) - dropped]
+            if not ulaw:
+                return dropped
         rec = self.turns.get(self.turn)
         if not self._buf and rec is not None and rec.sent_ms and now - self._last_push > self.turn_gap_s:
             self.turn += 1
@@ -76,6 +89,7 @@ class Playout:
         self._buf += ulaw
         self._last_push = now
         self.turns.setdefault(self.turn, TurnRecord())
+        return dropped
 
     @property
     def buffered_s(self) -> float:
@@ -124,7 +138,7 @@ class Playout:
             self._play_at += FRAME_S
             mark = None
             if rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms or not self._buf:
-                mark = f"{self.turn}:{rec.sent_ms}"
+                mark = f"{self.mark_prefix}{self.turn}:{rec.sent_ms}"
                 self._pending_marks.append(mark)
             frame = Frame(chunk, mark, first=before == 0)
             self._sent.append((self._play_at - FRAME_S, self.turn, frame))
@@ -195,7 +209,7 @@ class Playout:
                     break
         else:
             return False
-        turn_s, _, ms_s = name.partition(":")
+        turn_s, _, ms_s = name.removeprefix(self.mark_prefix).partition(":")
         try:
             turn, ms = int(turn_s), int(ms_s)
         except ValueError:

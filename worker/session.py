@@ -29,7 +29,9 @@ from shared.logs import call_sid_var
 from shared.redisio import BatchWriter, Entries
 from shared.settings import Settings
 from shared.streams import Keys
+from worker import ownership
 from worker.playback import Playout
+from worker.resume import Response, history
 from worker.turns import KeypadGather, SpeechEnd
 from worker.twilio_rest import TwilioRest
 from worker.vad import Action, FastBargeIn, VoiceDetector
@@ -56,6 +58,8 @@ class SessionHost(Protocol):
 log = logging.getLogger("callbridge.worker.session")
 
 CALLER, ASSISTANT = "caller", "assistant"
+MAX_INBOUND_BATCHES = 1000  # reader batches queued for Vapi (each one or more 20 ms frames)
+MAX_BACKLOG_FRAMES = 750  # caller audio held while Vapi sets up: 15 s
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,27 @@ class Ending:
 
 
 class CallSession:
-    def __init__(self, worker: SessionHost, sid: str, job_id: bytes, job: dict[bytes, bytes],
-                 takeover: bool) -> None:
+    def __init__(self, worker: SessionHost, sid: str, job: dict[bytes, bytes], *, epoch: int,
+                 record: dict[str, str]) -> None:
         s = worker.settings
         self.w = worker
         self.sid = sid
-        self.job_id = job_id
         self.job = job
-        self.takeover = takeover
+        # Ownership: every write for this call is fenced by the epoch our claim got (a takeover
+        # is any claim after the first); `record` is the call hash as the claim found it.
+        self.epoch = epoch
+        self.epoch_b = str(epoch).encode()
+        self.record = record
+        self.takeover = epoch > 1
+        self.in_pos = ""  # id of the last `in` entry handled (forwarded to Vapi, or acted on)
+        self._saved_pos = ""
+        self._response = Response()
+        self._saved_turn = ""
+        self._events_expire = True
         self.keys = worker.keys
         self.out_key = worker.keys.outbound(sid)
         self.playout = Playout(lead_s=s.playout_lead_ms / 1000, mark_every_ms=s.mark_every_ms,
-                               prebuffer_s=s.playout_prebuffer_ms / 1000)
+                               prebuffer_s=s.playout_prebuffer_ms / 1000, mark_prefix=f"{epoch}.")
         self.uplink = Uplink(s.vapi_audio_format)
         self.downlink = Downlink(s.vapi_audio_format)
         self.stream_live = False
@@ -118,6 +131,14 @@ class CallSession:
 
     # Called by the worker's shared reader: must not block.
     def on_inbound(self, entries: Entries) -> None:
+        if self._inq.qsize() >= MAX_INBOUND_BATCHES:
+            # Vapi is not taking the caller's audio (stalled socket): keep the call's control
+            # entries, drop audio rather than grow without bound.
+            kept = [e for e in entries if e[1].get(b"k") != S.IN_MEDIA]
+            metrics.DROPPED.labels("inbound_overflow").inc(len(entries) - len(kept))
+            if not kept:
+                return
+            entries = kept
         self._inq.put_nowait(entries)
 
     def request_end(self, ending: Ending) -> None:
@@ -128,13 +149,62 @@ class CallSession:
     def event(self, kind: str, **data: object) -> None:
         """Append to call:{sid}:events (transcripts, barge-ins, timings, the end)."""
         value = orjson.dumps(data) if data else None
-        self.w.writer.xadd(self.keys.events(self.sid), S.entry(kind.encode(), value=value), 2000)
+        key = self.keys.events(self.sid)
+        self.w.writer.xadd(key, S.entry(kind.encode(), value=value, epoch=self.epoch_b), 2000)
+        if self._events_expire:  # once it exists: a call whose every process died must expire
+            self._events_expire = False
+            self.w.writer.command("expire", key, self.w.settings.call_ttl_s)
+
+    def out(self, kind: bytes, value: str | bytes | None = None) -> None:
+        """Write to call:{sid}:out, stamped with our epoch (the gateway drops a replaced owner's)."""
+        self.w.writer.xadd(self.out_key, S.entry(kind, value=value, epoch=self.epoch_b),
+                           self.w.settings.stream_maxlen)
+
+    def update_call(self, mapping: dict[str, str]) -> None:
+        """HSET on the call record, only while we still own the call (our epoch is its epoch)."""
+        self.w.writer.command("eval", *ownership.fenced_hset_args(self.keys, self.sid, self.epoch,
+                                                                  mapping))
+
+    def record_fields(self) -> dict[str, str]:
+        """What we know of the call record, to put back if Redis lost it."""
+        fields = {"status": S.STATUS_LIVE if self._seen_start else S.STATUS_RINGING}
+        if self.stream_sid:
+            fields["stream_sid"] = self.stream_sid
+        for name in ("from", "to"):
+            if value := self.job.get(name.encode()):
+                fields[name] = value.decode(errors="replace")
+        if self.ending is not None:
+            fields.update({"status": S.STATUS_ENDED, "end_reason": self.ending.reason})
+        if self.in_pos:
+            fields["in_pos"] = self.in_pos
+        return fields
+
+    def on_reasserted(self) -> None:
+        """Redis came back without our call: its streams start anew, expiries with them."""
+        self._events_expire = True
+        self._saved_pos = self._saved_turn = ""
+        self.w.writer.command("expire", self.out_key, self.w.settings.call_ttl_s)
+        self.persist_progress()
+
+    def persist_progress(self) -> None:
+        """Where a successor should resume (`in_pos`) and what the caller heard of the current
+        assistant response (`turn`): one fenced write per call every few hundred ms, only when
+        either changed."""
+        mapping: dict[str, str] = {}
+        if self.in_pos and self.in_pos != self._saved_pos:
+            mapping["in_pos"] = self._saved_pos = self.in_pos
+        turn = self._response.snapshot(self.playout)
+        if turn and turn != self._saved_turn:
+            mapping["turn"] = self._saved_turn = turn
+        if mapping:
+            self.update_call(mapping)
 
     # Lifecycle --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         call_sid_var.set(self.sid)
         consumer = asyncio.create_task(self._consume_inbound(), name=f"in-{self.sid}")
+        consumer.add_done_callback(self._inbound_done)
         try:
             if await self._already_over():
                 self._completed = True
@@ -167,14 +237,19 @@ class CallSession:
             await asyncio.gather(consumer, return_exceptions=True)
             self.w.session_done(self, completed=self._completed)
 
+    def _inbound_done(self, task: asyncio.Task[None]) -> None:
+        """The caller-side loop must live as long as the call: if it fails, end the call."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("caller audio loop failed", exc_info=task.exception())
+            self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
+
     async def _already_over(self) -> bool:
-        reply: Any = await self.w.redis.hmget(self.keys.call(self.sid), ["status", "stream_sid"])
-        status, stream_sid = reply
-        if status is None or status.decode() == S.STATUS_ENDED:
+        status, stream_sid = self.record.get("status"), self.record.get("stream_sid")
+        if status is None or status == S.STATUS_ENDED:
             log.info("job for a call that is already over; skipping")
             return True
         if self.takeover and stream_sid:
-            self.stream_sid = stream_sid.decode()
+            self.stream_sid = stream_sid
             # The gateway still holds Twilio's socket: play to it right away.
             self.stream_live = True
             self._seen_start = True
@@ -184,9 +259,8 @@ class CallSession:
 
     async def _serve(self) -> None:
         settings = self.w.settings
-        self.w.writer.command("hset", self.keys.call(self.sid), mapping={"owner": self.w.worker_id})
-        for key in (self.keys.inbound(self.sid), self.out_key, self.keys.events(self.sid)):
-            self.w.writer.command("expire", key, settings.call_ttl_s)
+        # `out` got its expiry with our claim, `events` gets it with its first entry.
+        self.w.writer.command("expire", self.keys.inbound(self.sid), settings.call_ttl_s)
         t0 = time.monotonic()
         setup = asyncio.create_task(self._setup())
         ended = asyncio.create_task(self._end_requested.wait())
@@ -228,6 +302,7 @@ class CallSession:
 
     async def _setup(self) -> ClientConnection:
         job = self.job
+        resume = await self._resume_context() if self.takeover else None
         body = V.create_call_body(
             assistant_id=self.w.settings.vapi_assistant_id or "",
             audio_format=self.w.settings.vapi_audio_format,
@@ -235,11 +310,11 @@ class CallSession:
             call_sid=self.sid,
             from_=job.get(b"from", b"").decode(),
             to=job.get(b"to", b"").decode(),
-            resumed=self.takeover,
+            resume=resume,
         )
         call = await self.w.vapi.create_call(body)
         self._setup_call = call
-        self.w.writer.command("hset", self.keys.call(self.sid), mapping={"vapi_call_id": call.id})
+        self.update_call({"vapi_call_id": call.id})
         ws = await self.w.vapi.connect(call)
         try:
             await asyncio.sleep(0)  # a cancellation landing right here must not leak the socket
@@ -248,26 +323,35 @@ class CallSession:
                 await asyncio.wait_for(ws.send(V.END_CALL), 0.5)
                 await ws.close()
             raise
-        if self.takeover:
-            await self._hand_over_history(ws)
+        if resume is not None and resume.mode == V.RESUME_WAIT and resume.messages:
+            # The old way: the history as a system note; the caller speaks next.
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(V.conversation_so_far(resume.messages))
+        if resume is not None:
+            self.event("history-handed-over", turns=len(resume.messages), mode=resume.mode,
+                       heard_ms=resume.heard_ms)
         return ws
 
-    async def _hand_over_history(self, ws: ClientConnection) -> None:
-        """Give the new assistant session what was said before the takeover (from `events`)."""
+    async def _resume_context(self) -> V.Resume:
+        """What the new assistant session needs to go on: the conversation so far, ending with
+        what the caller actually heard of the response that was cut (from the marks)."""
         try:
             entries: Any = await self.w.redis.xrange(self.keys.events(self.sid))
         except (RedisError, OSError):
-            return
-        turns: list[tuple[str, str]] = []
+            entries = []
+        transcripts: list[tuple[str, str]] = []
         for _id, f in entries:
             if f.get(b"k") == b"transcript":
                 with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                     data = orjson.loads(f.get(b"v", b"{}"))
-                    turns.append((str(data.get("role", "")), str(data.get("text", ""))))
-        if message := V.conversation_so_far(turns):
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(message)
-            self.event("history-handed-over", turns=len(turns))
+                    if isinstance(data, dict):
+                        transcripts.append((str(data.get("role", "")), str(data.get("text", ""))))
+        messages, heard_ms = history(transcripts, self.record.get("turn", ""))
+        model = None
+        if self.w.settings.takeover_resume == V.RESUME_SPEAK:
+            model = await self.w.vapi.assistant_model()
+        mode = V.RESUME_SPEAK if model is not None else V.RESUME_WAIT
+        return V.Resume(mode=mode, messages=messages, model=model, heard_ms=heard_ms)
 
     # Caller -> assistant ---------------------------------------------------------------------
 
@@ -280,8 +364,10 @@ class CallSession:
                 backlog, self._backlog = self._backlog, []
                 for audio in backlog:
                     await self._send_audio(audio)
-            for _id, f in entries:
+            for entry_id, f in entries:
                 kind = f.get(b"k")
+                if entry_id != b"0-0":
+                    self.in_pos = entry_id.decode()
                 if kind == S.IN_MEDIA:
                     audio = f.get(b"a", b"")
                     self.last_media_at = now = time.monotonic()
@@ -290,7 +376,10 @@ class CallSession:
                     if self.fast is not None:
                         self._fast_barge_in(audio, now)
                     if self._ws is None:
-                        self._backlog.append(audio)  # bounded by the stream's MAXLEN upstream
+                        self._backlog.append(audio)
+                        if len(self._backlog) > MAX_BACKLOG_FRAMES:  # Vapi slow to answer
+                            del self._backlog[0]
+                            metrics.DROPPED.labels("inbound_overflow").inc()
                         continue
                     await self._send_audio(audio)
                     frames.inc()
@@ -335,7 +424,7 @@ class CallSession:
         self.stream_sid = stream_sid or info.get("stream_sid", "")
         if self.ending is not None and self.ending.side == ASSISTANT:
             # We already ended the call; the gateway attached after our hangup: say it again.
-            self.w.writer.xadd(self.out_key, S.entry(S.OUT_HANGUP), self.w.settings.stream_maxlen)
+            self.out(S.OUT_HANGUP)
             self.stream_live = True
             self._seen_start = True
             self._detached.clear()
@@ -347,8 +436,7 @@ class CallSession:
         if self._reattach_timer:
             self._reattach_timer.cancel()
             self._reattach_timer = None
-        self.w.writer.command("hset", self.keys.call(self.sid), mapping={
-            "status": S.STATUS_LIVE, "stream_sid": self.stream_sid})
+        self.update_call({"status": S.STATUS_LIVE, "stream_sid": self.stream_sid})
         self.w.wake_ticker(self)
         self.event("stream-start", stream_sid=info.get("stream_sid", ""))
 
@@ -410,13 +498,19 @@ class CallSession:
                     if now < self._stale_until:
                         metrics.DROPPED.labels("stale_after_barge_in").inc()
                         continue
-                    self.playout.push(self.downlink.convert(msg), now)
+                    if dropped := self.playout.push(self.downlink.convert(msg), now):
+                        metrics.DROPPED.labels("playout_overflow").inc(dropped // 160 or 1)
+                    self._response.audio(self.playout)
                     self.w.emit_due(self, now)
                     self.w.wake_ticker(self)
                 else:
                     self._on_control(msg)
         except ConnectionClosed:
             pass
+        except Exception:  # a bug or a message we could not handle: end the call, say why
+            log.exception("vapi downlink failed")
+            self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
+            return
         self.request_end(Ending("vapi-socket-closed", ASSISTANT,
                                 say=self.w.settings.unavailable_message))
 
@@ -433,6 +527,7 @@ class CallSession:
                 self._stale_until = 0.0  # the next turn: its audio plays
             elif msg.role == "user" and msg.status == "started":
                 self._hold_for_confirmation()
+                self._response.user_spoke()
         elif isinstance(msg, V.StatusUpdate):
             if msg.status == "ended":
                 self.event("vapi-ended", ended_reason=msg.ended_reason or "")
@@ -440,6 +535,10 @@ class CallSession:
         elif isinstance(msg, V.Transcript):
             if msg.final:
                 self.event("transcript", role=msg.role, text=msg.text[:2000])
+                if msg.role == "assistant":
+                    self._response.final(msg.text)
+        elif isinstance(msg, V.ModelOutput):
+            self._response.output(msg.text, self.playout)
         elif isinstance(msg, V.ToolCalls):
             for call in msg.calls:
                 if target := V.transfer_target(call):
@@ -462,7 +561,7 @@ class CallSession:
         action = self.fast.frame(audio, now, self.playout.active(now)) or self.fast.tick(now)
         if action is Action.PAUSE:
             self.playout.pause(now)
-            self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+            self.out(S.OUT_CLEAR)
             metrics.FAST_BARGE_INS.labels("pause").inc()
             self.event("fast-pause", turn=self.playout.turn)
         elif action is Action.RESUME:
@@ -479,7 +578,7 @@ class CallSession:
         if not self.playout.active(now) or self.playout.paused:
             return
         self.playout.pause(now)
-        self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+        self.out(S.OUT_CLEAR)
         self.event("hold", turn=self.playout.turn)
         if self._hold_timer:
             self._hold_timer.cancel()
@@ -509,7 +608,7 @@ class CallSession:
         self._stale_until = now + 2.0
         self.downlink.reset()
         if not already_cleared:
-            self.w.writer.xadd(self.out_key, S.entry(S.OUT_CLEAR), self.w.settings.stream_maxlen)
+            self.out(S.OUT_CLEAR)
         metrics.BARGE_INS.inc()
         rec = self.playout.turns.get(turn)
         self.event("barge-in", source=source, turn=turn, dropped_ms=dropped_ms,
@@ -554,8 +653,8 @@ class CallSession:
             mapping["say"] = e.say
         if e.transfer_to:
             mapping["transfer_to"] = e.transfer_to
-        self.w.writer.command("hset", self.keys.call(self.sid), mapping=mapping)
-        self.w.writer.xadd(self.out_key, S.entry(S.OUT_HANGUP), self.w.settings.stream_maxlen)
+        self.update_call(mapping)
+        self.out(S.OUT_HANGUP)
         await self._close_vapi(send_end=True)
         # A live socket (or one about to connect, which the gateway will refuse) is closed by the
         # gateway and Twilio then asks <Connect action>; a lost one leaves only REST.

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
+from shared import vapi_proto as V
 from shared.settings import Settings
 
 log = logging.getLogger("callbridge.vapi")
@@ -99,9 +100,24 @@ class VapiClient:
             headers={"Authorization": f"Bearer {settings.vapi_key}", "User-Agent": USER_AGENT},
             timeout=httpx.Timeout(10.0, connect=5.0),
         )
+        self._model: V.AssistantModel | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def assistant_model(self) -> V.AssistantModel | None:
+        """The configured assistant's provider and model (GET /assistant/{id}), fetched once and
+        kept: a takeover must not wait for it. None when Vapi does not say (then a takeover
+        falls back to waiting for the caller)."""
+        if self._model is not None:
+            return self._model
+        try:
+            resp = await self._http.get(f"/assistant/{self._settings.vapi_assistant_id}", timeout=3.0)
+            if resp.status_code == 200:
+                self._model = V.assistant_model(resp.json())
+        except (httpx.HTTPError, ValueError):
+            pass
+        return self._model
 
     async def create_call(self, body: dict[str, Any]) -> VapiCall:
         """POST /call. One quick retry on 5xx and on connection failures; 4xx are final."""

@@ -1,0 +1,95 @@
+"""A call session's bounds and failure paths, driven directly (a real Redis behind its writer)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared import streams as S
+from shared.redisio import BatchWriter
+from shared.settings import Settings
+from shared.streams import Keys
+from worker import session as sess
+from worker.session import CallSession
+
+
+class Host:
+    """The few things a session asks of its worker, with a real Redis writer."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self.settings = Settings(REDIS_URL="redis://unused", REDIS_PREFIX=prefix,  # type: ignore[call-arg]
+                                 VAPI_API_KEY="k", VAPI_ASSISTANT_ID="a")
+        self.keys = Keys(prefix)
+        self.worker_id = "w-test"
+        self.redis = redis
+        self.writer = BatchWriter(redis)
+        self.vapi: Any = None
+        self.twilio: Any = None
+        self.done: list[bool] = []
+
+    def session_done(self, session: CallSession, completed: bool) -> None:
+        self.done.append(completed)
+
+    def wake_ticker(self, session: CallSession) -> None:
+        pass
+
+    def emit_due(self, session: CallSession, now: float) -> None:
+        pass
+
+
+@pytest.fixture
+async def host(redis: aioredis.Redis, prefix: str) -> AsyncIterator[Host]:
+    h = Host(redis, prefix)
+    h.writer.start()
+    yield h
+    await h.writer.close()
+
+
+def _session(host: Host) -> CallSession:
+    return CallSession(host, "CA1", {b"sid": b"CA1"}, epoch=1, record={"status": "ringing"})
+
+
+async def test_caller_audio_queued_for_a_stalled_vapi_is_bounded_and_control_entries_survive(
+        host: Host) -> None:
+    session = _session(host)
+    media = [(b"1-0", {b"k": S.IN_MEDIA, b"a": b"\xff" * 160})]
+    for _ in range(sess.MAX_INBOUND_BATCHES + 500):
+        session.on_inbound(media)
+    session.on_inbound([(b"2-0", {b"k": S.IN_MEDIA, b"a": b"\xff" * 160}),
+                        (b"3-0", {b"k": S.IN_STOP, b"s": b"MZ1"})])
+    queue = session._inq
+    assert queue.qsize() == sess.MAX_INBOUND_BATCHES + 1
+    batches = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert batches[-1] == [(b"3-0", {b"k": S.IN_STOP, b"s": b"MZ1"})], "the hang-up is never dropped"
+
+
+class BrokenSocket:
+    """A Vapi socket whose reader fails with something other than a close."""
+
+    def __aiter__(self) -> BrokenSocket:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise RuntimeError("boom")
+
+
+async def test_a_failing_vapi_reader_ends_the_call_with_the_unavailable_message(host: Host) -> None:
+    session = _session(host)
+    await session._downlink(BrokenSocket())  # type: ignore[arg-type]
+    assert session.ending is not None and session.ending.reason == "error"
+    assert session.ending.say == host.settings.unavailable_message
+
+
+async def test_writes_for_a_call_are_fenced_by_the_epoch(host: Host, redis: aioredis.Redis) -> None:
+    keys = host.keys
+    await redis.hset(keys.call("CA1"), mapping={"status": "live", "epoch": "2", "owner": "other"})
+    session = _session(host)  # epoch 1: replaced
+    session.update_call({"status": "ended", "end_reason": "error"})
+    session.out(S.OUT_HANGUP)
+    await host.writer.flush()
+    assert await redis.hget(keys.call("CA1"), "status") == b"live", "a replaced owner cannot end it"
+    (_id, fields), = await redis.xrange(keys.outbound("CA1"))
+    assert fields[b"e"] == b"1", "its out entries carry its epoch for the gateway to drop"
