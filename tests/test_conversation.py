@@ -268,10 +268,9 @@ async def test_fast_barge_in_resumes_when_vapi_does_not_confirm(
         assert b"fast-pause" in kinds and b"fast-resume" in kinds and b"barge-in" not in kinds
         # Held, not dropped: the whole greeting reaches the caller, in two parts.
         runs = utterances_heard(call)
-        assert [label for label, _ in runs] == ["greeting"], runs
-        assert len(call.heard_segments(min_silence_s=0.2)) == 2, "paused once, for a while"
+        assert [label for label, _ in runs] == ["greeting", "greeting"], "paused once, for a while"
         # The seam may lose what Twilio played between our clock and its own (under a frame each).
-        assert abs(runs[0][1] - 4.0) < 0.04, runs
+        assert abs(sum(seconds for _, seconds in runs) - 4.0) < 0.04, runs
         await call.hangup()
 
 

@@ -111,18 +111,21 @@ def audible_s(call: SimCall, start: float = 0.0, end: float = float("inf")) -> f
                for s, e in call.heard_segments(min_silence_s=0.015) if s < end and e > start)
 
 
-def utterances_heard(call: SimCall) -> list[tuple[str | None, float]]:
-    """(label, audible seconds) per utterance the caller heard; the runs of one utterance split by
-    a late frame are merged back, so this is robust on a loaded machine."""
+def utterances_heard(call: SimCall, late_s: float = 0.25) -> list[tuple[str | None, float]]:
+    """(label, audible seconds) per utterance the caller heard. Runs of one utterance split by a
+    late frame (a gap under `late_s`, as a loaded machine makes) are merged back; a longer pause
+    (a hold, a turn) separates utterances even when they carry the same label."""
     pcm = call.heard_pcm16()
     out: list[tuple[str | None, float]] = []
+    last_end = -1.0
     for start, end in call.heard_segments():
         label = voices.identify(pcm[int(start * 8000) * 2: int(end * 8000) * 2], 8000)
         seconds = audible_s(call, start, end)
-        if out and (label is None or out[-1][0] == label):
+        if out and start - last_end < late_s and (label is None or out[-1][0] == label):
             out[-1] = (out[-1][0], out[-1][1] + seconds)
         else:
             out.append((label, seconds))
+        last_end = end
     return out
 
 

@@ -124,7 +124,9 @@ async def test_worker_sigterm_releases_its_calls_to_another_worker(
     sims: tuple[TwilioSim, VapiSim],
 ) -> None:
     twilio, vapi = sims
-    env = _env(redis_url, prefix, twilio, vapi, WORKER_DRAIN_TIMEOUT_S=0.5, CLAIM_LEASE_S=1.5)
+    # TAKEOVER_RESUME=wait: the older way of resuming, kept as a setting, is covered here.
+    env = _env(redis_url, prefix, twilio, vapi, WORKER_DRAIN_TIMEOUT_S=0.5, CLAIM_LEASE_S=1.5,
+               TAKEOVER_RESUME="wait")
     _gw, wk1, call, first = await _call_on_one_worker(env, procs, twilio, vapi)
     call.say_pcm(caller_utterance(0))
     await wait_heard(call, 2)

@@ -65,7 +65,7 @@ class TwilioSim:
         observer: TwilioObserver | None = None,
         idle_frame: bytes | None = None,
     ) -> None:
-        self.gateway_url = gateway_url.rstrip("/")
+        self._gateway_url = gateway_url.rstrip("/")
         self.public_url = public_url.rstrip("/")
         self.account_sid = account_sid
         self.auth_token = auth_token
@@ -86,12 +86,23 @@ class TwilioSim:
         self._epoch = _mono()
         self._ticker: asyncio.Task[None] | None = None
         self._webhooks = Webhooks(
-            auth_token=auth_token, public_url=self.public_url, gateway_url=self.gateway_url
+            auth_token=auth_token, public_url=self.public_url, gateway_url=self._gateway_url
         )
         self._server: QuietServer | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._rest_base: str | None = None
         self._stopped = False
+
+    @property
+    def gateway_url(self) -> str:
+        """Where requests and sockets really go. Tests move it between gateways mid-call, like a
+        load balancer taking one out of rotation: every later request follows."""
+        return self._gateway_url
+
+    @gateway_url.setter
+    def gateway_url(self, url: str) -> None:
+        self._gateway_url = url.rstrip("/")
+        self._webhooks.gateway_url = self._gateway_url
 
     async def __aenter__(self) -> TwilioSim:
         await self.start()
