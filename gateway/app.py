@@ -37,16 +37,24 @@ def build_state(settings: Settings) -> GatewayState:
     redis = connect(settings.redis_url)
     reader = connect(settings.redis_url, max_connections=4)
     process_id = uuid.uuid4().hex[:12]
-    return GatewayState(
+    state: GatewayState | None = None
+
+    def on_redis_error(op: str) -> None:
+        _redis_error(op)
+        if op == "reconnect" and state is not None:  # it may have come back empty
+            media.redis_came_back(state)
+
+    state = GatewayState(
         settings=settings,
         keys=keys,
         redis=redis,
         reader_redis=reader,
-        writer=BatchWriter(redis, on_error=_redis_error, on_flushed=media_latency_observer(
+        writer=BatchWriter(redis, on_error=on_redis_error, on_flushed=media_latency_observer(
             metrics.HOP_LATENCY.labels("twilio_to_redis").observe)),
-        hub=OutboundHub(reader, keys.wake(f"gw-{process_id}"), on_error=_redis_error),
+        hub=OutboundHub(reader, keys.wake(f"gw-{process_id}"), on_error=on_redis_error),
         process_id=process_id,
     )
+    return state
 
 
 async def drain(state: GatewayState) -> None:

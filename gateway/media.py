@@ -23,7 +23,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gateway.fence import OwnerFence, epoch_of
 from gateway.hub import OutQueue
-from gateway.records import ensure_ttl
+from gateway.records import ensure_ttl, reassert
 from gateway.state import GatewayState, SocketInfo
 from shared import metrics
 from shared import streams as S
@@ -93,7 +93,8 @@ async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
             _drop("before_start")
 
 
-async def _authorize(st: GatewayState, start: Start) -> None:
+async def _authorize(st: GatewayState, start: Start) -> str:
+    """Check the token (single use) and the call; returns the call's status."""
     token = start.custom_parameters.get("token", "")
     if not verify_stream_token(st.settings.token_secret, start.call_sid, token):
         raise Rejected("bad_token")
@@ -110,8 +111,9 @@ async def _authorize(st: GatewayState, start: Start) -> None:
         raise Rejected("redis_error") from None
     if status is None:
         raise Rejected("unknown_call")
-    if status.decode() == S.STATUS_ENDED:
+    if status == S.STATUS_ENDED.encode():
         raise Rejected("call_ended")
+    return S.STATUS_LIVE if status == S.STATUS_LIVE.encode() else S.STATUS_RINGING
 
 
 @router.websocket("/twilio/media")
@@ -130,7 +132,7 @@ async def media_socket(ws: WebSocket) -> None:
     await ws.accept()
     try:
         start = await asyncio.wait_for(_await_start(ws, st), st.settings.start_timeout_s)
-        await _authorize(st, start)
+        status = await _authorize(st, start)
     except TimeoutError:
         await _reject(ws, "no_start")
         return
@@ -148,7 +150,7 @@ async def media_socket(ws: WebSocket) -> None:
         return
     call_sid_var.set(start.call_sid)
     stream_sid_var.set(start.stream_sid)
-    await _serve(ws, st, start)
+    await _serve(ws, st, start, live=status == S.STATUS_LIVE)
 
 
 async def _reject(ws: WebSocket, cause: str) -> None:
@@ -160,7 +162,7 @@ async def _reject(ws: WebSocket, cause: str) -> None:
             await ws.close(code=code)
 
 
-async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
+async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> None:
     sid = start.call_sid
     in_key, out_key = st.keys.inbound(sid), st.keys.outbound(sid)
     maxlen = st.settings.stream_maxlen
@@ -186,10 +188,11 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start) -> None:
                                                           "gateway": st.process_id})
     ensure_ttl(st.writer, st.settings.call_ttl_s, st.keys.call(sid))
     metrics.MEDIA_SOCKETS.inc()
-    info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, attached=time.monotonic())
+    info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, stream_sid=start.stream_sid,
+                      attached=time.monotonic(), live=live)
     st.sockets[ws] = info
     log.info("media stream started")
-    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid), fence),
+    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid), fence, info),
                                  name="twilio-send")
     receiver = asyncio.create_task(
         _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)),
@@ -304,14 +307,44 @@ async def _receive_loop(
             _drop("unexpected_event")  # a second connected/start
 
 
+def redis_came_back(st: GatewayState) -> None:
+    """Redis answers again after failing, or restarted (perhaps empty): the no-worker window
+    starts over, since a worker needs time to re-assert its calls as well, and the watchdog
+    re-asserts what this gateway holds."""
+    st.redis_back_at = time.monotonic()
+    st.reassert_rounds = 2
+
+
+async def _redis_restarted(st: GatewayState) -> bool:
+    """Whether Redis's run_id changed: a restart, even one no command of ours saw fail (redis-py
+    reconnects and retries by itself). The answer is untrusted like any other."""
+    try:
+        server: Any = await st.redis.info("server")
+    except (RedisError, OSError):
+        return False
+    run_id = server.get("run_id") if isinstance(server, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        return False
+    known, st.redis_run_id = st.redis_run_id, run_id
+    return known is not None and known != run_id
+
+
 async def idle_watchdog(st: GatewayState) -> None:
-    """Twilio sends a frame every 20 ms while a call lives: a socket silent for
-    MEDIA_IDLE_TIMEOUT_S is dead (or stalled) and is closed. One task per process, not a timer
-    per message."""
+    """Once a second for the whole process (not a timer per message): notice Redis coming back
+    and re-assert the sockets' call records; close a socket silent for MEDIA_IDLE_TIMEOUT_S
+    (Twilio sends a frame every 20 ms while a call lives); end a call no worker serves."""
     timeout = st.settings.media_idle_timeout_s
     no_worker = st.settings.no_worker_timeout_s
     while True:
         await asyncio.sleep(min(1.0, timeout / 4))
+        if await _redis_restarted(st):
+            log.warning("redis restarted; re-asserting the calls this gateway serves")
+            redis_came_back(st)
+        if st.reassert_rounds > 0:
+            st.reassert_rounds -= 1
+            if st.sockets:
+                log.info("re-asserted call records after redis came back",
+                         extra={"sockets": reassert(st)})
         now = time.monotonic()
         for ws, info in list(st.sockets.items()):
             if not info.idle and now - info.last_rx > timeout:
@@ -320,22 +353,28 @@ async def idle_watchdog(st: GatewayState) -> None:
                 log.warning("twilio socket went silent; closing it", extra={"idle_s": timeout})
                 with contextlib.suppress(Exception):
                     await ws.close(code=1011)
-            elif not info.owner_seen and now - info.attached > no_worker:
-                await _check_owner(st, ws, info)
+            elif not info.idle:
+                # The window starts at the later of attach and Redis's last return: after an
+                # empty restart no `owner` is left until the worker writes it again.
+                since = max(info.attached, st.redis_back_at)
+                if info.owner_ok_since != since and now - since > no_worker:
+                    if info.last_out >= since:
+                        info.owner_ok_since = since  # a worker writes to this call: it lives
+                    else:
+                        await _check_owner(st, ws, info, since)
 
 
-async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo) -> None:
-    """No worker took the call (none running, or all full): end it with the unavailable
-    message rather than leave the caller in silence."""
+async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo, since: float) -> None:
+    """No worker claimed the call, and none wrote to it, for NO_WORKER_TIMEOUT_S (none running,
+    or all full): end it with the unavailable message rather than leave the caller in silence."""
     key = st.keys.call(info.call_sid)
     try:
         owner = await st.redis.hget(key, "owner")
     except (RedisError, OSError):
         return
+    info.owner_ok_since = since  # decided either way for this window
     if owner:
-        info.owner_seen = True
         return
-    info.owner_seen = True  # decided either way
     log.error("no worker took the call; ending it", extra={"call_sid": info.call_sid})
     info.closed_by = "no_worker"
     st.writer.command("hset", key, mapping={"status": S.STATUS_ENDED, "end_reason": "no-worker",
@@ -368,16 +407,18 @@ def _mark_name(value: bytes | None) -> str | None:
         return None
 
 
-async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: OwnerFence) -> bool:
+async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: OwnerFence,
+                     info: SocketInfo) -> bool:
     """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed). An entry
     that is not one we can send is counted and dropped; the audio after it goes on. Entries of
-    a replaced owner are dropped (gateway/fence.py)."""
+    a replaced owner are dropped (gateway/fence.py). Notes on `info` that the owner wrote (it is
+    alive) and sent audio or marks (the call went live)."""
     frames = metrics.FRAMES.labels("out", "twilio")
     latency = metrics.HOP_LATENCY.labels("worker_to_twilio")
     send = ws.send_text
     while True:
         entries = await queue.get()
-        now = time.time_ns()
+        now, mono = time.time_ns(), time.monotonic()
         for _id, f in entries:
             admitted = fence.admit(f)
             if not admitted:
@@ -386,6 +427,7 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
                 else:
                     _drop("stale_owner")
                 continue
+            info.last_out = mono
             kind = f.get(b"k")
             if kind == S.OUT_MEDIA:
                 audio = f.get(b"a")
@@ -393,6 +435,7 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
                     _drop("bad_out_entry")
                     continue
                 await send(out.media(audio))
+                info.live = True
                 frames.inc()
                 if (age := _age_s(f, now)) is not None:
                     latency.observe(age)
@@ -402,6 +445,7 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
                     _drop("bad_out_entry")
                     continue
                 await send(out.mark(name))
+                info.live = True
             elif kind == S.OUT_CLEAR:
                 await send(out.clear())
                 if (age := _age_s(f, now)) is not None:
