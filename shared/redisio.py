@@ -114,6 +114,10 @@ class BatchWriter:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="redis-batch-writer")
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The background task, for the process to supervise (it must never end)."""
+        return [self._task] if self._task is not None else []
+
     def xadd(self, key: str, fields: Fields, maxlen: int | None = None) -> None:
         """Queue an XADD. Takes `fields` over: it gains the `q` field (writer id and sequence),
         which a re-sent copy of the entry keeps, so a reader can tell it is one."""
@@ -228,6 +232,10 @@ class MultiReader:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="redis-multi-reader")
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The background task, for the process to supervise (it must never end)."""
+        return [self._task] if self._task is not None else []
 
     async def close(self) -> None:
         """Stop reading. Besides the cancel, the loop checks `_closing` after every read, and a
