@@ -143,6 +143,7 @@ GOOD: dict[str, dict[str, Any]] = {
     "tool-calls": {"type": "tool-calls", "toolCallList": [
         {"id": "c1", "type": "function",
          "function": {"name": "transferCall", "arguments": '{"destination":"+14155550100"}'}}]},
+    "model-output": {"type": "model-output", "output": "Sure, one moment.", "turnId": "t1"},
     "hang": {"type": "hang"},
 }
 
