@@ -41,6 +41,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         stopping.cancel()
 
     _run_until_signal(main)
+    if app.state.gw.failed:
+        sys.exit(1)
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -138,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=20.0)
     b.add_argument("--format", choices=["pcm_s16le", "mulaw"], default="pcm_s16le")
     b.add_argument("--workers", type=int, default=1)
-    b.add_argument("--scenario", choices=["duplex", "conversation"], default="duplex",
-                   help="duplex: assistant talks all along (default); conversation: turns and barge-ins")
+    b.add_argument("--scenario", choices=["duplex", "conversation", "failover"], default="duplex",
+                   help="duplex: assistant talks all along (default); conversation: turns and barge-ins; "
+                        "failover: conversations while the busiest worker is killed or frozen, again "
+                        "and again (--events; needs --workers >= 2): gap, words lost, duplicates")
+    b.add_argument("--events", type=int, default=10,
+                   help="failover: worker kills and 6 s stalls, alternating (default 10)")
     b.add_argument("--json", action="store_true", help="print the figures as JSON too")
     b.set_defaults(func=cmd_bench)
     return p

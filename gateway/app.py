@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -17,6 +19,7 @@ from gateway.hub import OutboundHub
 from gateway.state import GatewayState
 from shared import metrics
 from shared.health import readiness
+from shared.logs import error_fields
 from shared.redisio import BatchWriter, connect, media_latency_observer
 from shared.settings import Settings
 from shared.streams import Keys
@@ -72,6 +75,28 @@ async def drain(state: GatewayState) -> None:
     await state.writer.flush()
 
 
+def _stop_process() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def supervise(state: GatewayState, tasks: list[asyncio.Task[Any]],
+                    stop: Callable[[], None] = _stop_process) -> None:
+    """These loops live as long as the process: if one ends, the gateway cannot carry calls.
+    Say which and why, turn unready, and stop the process (SIGTERM: live streams are handed
+    back to Twilio, which re-attaches them to a healthy gateway); `callbridge gateway` then
+    exits non-zero so the orchestrator restarts it."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        return  # shutting down: the loops end because we end them
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        log.critical("gateway loop died", extra={"task": task.get_name(), **error_fields(error)})
+    state.failed = True
+    state.draining = True
+    stop()
+
+
 def create_app(settings: Settings) -> FastAPI:
     settings.require("REDIS_URL", "PUBLIC_URL", "TWILIO_AUTH_TOKEN")
     state = build_state(settings)
@@ -81,10 +106,13 @@ def create_app(settings: Settings) -> FastAPI:
         state.writer.start()
         state.hub.start()
         watchdog = asyncio.create_task(media.idle_watchdog(state), name="media-idle-watchdog")
+        supervisor = asyncio.create_task(
+            supervise(state, [watchdog, *state.writer.tasks(), *state.hub.tasks()]), name="supervisor")
         log.info("gateway ready", extra={"public_url": settings.public_url})
         try:
             yield
         finally:
+            supervisor.cancel()
             watchdog.cancel()
             await state.hub.close()
             await state.writer.close()

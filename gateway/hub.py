@@ -82,6 +82,9 @@ class OutboundHub:
     def start(self) -> None:
         self._reader.start()
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return self._reader.tasks()
+
     async def close(self) -> None:
         await self._reader.close()
 

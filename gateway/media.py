@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +26,7 @@ from gateway.records import ensure_ttl, reassert
 from gateway.state import GatewayState, SocketInfo
 from shared import metrics
 from shared import streams as S
-from shared.logs import call_sid_var, stream_sid_var
+from shared.logs import call_sid_var, error_fields, stream_sid_var
 from shared.security import verify_stream_token, ws_signature_ok
 from shared.twilio_proto import (
     Connected,
@@ -231,16 +230,6 @@ def _peer_gone(ws: WebSocket, exc: BaseException) -> bool:
         ws.application_state, ws.client_state)
 
 
-def _where(exc: BaseException) -> str:
-    """file:line:function of the failure: enough to find the bug, and unlike the exception's
-    message it cannot carry a token, a key or a URL."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}:{last.name}"
-
-
 async def _supervise(ws: WebSocket, sid: str, receiver: asyncio.Task[str],
                      sender: asyncio.Task[bool]) -> str:
     """Run both directions of one socket as a unit and return how it ended (the receive loop's
@@ -254,7 +243,7 @@ async def _supervise(ws: WebSocket, sid: str, receiver: asyncio.Task[str],
             exc = None if task.cancelled() else task.exception()
             if exc is not None and not _peer_gone(ws, exc):
                 log.error("media socket failed; closing it so Twilio re-attaches",
-                          extra={"call_sid": sid, "error": type(exc).__name__, "at": _where(exc),
+                          extra={"call_sid": sid, **error_fields(exc),
                                  "direction": "uplink" if task is receiver else "downlink"})
                 with contextlib.suppress(Exception):
                     await ws.close(code=INTERNAL_ERROR)

@@ -40,6 +40,7 @@ class GatewayState:
     hub: OutboundHub
     process_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     draining: bool = False
+    failed: bool = False  # a background loop died: unready, drain, exit non-zero
     sockets: dict[Any, SocketInfo] = field(default_factory=dict)  # WebSocket -> info
     # Redis came back (a reconnect, or a new run_id: restarted, maybe empty): when, and how many
     # more times the watchdog re-asserts what this gateway holds (twice: the second pass finds

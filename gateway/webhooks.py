@@ -14,7 +14,7 @@ from gateway import twiml
 from gateway.records import ENSURE_TTL, ensure_ttl
 from gateway.state import GatewayState
 from shared import metrics
-from shared.logs import call_sid_var
+from shared.logs import call_sid_var, mask_number
 from shared.security import make_stream_token, webhook_signature_ok
 from shared.streams import STATUS_ENDED, STATUS_RINGING, entry
 
@@ -23,12 +23,6 @@ router = APIRouter()
 
 CALL_SID_RE = re.compile(r"^CA[0-9a-fA-F]{32}$")
 XML = "application/xml"
-
-
-def mask_number(number: str) -> str:
-    """A phone number for INFO logs: the last four characters tell calls apart for an operator
-    without putting callers' numbers into log storage (the whole number is logged at DEBUG)."""
-    return "***" + number[-4:] if len(number) > 4 else "***"
 
 
 def _state(request: Request) -> GatewayState:

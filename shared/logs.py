@@ -11,6 +11,7 @@ import contextvars
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
 import orjson
@@ -70,3 +71,22 @@ def setup_logging(level: str = "INFO", fmt: str = "json", **process_fields: str)
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access", "twilio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def error_fields(exc: BaseException | None) -> dict[str, str]:
+    """What to log about a failure: its type and file:line:function. Enough to find the bug, and
+    unlike the exception's message or traceback it cannot carry a token, a key or a URL."""
+    if exc is None:
+        return {}
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}:{last.name}"
+    return {"error": type(exc).__name__, "at": where}
+
+
+def mask_number(number: str) -> str:
+    """A phone number or dial target for INFO logs: the last four characters tell calls apart
+    for an operator without putting numbers into log storage (whole ones only at DEBUG)."""
+    return "***" + number[-4:] if len(number) > 4 else "***"

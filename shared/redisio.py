@@ -144,6 +144,8 @@ class BatchWriter:
         """Wait until everything queued so far has been written (or failed)."""
         if self._task is None:
             self.start()
+        elif self._task.done():
+            return  # the writer is gone (the process is failing): nothing more will be written
         await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def close(self) -> None:

@@ -93,9 +93,23 @@ def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = N
     return fields
 
 
-def entry_age_ms(fields: dict[bytes, bytes], now: int | None = None) -> float:
-    """Milliseconds since the sender stamped the entry (0 when unstamped)."""
+def _stamp_ns(fields: dict[bytes, bytes]) -> int | None:
+    """The sender's stamp, if it is one (entries are untrusted: another version, a bad writer)."""
     t = fields.get(b"t")
-    if not t:
+    if not t or not t.isdigit() or len(t) > 20:
+        return None
+    return int(t)
+
+
+def entry_age_ms(fields: dict[bytes, bytes], now: int | None = None) -> float:
+    """Milliseconds since the sender stamped the entry (0 when unstamped or malformed)."""
+    t = _stamp_ns(fields)
+    if t is None:
         return 0.0
-    return ((time.time_ns() if now is None else now) - int(t)) / 1e6
+    return ((time.time_ns() if now is None else now) - t) / 1e6
+
+
+def entry_time_s(fields: dict[bytes, bytes]) -> float:
+    """The sender's wall-clock stamp in seconds (now when unstamped or malformed)."""
+    t = _stamp_ns(fields)
+    return time.time() if t is None else t / 1e9

@@ -972,3 +972,24 @@ async def test_a_call_no_worker_serves_still_ends_after_redis_restarts_empty(
         assert 0 < await r.ttl(gw.keys.call(sid)) <= gw.settings.call_ttl_s
     finally:
         await r.aclose()
+
+
+async def test_a_dead_background_loop_makes_the_gateway_unready_and_stop(gw: Gw) -> None:
+    from gateway.app import supervise
+
+    stopped: list[bool] = []
+
+    async def loop_that_fails() -> None:
+        raise RuntimeError("boom")
+
+    async def loop_that_lives() -> None:
+        await asyncio.Event().wait()
+
+    alive = asyncio.create_task(loop_that_lives())
+    await supervise(gw.state, [alive, asyncio.create_task(loop_that_fails())],
+                    stop=lambda: stopped.append(True))
+    assert stopped == [True] and gw.state.failed
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(gw.base + "/readyz")).status_code == 503
+    alive.cancel()
+    gw.state.draining = gw.state.failed = False

@@ -8,7 +8,6 @@ import re
 import time
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 
 from callbridge.redis_server import free_port, start_redis
@@ -24,8 +23,6 @@ async def _ready(url: str) -> int:
             return 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 (failover): after Redis restarts empty, the live "
-                   "call's audio does not flow again; the issue removes this mark")
 async def test_calls_survive_a_redis_restart(prefix: str, procs: list[Proc]) -> None:
     port = free_port()
     server = start_redis(port)

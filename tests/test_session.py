@@ -93,3 +93,24 @@ async def test_writes_for_a_call_are_fenced_by_the_epoch(host: Host, redis: aior
     assert await redis.hget(keys.call("CA1"), "status") == b"live", "a replaced owner cannot end it"
     (_id, fields), = await redis.xrange(keys.outbound("CA1"))
     assert fields[b"e"] == b"1", "its out entries carry its epoch for the gateway to drop"
+
+
+async def test_a_worker_whose_redis_writer_dies_turns_unready_and_exits_failed(
+        redis_url: str, prefix: str) -> None:
+    import asyncio
+
+    from worker.main import Worker
+
+    settings = Settings(REDIS_URL=redis_url, REDIS_PREFIX=prefix,  # type: ignore[call-arg]
+                        VAPI_API_KEY="k", VAPI_ASSISTANT_ID="a", VAPI_BASE_URL="http://127.0.0.1:9",
+                        WORKER_HTTP_PORT=0)
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, serve_http=False))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not worker.writer.tasks():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    worker.writer.tasks()[0].cancel()  # the loop every write depends on is gone
+    await asyncio.wait_for(running, 20)
+    assert worker.failed and worker.draining, "unready, and the command exits non-zero"

@@ -65,6 +65,12 @@ class Claimer:
         self._serving = serving
         self._on_job = on_job
         self.paused = False
+        # redis-py can swallow a cancellation that lands as a command is sent (asyncio.wait_for on
+        # Python 3.11): the loops also stop on this flag, so a shutdown cannot hang on them.
+        self._closing = False
+
+    def close(self) -> None:
+        self._closing = True
 
     async def run(self) -> None:
         backoff = 0.2
@@ -86,7 +92,7 @@ class Claimer:
 
     async def _claim_new(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             free = 0 if self.paused else self._free_slots()
             if free <= 0:
                 await asyncio.sleep(0.2)
@@ -106,6 +112,8 @@ class Claimer:
                         await ensure_group(self._redis, self._stream)
                 continue
             items = resp.items() if isinstance(resp, dict) else (resp or [])
+            if self._closing:
+                return  # a job read while closing stays pending: a live worker takes it
             for _key, entries in items:
                 for job_id, fields in entries or []:
                     if fields:  # a job deleted after delivery comes back empty
@@ -114,7 +122,7 @@ class Claimer:
 
     async def _watch(self) -> None:
         """Find workers whose lease lapsed and take over what they held."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._scan_s)
             if self.paused:
                 continue

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from shared import metrics
 from shared import streams as S
 from shared.health import readiness
+from shared.logs import error_fields
 from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
 from shared.serving import quiet_server
 from shared.settings import ConfigError, Settings
@@ -377,8 +378,9 @@ class Worker:
                 # A loop this process depends on died: better to exit (and be restarted, with
                 # our calls taken over) than to look healthy while claiming nothing.
                 for task in done:
-                    log.critical("worker loop died", extra={"task": task.get_name()},
-                                 exc_info=task.exception() if not task.cancelled() else None)
+                    error = None if task.cancelled() else task.exception()
+                    log.critical("worker loop died", extra={"task": task.get_name(),
+                                                            **error_fields(error)})
                 self.failed = True
                 self.draining = True  # unready at once
             stopper.cancel()
@@ -386,9 +388,10 @@ class Worker:
         finally:
             if server is not None:
                 server.should_exit = True
+            self.claimer.close()
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.wait(background, timeout=5)
             await self.close()
 
     async def drain(self, timeout: float = 0.0) -> None:
@@ -403,7 +406,8 @@ class Worker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.writer.flush()
+        with contextlib.suppress(TimeoutError):  # a dead writer (we are failing) cannot flush
+            await self.writer.flush()
         if self.lease is not None:
             # Dropping the lease makes survivors take what we still hold at their next scan.
             await asyncio.to_thread(self.lease.stop, True)

@@ -25,7 +25,7 @@ from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
 from shared.audio import SILENCE_FRAME, Downlink, Uplink
-from shared.logs import call_sid_var
+from shared.logs import call_sid_var, error_fields, mask_number
 from shared.redisio import BatchWriter, Entries
 from shared.settings import Settings
 from shared.streams import Keys
@@ -213,8 +213,8 @@ class CallSession:
             self._completed = True
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("call session failed")
+        except Exception as exc:
+            log.error("call session failed", extra=error_fields(exc))
             self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
             with contextlib.suppress(Exception):
                 await self._finish_assistant_side()
@@ -240,7 +240,7 @@ class CallSession:
     def _inbound_done(self, task: asyncio.Task[None]) -> None:
         """The caller-side loop must live as long as the call: if it fails, end the call."""
         if not task.cancelled() and task.exception() is not None:
-            log.error("caller audio loop failed", exc_info=task.exception())
+            log.error("caller audio loop failed", extra=error_fields(task.exception()))
             self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
 
     async def _already_over(self) -> bool:
@@ -372,7 +372,7 @@ class CallSession:
                     audio = f.get(b"a", b"")
                     self.last_media_at = now = time.monotonic()
                     self.silent_for = 0.0
-                    self.speech.frame(audio, int(f.get(b"t", b"0")) / 1e9)
+                    self.speech.frame(audio, S.entry_time_s(f))
                     if self.fast is not None:
                         self._fast_barge_in(audio, now)
                     if self._ws is None:
@@ -507,8 +507,8 @@ class CallSession:
                     self._on_control(msg)
         except ConnectionClosed:
             pass
-        except Exception:  # a bug or a message we could not handle: end the call, say why
-            log.exception("vapi downlink failed")
+        except Exception as exc:  # a bug or a message we could not handle: end the call, say why
+            log.error("vapi downlink failed", extra=error_fields(exc))
             self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
             return
         self.request_end(Ending("vapi-socket-closed", ASSISTANT,
@@ -545,7 +545,7 @@ class CallSession:
                     if not self.w.settings.transfer_allowed(target):
                         metrics.DROPPED.labels("transfer_refused").inc()
                         log.warning("transfer refused: target not in TRANSFER_ALLOW",
-                                    extra={"target": target[:64]})
+                                    extra={"target": mask_number(target)})
                         self.event("transfer-refused", target=target[:64])
                         continue
                     self.event("transfer-requested", target=target)
