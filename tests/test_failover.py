@@ -50,6 +50,15 @@ async def second_session(vapi: VapiSim, first: VapiSession, timeout: float = 10.
     return others[0]
 
 
+async def resumption(stack: Stack, call: SimCall, first: VapiSession,
+                     lost_at: float) -> tuple[VapiSession, float]:
+    """The new Vapi session, and when (call clock) the caller began to hear its resumption."""
+    second = await second_session(stack.vapi, first)
+    await until(lambda: any(lbl == "resume" for lbl, _s, _d in heard_after(call, lost_at)), 10,
+                "the resumption")
+    return second, next(s for lbl, s, _d in heard_after(call, lost_at) if lbl == "resume")
+
+
 async def _mid_answer(stack: Stack) -> tuple[SimCall, VapiSession]:
     """A call whose caller has heard the greeting, spoken, and heard 1.5 s of a 4 s answer."""
     call = await stack.call()
@@ -106,10 +115,7 @@ async def _killed(stack: Stack) -> None:
     killed_at = call.now()
     victim.signal(signal.SIGKILL)
     call.say_pcm(caller_utterance(1))  # the caller talks into the gap
-    second = await second_session(stack.vapi, first)
-    await until(lambda: any(lbl == "resume" for lbl, _s, _d in heard_after(call, killed_at)), 10,
-                "the resumption")
-    resumed_at = next(s for lbl, s, _d in heard_after(call, killed_at) if lbl == "resume")
+    second, resumed_at = await resumption(stack, call, first, killed_at)
     assert resumed_at - killed_at < 6.0, "heard again within a few seconds"
     _resume_checks(call, second, killed_at)
     # What the caller said during the gap reached the new session.
@@ -135,9 +141,7 @@ async def _frozen(stack: Stack) -> None:
     stopped_at = call.now()
     victim.signal(signal.SIGSTOP)
     try:
-        second = await second_session(stack.vapi, first)
-        await until(lambda: any(lbl == "resume" for lbl, _s, _d in heard_after(call, stopped_at)),
-                    10, "the resumption")
+        second, _resumed_at = await resumption(stack, call, first, stopped_at)
         await until(lambda: call.now() > stopped_at + 6.0, 10, "a 6 s stall")
     finally:
         victim.signal(signal.SIGCONT)

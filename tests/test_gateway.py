@@ -323,21 +323,28 @@ async def test_outbound_entries_reach_twilio_and_hangup_closes(gw: Gw, redis: ai
     assert entries[-1] [b"v"] == b"hangup"
 
 
-async def test_a_replaced_owner_cannot_reach_the_caller(gw: Gw, redis: aioredis.Redis) -> None:
-    """Ownership fencing at the gateway: once the new owner's `own` marker (epoch 2) is on `out`,
-    the old owner's entries (epoch 1) are dropped, and Twilio is told to flush what the old one
-    left in its buffer."""
-    from shared import streams as S
-
+async def _attached_at_epoch(gw: Gw, redis: aioredis.Redis, epoch: int) -> tuple[str, ClientConnection]:
+    """A call whose owner is at `epoch`, with a Twilio socket attached to the gateway."""
     sid = call_sid()
     token = await _answer(gw, sid)
-    await redis.hset(gw.keys.call(sid), "epoch", "1")
+    await redis.hset(gw.keys.call(sid), "epoch", str(epoch))
     ws = await _open(gw)
     await ws.send(_start_msg(sid, token))
     for _ in range(300):
         if await redis.xlen(gw.keys.inbound(sid)):
             break
         await asyncio.sleep(0.01)
+    return sid, ws
+
+
+async def test_a_replaced_owner_cannot_reach_the_caller(gw: Gw, redis: aioredis.Redis) -> None:
+    """Ownership fencing at the gateway: once the new owner's `own` marker (epoch 2) is on `out`,
+    the old owner's entries (epoch 1) are dropped, and Twilio is told to flush what the old one
+    left in its buffer."""
+    from shared import streams as S
+
+    sid, ws = await _attached_at_epoch(gw, redis, 1)
+    dropped = await _metric(gw, "callbridge_messages_dropped_total", cause="stale_owner")
     out = gw.keys.outbound(sid)
     old, new = b"\x11" * 160, b"\x22" * 160
     await redis.xadd(out, S.entry(S.OUT_MEDIA, old, epoch=b"1"))
@@ -349,7 +356,7 @@ async def test_a_replaced_owner_cannot_reach_the_caller(gw: Gw, redis: aioredis.
     assert [g["event"] for g in got] == ["media", "clear", "media"]
     assert base64.b64decode(got[0]["media"]["payload"]) == old
     assert base64.b64decode(got[2]["media"]["payload"]) == new, "the old owner's frame and hang-up dropped"
-    assert await _metric(gw, "callbridge_messages_dropped_total", cause="stale_owner") >= 2
+    assert await _metric(gw, "callbridge_messages_dropped_total", cause="stale_owner") == dropped + 2
     await ws.close()
 
 
@@ -357,15 +364,7 @@ async def test_a_socket_attached_after_a_takeover_starts_at_the_owner_s_epoch(
         gw: Gw, redis: aioredis.Redis) -> None:
     from shared import streams as S
 
-    sid = call_sid()
-    token = await _answer(gw, sid)
-    await redis.hset(gw.keys.call(sid), "epoch", "3")
-    ws = await _open(gw)
-    await ws.send(_start_msg(sid, token))
-    for _ in range(300):
-        if await redis.xlen(gw.keys.inbound(sid)):
-            break
-        await asyncio.sleep(0.01)
+    sid, ws = await _attached_at_epoch(gw, redis, 3)
     out = gw.keys.outbound(sid)
     await redis.xadd(out, S.entry(S.OUT_MEDIA, b"\x11" * 160, epoch=b"2"))
     await redis.xadd(out, S.entry(S.OUT_MEDIA, b"\x33" * 160, epoch=b"3"))
