@@ -376,7 +376,7 @@ async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo, since:
 
 # Bounds on what an `out` entry may carry: entries are untrusted like any Redis data.
 MAX_OUT_AUDIO = 16_000  # bytes of μ-law in one entry (2 s); the worker writes 160 (20 ms)
-MAX_OUT_MARK = 256  # a mark name; the worker's are `{turn}:{ms}`
+MAX_OUT_MARK = 256  # a mark name; the worker's are `{epoch}.{turn}:{ms}`
 
 
 def _age_s(fields: dict[bytes, bytes], now_ns: int) -> float | None:

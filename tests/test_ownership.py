@@ -63,6 +63,12 @@ async def test_reassert_restores_a_lost_record_but_never_takes_a_call_back(
     record = await redis.hgetall(keys.call(sid))
     assert record == {b"owner": b"w1", b"epoch": b"1", b"status": b"live"}
     assert 0 < await redis.ttl(keys.call(sid)) <= 60
+    await redis.delete(keys.call(sid))  # lost again, and the caller hung up meanwhile:
+    await redis.hset(keys.call(sid), mapping={"status": "ended", "end_reason": "caller-hangup"})
+    assert await O.reassert(redis, keys, sid, "w1", epoch, 60, {"status": "live"}) == 0
+    assert await redis.hget(keys.call(sid), "status") == b"ended", "an ending is never undone"
+    await redis.delete(keys.call(sid))
+    await O.reassert(redis, keys, sid, "w1", epoch, 60, {"status": "live"})
     await O.claim(redis, keys, sid, "w2", "w1", maxlen=100, ttl_s=60)  # taken over meanwhile
     assert await O.reassert(redis, keys, sid, "w1", epoch, 60, {"status": "live"}) == 0
     assert await redis.hget(keys.call(sid), "owner") == b"w2"

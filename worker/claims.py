@@ -122,11 +122,15 @@ class Claimer:
 
     async def _watch(self) -> None:
         """Find workers whose lease lapsed and take over what they held."""
+        earlier_self = True  # a restart with the same WORKER_ID: pick up what we left behind
         while not self._closing:
             await asyncio.sleep(self._scan_s)
             if self.paused:
                 continue
             try:
+                if earlier_self and self._free_slots() > 0:
+                    await self._take_over(self._consumer)
+                    earlier_self = False
                 for dead in await ownership.lapsed_workers(self._redis, self._keys):
                     if dead != self._consumer:
                         await self._take_over(dead)

@@ -71,10 +71,11 @@ class Worker:
         self._playing: set[CallSession] = set()
         self._tick_wake = asyncio.Event()
         self._claiming: set[str] = set()  # CallSids whose claim is under way
+        self._session_tasks: dict[str, asyncio.Task[Any]] = {}
         self.claimer = Claimer(
             self._claim_redis, self.keys, self.worker_id,
             lease_s=settings.claim_lease_s,
-            free_slots=lambda: settings.worker_max_calls - len(self.sessions) - len(self._claiming),
+            free_slots=self._free_slots,
             serving=lambda sid: sid in self.sessions or sid in self._claiming,
             on_job=self._on_job,
         )
@@ -95,6 +96,13 @@ class Worker:
             return
         self._claiming.add(sid)
         self._spawn(self._claim_and_serve(job_id, fields, sid, previous), f"claim-{sid}")
+
+    def _free_slots(self) -> int:
+        """No new calls, and no one else's, while our own lease is not held: a worker cut off from
+        Redis longer than the lease must not take over calls that are merely slow to renew."""
+        if self.lease is None or not self.lease.held:
+            return 0
+        return self.settings.worker_max_calls - len(self.sessions) - len(self._claiming)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -147,8 +155,11 @@ class Worker:
         await self.inbox.add(in_key, from_id)
         task = asyncio.current_task()
         if task is not None:
-            task.set_name(f"session-{sid}")
-        await session.run()
+            self._session_tasks[sid] = task
+        try:
+            await session.run()
+        finally:
+            self._session_tasks.pop(sid, None)
 
     async def _claim(self, sid: str, previous: str) -> int:
         """Claim with a few retries (a Redis blip must not strand a call we were handed)."""
@@ -207,9 +218,8 @@ class Worker:
     def _release_session(self, session: CallSession) -> None:
         """Stop serving a call without touching its state (another worker owns it now)."""
         session.lost = True
-        for task in self._tasks:
-            if task.get_name() == f"session-{session.sid}":
-                task.cancel()
+        if (task := self._session_tasks.get(session.sid)) is not None:
+            task.cancel()
 
     def session_done(self, session: CallSession, completed: bool) -> None:
         sid = session.sid

@@ -78,13 +78,14 @@ return 1
 
 # KEYS: call hash. ARGV: owner, epoch, ttl s, then field/value pairs to restore.
 # After Redis lost its data: put back what this owner knows, unless the call moved on meanwhile.
-# Returns 1 restored, 2 still ours (nothing lost), 0 someone else owns it now.
+# Returns 1 restored, 2 still ours (nothing lost), 0 someone else owns it now or it has ended.
 REASSERT = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if epoch then
   if epoch == ARGV[2] and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return 2 end
   return 0
 end
+if redis.call('HGET', KEYS[1], 'status') == 'ended' then return 0 end  -- hung up meanwhile
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -150,6 +151,13 @@ class Lease:
         self._loop_seen = time.monotonic()
 
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except Exception:  # never silently: a worker without a lease must not look healthy
+            self.held = False
+            log.critical("lease thread died; calls will move to other workers", exc_info=True)
+
+    def _loop_forever(self) -> None:
         first = True
         while not self._stop.is_set():
             with contextlib.suppress(RuntimeError):  # the loop closed: we are shutting down

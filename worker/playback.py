@@ -3,7 +3,8 @@
 Twilio plays whatever we send in order and only `clear` can take it back, so sending Vapi's
 bursts straight through would park seconds of audio in Twilio's buffer, out of reach of barge-in.
 We keep only `lead` of audio ahead of real time there, and follow the audio with `mark`s named
-`{turn}:{ms}` so the echoes tell us what the caller has actually heard.
+`{epoch}.{turn}:{ms}` (the owner epoch first) so the echoes tell us what the caller has actually
+heard.
 
 Pure state machine: the caller passes `now` (monotonic seconds) and writes what `due()` returns.
 """

@@ -248,13 +248,14 @@ class CallSession:
         if status is None or status == S.STATUS_ENDED:
             log.info("job for a call that is already over; skipping")
             return True
+        if self.takeover:
+            self.event("takeover", worker=self.w.worker_id, epoch=self.epoch)
         if self.takeover and stream_sid:
             self.stream_sid = stream_sid
             # The gateway still holds Twilio's socket: play to it right away.
             self.stream_live = True
             self._seen_start = True
             self.playout.stream_reset(time.monotonic())
-            self.event("takeover", worker=self.w.worker_id)
         return False
 
     async def _serve(self) -> None:
@@ -349,7 +350,10 @@ class CallSession:
         messages, heard_ms = history(transcripts, self.record.get("turn", ""))
         model = None
         if self.w.settings.takeover_resume == V.RESUME_SPEAK:
-            model = await self.w.vapi.assistant_model()
+            # Normally known since the worker started; if Vapi did not say then, ask briefly,
+            # and resume the older way rather than keep the caller waiting.
+            with contextlib.suppress(TimeoutError):
+                model = await asyncio.wait_for(self.w.vapi.assistant_model(), 0.5)
         mode = V.RESUME_SPEAK if model is not None else V.RESUME_WAIT
         return V.Resume(mode=mode, messages=messages, model=model, heard_ms=heard_ms)
 
