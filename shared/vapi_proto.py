@@ -111,7 +111,8 @@ END_CALL = orjson.dumps({"type": "end-call"}).decode()
 
 
 def keypad_entry(digits: str) -> str:
-    """The exact user message Vapi's own keypadInputPlan produces (docs/protocols.md, "Transfer and keypad")."""
+    """The exact user message Vapi's own keypadInputPlan produces (docs/protocols.md, "Transfer
+    and keypad")."""
     return orjson.dumps({
         "type": "add-message",
         "message": {"role": "user", "content": f"User's Keypad Entry: {digits}"},
