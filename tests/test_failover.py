@@ -198,3 +198,30 @@ async def test_gateway_killed_mid_call_the_call_goes_on_through_another(
     finally:
         await twilio.stop()
         await vapi.stop()
+
+
+async def test_a_worker_restarted_with_the_same_id_picks_up_the_calls_it_left(
+    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis
+) -> None:
+    """Stable WORKER_IDs (a StatefulSet, a fixed name per host): the process that comes back
+    under the old name must serve what the old one held, not leave it to a lease that never
+    lapses."""
+    async for stack in make_stack(redis_url, prefix, procs, redis, workers=1,
+                                  assistant=greeter(answers=3, answer_s=ANSWER_S)):
+        await _restarted(stack, procs)
+
+
+async def _restarted(stack: Stack, procs: list[Proc]) -> None:
+    call, first = await _mid_answer(stack)
+    old = stack.workers[0]
+    killed_at = call.now()
+    old.signal(signal.SIGKILL)
+    again = worker_proc(dict(old.env)).start()  # same WORKER_ID, at once
+    procs.append(again)
+    await again.wait_ready()
+    second, resumed_at = await resumption(stack, call, first, killed_at)
+    assert resumed_at - killed_at < 8.0, "heard again within a few seconds"
+    _resume_checks(call, second, killed_at)
+    await call.hangup()
+    await second.wait_closed(5)
+    assert stack.vapi.open_sessions() == 0
