@@ -53,3 +53,33 @@ async def test_dev_runs_with_an_embedded_redis_and_stops_on_sigterm() -> None:
         assert dev.proc.wait(20) == 0
     finally:
         dev.stop()
+
+
+async def test_a_worker_whose_health_port_is_taken_stops_before_claiming_anything(
+        redis_url: str, prefix: str) -> None:
+    import socket
+
+    import redis.asyncio as aioredis
+
+    from shared.streams import Keys
+
+    keys = Keys(prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    await client.xadd(keys.calls, {b"sid": b"CA-waiting", b"from": b"+1", b"to": b"+2"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "callbridge.cli", "worker"], cwd=ROOT, capture_output=True,
+            text=True, timeout=60,
+            env=_clean_env(REDIS_URL=redis_url, REDIS_PREFIX=prefix, VAPI_API_KEY="k",
+                           VAPI_ASSISTANT_ID="a", WORKER_HTTP_HOST="127.0.0.1",
+                           WORKER_HTTP_PORT=str(port), LOG_LEVEL="WARNING"))
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "WORKER_HTTP_PORT" in lines[0], lines
+    groups = await client.xinfo_groups(keys.calls) if await client.exists(keys.calls) else []
+    assert all(g["pending"] == 0 for g in groups), "nothing was claimed"
+    assert not await client.exists(keys.workers), "it never took a lease"
+    await client.aclose()
