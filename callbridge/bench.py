@@ -23,6 +23,16 @@ _compute_conversation): interruption -> `clear` latency, stale assistant frames 
 turn latency the bridge adds, underruns in the heard assistant audio, plus inbound latency, the
 bridge's histograms and CPU as below.
 
+Scenario `--scenario failover` (needs `--workers` >= 2): every caller converses (speaks 1.2 s once
+it heard the assistant stop, the assistant answers for 3 s; see _fo_caller) while, `--events` times,
+the worker owning the most calls is killed (SIGKILL; a replacement with a new WORKER_ID starts at
+once, so capacity stays) or frozen (SIGSTOP for FO_STALL_S, then SIGCONT), alternating. Each event
+waits for the previous to settle (see _bench_failover). Figures (see _compute_failover): per event
+and hit call the failover gap, signal -> the first frame of the new Vapi session's `resume` at the
+caller, split into lease, claim, setup and first audio; caller speech lost in the gap (every caller
+speech frame is unique, so it is followed frame by frame into each session); audio heard twice or
+from a replaced session; second greetings; calls lost; Vapi sessions left open.
+
 Figures of the duplex scenario (all for the measurement window):
 1. One-way latency the bridge adds, seen from outside on one monotonic clock:
    inbound  = Twilio sim send of caller frame k -> Vapi stand-in receive of frame k;
@@ -81,7 +91,7 @@ CLEAR_METRIC = "callbridge_barge_in_clear_seconds"
 TURN_METRIC = "callbridge_turn_latency_seconds"
 EXTRA_HISTOGRAMS = (CLEAR_METRIC, TURN_METRIC)
 
-SCENARIOS = ("duplex", "conversation")
+SCENARIOS = ("duplex", "conversation", "failover")
 # Conversation scenario: the assistant (Vapi stand-in `interrupter` script) ...
 CONV_GREETING_S = 4.0  # interruptible first message
 CONV_ANSWERS = 50
@@ -409,6 +419,7 @@ class _Config:
     workers: int
     as_json: bool
     scenario: str = "duplex"
+    events: int = 10  # failover: signals to workers
 
 
 @dataclass
@@ -1271,6 +1282,957 @@ def _render_conversation(r: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# Failover scenario
+
+
+FO_WARMUP_S = 4.0  # after every call connected: the greeting has played, the first turns run
+FO_GREETING_S = 2.0  # the assistant's first message (never interrupted)
+FO_ANSWER_S = 3.0  # every answer: long enough that most signals land mid-answer
+FO_RESUME_S = 1.0  # the new session's first utterance (the stand-in's `resume` tone)
+FO_CALLER_S = 1.2  # every caller utterance
+FO_CALLER_PAUSE_S = (0.5, 1.2)  # the caller speaks this long after it heard the assistant stop
+FO_HEARD_LAG_S = 0.15  # an assistant frame reaches the caller's ear about this long after arrival
+FO_NUDGE_S = 5.0  # no answer this long after speaking: the caller speaks again ("hello?")
+FO_DITHER = 400  # ± noise on each caller sample, so that every caller speech frame is unique
+FO_STALL_S = 6.0  # SIGSTOP … SIGCONT
+FO_PAUSE_S = (2.0, 4.0)  # after an event settled, before the next signal
+FO_LOST_AFTER_S = 10.0  # no resumption heard within this of the signal: the call is lost
+FO_BEFORE_S = 0.2  # caller frames sent this long before a signal may still be on their way
+FO_RELEASE_S = 10.0  # an event settles at the latest this long after the kill / SIGCONT
+FO_SETTLE_POLL_S = 0.05
+FO_TAIL_S = 3.0  # after the last event, before hanging up
+FO_CLOSE_S = 10.0  # after the hang-ups: how long Vapi sessions may take to close
+FO_SILENT_S = 10.0  # a call on which no assistant audio arrives this long is lost
+FO_DELIVERY_TAIL_S = 1.0  # caller frames sent this close to the hang-up are not judged
+FO_MIN_RUN = 3  # heard windows: a shorter run of one label is an edge between two utterances
+FO_STEADY_RUN = 10  # heard windows (200 ms) of `resume` in a row: the resumption plays steadily
+FO_SEED = 11
+TARGET_FAILOVER_GAP_S = 3.0
+TARGET_KILLS = 10
+
+
+def _heard_windows(ulaw: bytes) -> tuple[list[str | None], Any]:
+    """Per 20 ms of μ-law 8 kHz audio (a call's heard timeline): the utterance label (None:
+    silent or no tone) by the rule of `sim.voices.identify` (dominant frequency ±20 Hz, −40 dBFS
+    gate), vectorised because a whole run's audio is labelled at the end; and how many of its 160
+    samples were audible (not inside a run of ≥ 4 μ-law zeros, which is where nothing played), so
+    an underrun inside an utterance does not count as heard audio."""
+    import warnings
+
+    from sim import voices
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+    n = len(ulaw) // 160
+    out: list[str | None] = [None] * n
+    if n == 0:
+        return out, np.zeros(0, dtype=np.int64)
+    raw = np.frombuffer(ulaw[: n * 160], dtype=np.uint8)
+    zero = ((raw == 0xFF) | (raw == 0x7F)).astype(np.int8)
+    gap = np.zeros(raw.size, dtype=bool)
+    starts = np.flatnonzero(np.convolve(zero, np.ones(4, dtype=np.int8), "valid") == 4)
+    for k in range(4):
+        gap[starts + k] = True
+    audible = (~gap).reshape(n, 160).sum(axis=1)
+    freqs = np.asarray(sorted(voices.LABELS), dtype=np.float64)
+    names = [voices.LABELS[float(f)] for f in freqs]
+    pcm = np.frombuffer(audioop.ulaw2lin(ulaw[: n * 160], 2), dtype="<i2").astype(np.float64)
+    pcm = pcm.reshape(n, 160)
+    voiced = np.flatnonzero(np.sqrt((pcm * pcm).mean(axis=1)) >= voices.VOICED_RMS)
+    nfft = 2048  # 3.9 Hz bins, interpolated: far finer than the 50 Hz between labels
+    win = np.hanning(160)
+    for chunk in np.array_split(voiced, voiced.size // 2048 + 1):
+        if chunk.size == 0:
+            continue
+        spec = np.abs(np.fft.rfft(pcm[chunk] * win, nfft, axis=1))
+        spec[:, 0] = 0.0
+        k = spec.argmax(axis=1)
+        kk = np.clip(k, 1, spec.shape[1] - 2)
+        rows = np.arange(chunk.size)
+        a, b, c = spec[rows, kk - 1], spec[rows, kk], spec[rows, kk + 1]
+        den = a - 2.0 * b + c
+        shift = np.where((den != 0.0) & (k == kk), 0.5 * (a - c) / np.where(den == 0.0, 1.0, den), 0.0)
+        f = (k + shift) * 8000.0 / nfft
+        j = np.abs(f[:, None] - freqs[None, :]).argmin(axis=1)
+        ok = np.abs(freqs[j] - f) <= voices.IDENTIFY_TOLERANCE_HZ
+        for row, idx in zip(chunk[ok].tolist(), j[ok].tolist(), strict=True):
+            out[row] = names[idx]
+    return out, audible
+
+
+def _excess_frames(labels: list[str | None], audible: Any, budget: dict[str, int]) -> dict[str, int]:
+    """Per label: whole 20 ms frames heard beyond `budget` (frames the stand-in sent of it). A
+    window on the edge between two utterances carries the other one's samples, so one frame per
+    heard run of the label is allowed."""
+    heard: dict[str, int] = {}
+    runs: dict[str, int] = {}
+    prev: str | None = None
+    for lab, aud in zip(labels, audible.tolist(), strict=True):
+        if lab is not None:
+            heard[lab] = heard.get(lab, 0) + aud
+            if lab != prev:
+                runs[lab] = runs.get(lab, 0) + 1
+        prev = lab
+    out: dict[str, int] = {}
+    for lab, samples in heard.items():
+        extra = samples - 160 * (budget.get(lab, 0) + runs[lab])
+        if extra > 0:
+            out[lab] = -(-extra // 160)
+    return out
+
+
+def _runs_of(labels: list[str | None], label: str, min_len: int) -> int:
+    """How many runs of at least `min_len` consecutive windows carry `label`."""
+    count = length = 0
+    for lab in [*labels, None]:
+        if lab == label:
+            length += 1
+            continue
+        count += length >= min_len
+        length = 0
+    return count
+
+
+def _run_start(labels: list[str | None], label: str, start: int, min_len: int) -> int | None:
+    """Index of the first run of at least `min_len` windows of `label` at or after `start`."""
+    length = 0
+    for i in range(start, len(labels)):
+        length = length + 1 if labels[i] == label else 0
+        if length >= min_len:
+            return i - min_len + 1
+    return None
+
+
+def _label_one(ulaw: bytes) -> str | None:
+    import warnings
+
+    from sim import voices
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+    return voices.identify(audioop.ulaw2lin(ulaw, 2), 8000) if ulaw else None
+
+
+def _session_sid(session: Any) -> str | None:
+    """The CallSid a Vapi session serves (the worker puts it in the variable values)."""
+    body = session.body if isinstance(session.body, dict) else {}
+    sid = body.get("assistantOverrides", {}).get("variableValues", {}).get("twilioCallSid")
+    return sid if isinstance(sid, str) else None
+
+
+def _sessions_by_sid(vapi: Any) -> dict[str, list[Any]]:
+    """CallSid -> its Vapi sessions, oldest first (the stand-in keeps them in creation order)."""
+    out: dict[str, list[Any]] = {}
+    for s in vapi.sessions.values():
+        sid = _session_sid(s)
+        if sid is not None:
+            out.setdefault(sid, []).append(s)
+    return out
+
+
+@dataclass
+class _FoCall:
+    """One call as the failover bench follows it, on the bench process's monotonic clock (the
+    stand-ins run in it)."""
+
+    call: SimCall
+    index: int
+    rng: random.Random
+    arrivals: array[float] = field(default_factory=lambda: array("d"))  # assistant media arrivals
+    speech_sent: dict[int, float] = field(default_factory=dict)  # speech frame seq -> sent
+    talking: list[tuple[float, float]] = field(default_factory=list)  # caller utterances
+    watch: float | None = None  # waiting for the first `resume` frame arriving after this
+    resume_at: float | None = None
+    utterances: int = 0
+    next_seq: int = 0
+
+
+class _Failover:
+    """What the failover scenario records through the stand-ins' observers.
+
+    The caller's speech frames carry the caller tone plus a little noise, so every one of them is
+    unique: a frame can then be followed from the Twilio stand-in (sent) to every Vapi session
+    that received it, and gaps and re-sends across a takeover are counted frame by frame. The
+    Vapi stand-in sees the frame after the worker's uplink (μ-law → PCM16 16 kHz); the last
+    quarter of a converted frame depends on that frame alone (the resampler's history only
+    reaches its first 3 ms, and its arithmetic is exact), so it is the frame's key there."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.calls: dict[str, _FoCall] = {}
+        self.frame_key: dict[bytes, tuple[str, int]] = {}  # speech frame (μ-law) -> (sid, seq)
+        self.tail_key: dict[bytes, tuple[str, int]] = {}  # last quarter as the Vapi side gets it
+        self.tail = 160 if fmt == "pcm_s16le" else 40
+        self.got: dict[str, list[tuple[int, float]]] = {}  # Vapi session id -> (seq, arrival)
+        self.collisions = 0
+
+    def speech(self, c: _FoCall) -> bytes:
+        """The caller's next utterance (μ-law 8 kHz), every frame registered under its key."""
+        import warnings
+
+        from shared.audio import Uplink
+        from sim import voices
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import audioop
+
+        n = c.utterances
+        c.utterances += 1
+        rng = np.random.default_rng((FO_SEED, c.index, n))
+        samples = round(FO_CALLER_S * 50) * 160
+        t = np.arange(samples, dtype=np.float64) / 8000.0
+        x = voices.AMPLITUDE * 32767.0 * np.sin(2 * np.pi * voices.frequency("caller", n) * t)
+        x += rng.uniform(-FO_DITHER, FO_DITHER, samples)
+        pcm = np.clip(np.rint(x), -32768, 32767).astype("<i2").tobytes()
+        ulaw = audioop.lin2ulaw(pcm, 2)
+        sid = c.call.call_sid
+        for i in range(0, len(ulaw), 160):
+            frame = ulaw[i:i + 160]
+            key = (sid, c.next_seq)
+            c.next_seq += 1
+            tail = Uplink(self.fmt).convert(frame)[-self.tail:]
+            self.collisions += (frame in self.frame_key) + (tail in self.tail_key)
+            self.frame_key[frame] = key
+            self.tail_key[tail] = key
+        return ulaw
+
+
+class _FoTwilioTap(TwilioObserver):
+    """Twilio stand-in side: when each caller speech frame went out; when assistant media
+    arrived; and, for calls hit by a signal, the first `resume` frame after it."""
+
+    def __init__(self, fo: _Failover) -> None:
+        self.fo = fo
+
+    def caller_frame_sent(self, call: SimCall, frame: bytes, at: float, pos: int) -> None:
+        key = self.fo.frame_key.get(frame)
+        if key is not None:
+            c = self.fo.calls.get(key[0])
+            if c is not None:
+                c.speech_sent.setdefault(key[1], at)
+
+    def assistant_media_received(self, call: SimCall, audio: bytes, at: float) -> None:
+        c = self.fo.calls.get(call.call_sid)
+        if c is None:
+            return
+        c.arrivals.append(at)
+        if c.watch is not None and c.resume_at is None and at >= c.watch \
+                and _label_one(audio) == "resume":
+            c.resume_at = at
+
+
+class _FoVapiTap(VapiObserver):
+    """Vapi stand-in side: which caller speech frames each session received, and when."""
+
+    def __init__(self, fo: _Failover) -> None:
+        self.fo = fo
+
+    def caller_audio_received(self, session: VapiSession, data: bytes, at: float) -> None:
+        key = self.fo.tail_key.get(data[-self.fo.tail:])
+        if key is not None:
+            lst = self.fo.got.get(session.id)
+            if lst is None:
+                lst = self.fo.got[session.id] = []
+            lst.append((key[1], at))
+
+
+async def _fo_caller(c: _FoCall, fo: _Failover) -> None:
+    """One caller of the failover scenario, driven by what it hears only (so it knows nothing of
+    sessions or takeovers): once the assistant has spoken since the caller's last utterance and
+    has then been quiet for a short pause, speak; after FO_NUDGE_S without an answer, speak
+    again. A failover gap is such a silence, so callers also talk into gaps."""
+    last_end = _mono()
+    while not c.call.ended.is_set():
+        pause = c.rng.uniform(*FO_CALLER_PAUSE_S)
+        while True:
+            la = c.arrivals[-1] if c.arrivals else 0.0
+            due = la + FO_HEARD_LAG_S + pause if la > last_end else last_end + FO_NUDGE_S
+            now = _mono()
+            if now >= due or c.call.ended.is_set():
+                break
+            await asyncio.sleep(min(due - now, 0.25))
+        if c.call.ended.is_set():
+            return
+        audio = fo.speech(c)
+        start = _mono()
+        c.talking.append((start, start + len(audio) / 8000))
+        c.call.say(audio)
+        await c.call.wait_speaking_done()
+        last_end = _mono()
+
+
+@dataclass
+class _FoWorker:
+    wid: str
+    proc: ManagedProcess
+    stopped: bool = False
+
+
+@dataclass
+class _FoEvent:
+    """One signal to one worker, and what became of the calls it owned. Times are monotonic."""
+
+    index: int
+    kind: str  # "kill" (SIGKILL, then a replacement worker) or "stall" (SIGSTOP … SIGCONT)
+    victim: str
+    at: float  # right after the signal
+    affected: list[str]  # CallSids the victim owned at the signal
+    before: dict[str, list[str]]  # CallSid -> ids of its Vapi sessions at the signal
+    state: dict[str, str]  # CallSid -> "assistant" | "caller" | "both" | "pause" at the signal
+    owners_before: dict[str, int]  # worker id -> calls owned at the signal
+    lease_deadline: float | None = None  # when the victim's lease ran out
+    cont_at: float | None = None
+    replacement: str | None = None
+    replacement_ready_s: float | None = None
+    resume_at: dict[str, float | None] = field(default_factory=dict)
+    claimed_at: dict[str, float] = field(default_factory=dict)  # CallSid -> the new owner's claim
+    taken_by: dict[str, int] = field(default_factory=dict)  # worker id -> affected calls it owns now
+    settled_at: float = 0.0
+
+
+async def _fo_owners(r: Any, keys: Any, sids: list[str]) -> dict[str, str]:
+    pipe = r.pipeline(transaction=False)
+    for sid in sids:
+        pipe.hget(keys.call(sid), "owner")
+    vals = await pipe.execute()
+    return {sid: v.decode() for sid, v in zip(sids, vals, strict=True) if isinstance(v, bytes)}
+
+
+async def _fo_claims(r: Any, keys: Any, sids: list[str], since_wall: float) -> dict[str, float]:
+    """CallSid -> monotonic time its new owner issued the claim: the `t` of the first `own` entry
+    the claim script wrote to call:{sid}:out after `since_wall` (same host: one offset)."""
+    offset = time.time() - _mono()
+    out: dict[str, float] = {}
+    for sid in sids:
+        cursor = f"{int(since_wall * 1000)}-0"
+        for _page in range(40):
+            entries: Any = await r.xrange(keys.outbound(sid), min=cursor, max="+", count=500)
+            for eid, f in entries:
+                if f.get(b"k") == b"own" and f.get(b"t"):
+                    out[sid] = int(f[b"t"]) / 1e9 - offset
+                    break
+                cursor = eid.decode()
+            if sid in out or len(entries) < 500:
+                break
+            ms, seq = cursor.split("-")
+            cursor = f"{ms}-{int(seq) + 1}"
+    return out
+
+
+async def _fo_worker_events(r: Any, keys: Any, sids: list[str]) -> dict[str, list[tuple[str, float]]]:
+    """CallSid -> (kind, monotonic time) of the workers' `hold` events (call:{sid}:events, wall
+    clock stamps; same host, so one offset converts)."""
+    offset = time.time() - _mono()
+    out: dict[str, list[tuple[str, float]]] = {}
+    for sid in sids:
+        try:
+            entries: Any = await r.xrange(keys.events(sid))
+        except Exception as exc:
+            print(f"callbridge bench: cannot read worker events: {exc!r}", file=sys.stderr)
+            return out
+        out[sid] = [("hold", int(f[b"t"]) / 1e9 - offset) for _id, f in entries
+                    if f.get(b"k") == b"hold" and f.get(b"t", b"").isdigit()]
+    return out
+
+
+async def _bench_failover(cfg: _Config, redis_url: str, procs: list[ManagedProcess]) -> int:
+    """The failover scenario: conversations on every call while, one event at a time, the worker
+    owning the most calls is killed (and replaced by a new worker) or frozen for FO_STALL_S.
+    An event settles when every call it hit has resumed (or FO_LOST_AFTER_S passed), the
+    replacement is ready and the replaced Vapi sessions have closed (bounded); the next follows
+    after a 2–4 s pause, and no sooner than --seconds / --events after the last."""
+    from redis.asyncio import Redis
+
+    from shared.streams import Keys
+    from sim import voices
+    from sim.twilio import TwilioSim
+    from sim.vapi import AssistantScript, VapiSim
+
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            if me is not None:
+                loop.add_signal_handler(sig, me.cancel)
+
+    n = cfg.calls
+    rate = 16000 if cfg.fmt == "pcm_s16le" else 8000
+    for kind, secs in (("greeting", FO_GREETING_S), ("resume", FO_RESUME_S)):
+        voices.frames(kind, 0, secs, rate, cfg.fmt)  # build the cached utterances up front
+    for k in range(5):
+        voices.frames("answer", k, FO_ANSWER_S, rate, cfg.fmt)
+    script = AssistantScript(name="failover", greeting_s=FO_GREETING_S, answers=1_000_000,
+                             answer_s=FO_ANSWER_S, end_after=False, first_message_interruptible=False,
+                             interruptible=False, resume_s=FO_RESUME_S)
+    fo = _Failover(cfg.fmt)
+    vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False, observer=_FoVapiTap(fo))
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
+                       auth_token=AUTH_TOKEN, observer=_FoTwilioTap(fo), idle_frame=caller_tone_frame())
+    rng = random.Random(FO_SEED)
+    placed: list[SimCall] = []
+    drivers: dict[str, asyncio.Task[None]] = {}
+    workers: list[_FoWorker] = []
+    r = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        await vapi.start()
+        await twilio.start()
+        prefix = f"bench{os.getpid()}-{int(time.time()) % 100000}:"
+        keys = Keys(prefix)
+        env = _child_env(redis_url, prefix, PUBLIC_URL=public, VAPI_BASE_URL=vapi.base_url,
+                         TWILIO_API_BASE_URL=twilio.rest_base_url, VAPI_AUDIO_FORMAT=cfg.fmt,
+                         WORKER_MAX_CALLS=max(n, 1), WORKER_HTTP_HOST="127.0.0.1")
+        gw = _proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env, port)
+        procs.append(gw)
+
+        def new_worker(wid: str) -> _FoWorker:
+            hp = free_port()
+            p = _proc(f"worker-{wid}", ["worker", "--http-port", str(hp)], dict(env, WORKER_ID=wid), hp)
+            procs.append(p)
+            w = _FoWorker(wid, p)
+            workers.append(w)
+            return w
+
+        for i in range(cfg.workers):
+            new_worker(f"bench-w{i + 1}")
+        for p in procs:
+            p.start()
+        problem = await _wait_ready(procs, READY_TIMEOUT_S)
+        if problem:
+            print(f"callbridge bench: {problem}", file=sys.stderr)
+            return 1
+        scrape0 = await _scrape([_base_url(gw) + "/metrics"])
+
+        t_place = _mono()
+        failures: list[str] = []
+
+        async def place(i: int) -> None:
+            await asyncio.sleep(max(0.0, t_place + i / RAMP_PER_S - _mono()))
+            try:
+                call = await twilio.place_call(from_=f"+1555{i:07d}", to="+15550000000")
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                return
+            fo.calls[call.call_sid] = _FoCall(call, i, random.Random(FO_SEED * 1000 + i))
+            placed.append(call)
+
+        await asyncio.gather(*(place(i) for i in range(n)))
+
+        def connected() -> int:
+            by_sid = _sessions_by_sid(vapi)
+            ok = 0
+            for c in placed:
+                ss = by_sid.get(c.call_sid, [])
+                if ss and ss[-1].is_open and c.stream_live:
+                    ok += 1
+                    if c.call_sid not in drivers:  # its caller starts now
+                        drivers[c.call_sid] = asyncio.create_task(_fo_caller(fo.calls[c.call_sid], fo))
+            return ok
+
+        deadline = _mono() + CONNECT_TIMEOUT_S
+        while connected() < len(placed) and _mono() < deadline:
+            await asyncio.sleep(0.05)
+        n_conn = connected()
+        print(f"callbridge bench: {n_conn}/{n} calls connected after {_mono() - t_place:.1f} s; "
+              f"warm-up {FO_WARMUP_S:g} s, then {cfg.events} events…", file=sys.stderr)
+        if n_conn == 0:
+            print("callbridge bench: no call connected", file=sys.stderr)
+            for p in procs:
+                print(f"----- {p.name} log -----\n{p.log_tail()}", file=sys.stderr)
+            return 1
+        await asyncio.sleep(FO_WARMUP_S)
+
+        events: list[_FoEvent] = []
+        t_begin = _mono()
+        spacing = cfg.seconds / cfg.events
+        settled = t_begin
+        for k in range(cfg.events):
+            at = max(t_begin + k * spacing, settled + (rng.uniform(*FO_PAUSE_S) if k else 0.0))
+            await asyncio.sleep(max(0.0, at - _mono()))
+            ev = await _fo_event(k, "kill" if k % 2 == 0 else "stall", fo, vapi, r, keys, workers,
+                                 new_worker)
+            if ev is None:
+                print("callbridge bench: no worker left to signal", file=sys.stderr)
+                break
+            events.append(ev)
+            settled = ev.settled_at
+            got = sorted(t - ev.at for t in ev.resume_at.values() if t is not None)
+            print(f"callbridge bench: event {k + 1}/{cfg.events}: {ev.kind} {ev.victim} "
+                  f"({len(ev.affected)} calls): resumed {len(got)}/{len(ev.affected)}"
+                  + (f", gap {got[0]:.2f}–{got[-1]:.2f} s" if got else ""), file=sys.stderr)
+        await asyncio.sleep(FO_TAIL_S)
+        t_end = _mono()
+
+        for task in drivers.values():
+            task.cancel()
+        await _gather_bounded(drivers.values(), 2.0)
+        early = {c.call_sid for c in placed if c.ended.is_set()}
+        t_hangup = _mono()
+        await _gather_bounded((c.hangup() for c in placed if not c.ended.is_set()), END_TIMEOUT_S)
+        await _gather_bounded((c.ended.wait() for c in placed), END_TIMEOUT_S)
+        not_ended = sum(1 for c in placed if not c.ended.is_set())
+        close_deadline = _mono() + FO_CLOSE_S
+        while vapi.open_sessions() and _mono() < close_deadline:
+            await asyncio.sleep(0.1)
+        scraped = _delta(await _scrape([_base_url(gw) + "/metrics"]), scrape0)
+        claims = await _scrape_claims([_base_url(w.proc) + "/metrics" for w in workers if w.proc.alive()])
+        wev = await _fo_worker_events(r, keys, [c.call_sid for c in placed])
+        result = _compute_failover(cfg, fo, vapi, placed, events, wev, early, not_ended, failures,
+                                   scraped, claims, t_begin, t_end, t_hangup, n_conn)
+        lost = result["calls_lost"]["calls"]
+        if lost:
+            _fo_print_logs(lost, procs)
+        print(_render_failover(result))
+        if cfg.as_json:
+            print(json.dumps(result))
+        return 0 if n_conn == n else 1
+    finally:
+        for w in workers:
+            if w.stopped:  # never leave a frozen process behind
+                w.proc.signal(signal.SIGCONT)
+        for task in drivers.values():
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await r.aclose()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(twilio.stop(), 20)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(vapi.stop(), 10)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+async def _fo_event(k: int, kind: str, fo: _Failover, vapi: Any, r: Any, keys: Any,
+                    workers: list[_FoWorker], new_worker: Callable[[str], _FoWorker]) -> _FoEvent | None:
+    """Signal the worker that owns the most live calls; return once the event settled."""
+    live = [sid for sid, c in fo.calls.items() if not c.call.ended.is_set()]
+    owners = await _fo_owners(r, keys, live)
+    candidates = [w for w in workers if w.proc.alive() and not w.stopped]
+    if len(candidates) < 2:
+        return None
+    counts = {w.wid: 0 for w in candidates}
+    for o in owners.values():
+        if o in counts:
+            counts[o] += 1
+    victim = max(candidates, key=lambda w: counts[w.wid])
+    affected = sorted(sid for sid, o in owners.items() if o == victim.wid)
+    by_sid = _sessions_by_sid(vapi)
+    now = _mono()
+    state: dict[str, str] = {}
+    for sid in affected:
+        c = fo.calls[sid]
+        ss = by_sid.get(sid, [])
+        assistant = bool(ss) and ss[-1].speaking
+        caller = bool(c.talking) and c.talking[-1][0] <= now < c.talking[-1][1]
+        state[sid] = {(True, True): "both", (True, False): "assistant", (False, True): "caller",
+                      (False, False): "pause"}[(assistant, caller)]
+        c.resume_at = None
+        c.watch = now
+    wall = time.time()
+    victim.proc.signal(signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    t_sig = _mono()
+    ev = _FoEvent(k + 1, kind, victim.wid, t_sig, affected,
+                  {sid: [s.id for s in by_sid.get(sid, [])] for sid in affected}, state, counts)
+    with contextlib.suppress(Exception):
+        score = await r.zscore(keys.workers, victim.wid)  # its lease deadline, ms on Redis's clock
+        if score is not None:
+            ev.lease_deadline = float(score) / 1000 - (time.time() - _mono())
+    ready: asyncio.Task[None] | None = None
+    if kind == "kill":
+        assert victim.proc.proc is not None
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(victim.proc.proc.wait, 10)
+        base = victim.wid.split("-r")[0]
+        gen = sum(1 for w in workers if w.wid.split("-r")[0] == base)
+        repl = new_worker(f"{base}-r{gen}")  # a new id, as a restarted container gets
+        repl.proc.start()
+        ev.replacement = repl.wid
+        ready = asyncio.create_task(repl.proc.wait_ready(READY_TIMEOUT_S))
+    else:
+        victim.stopped = True
+
+    def resumed() -> bool:
+        return all(fo.calls[sid].resume_at is not None for sid in affected)
+
+    if kind == "stall":
+        while _mono() < t_sig + FO_STALL_S:
+            await asyncio.sleep(FO_SETTLE_POLL_S)
+        victim.proc.signal(signal.SIGCONT)
+        victim.stopped = False
+        ev.cont_at = _mono()
+    while not resumed() and _mono() < t_sig + FO_LOST_AFTER_S:
+        await asyncio.sleep(FO_SETTLE_POLL_S)
+    if ready is not None:
+        try:
+            await ready
+            ev.replacement_ready_s = round(_mono() - t_sig, 2)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"callbridge bench: replacement worker did not start: {exc}", file=sys.stderr)
+    # The replaced sessions close: at once for a kill, once the frozen worker woke for a stall.
+    old = [vapi.sessions[ids[-1]] for ids in ev.before.values() if ids and ids[-1] in vapi.sessions]
+    release_by = (ev.cont_at or t_sig) + FO_RELEASE_S
+    while any(s.is_open for s in old) and _mono() < release_by:
+        await asyncio.sleep(FO_SETTLE_POLL_S)
+    for sid in affected:
+        c = fo.calls[sid]
+        ev.resume_at[sid] = c.resume_at
+        c.watch = None
+    with contextlib.suppress(Exception):
+        ev.claimed_at = await _fo_claims(r, keys, affected, wall - 0.1)
+        after = await _fo_owners(r, keys, affected)
+        for o in after.values():
+            ev.taken_by[o] = ev.taken_by.get(o, 0) + 1
+    ev.settled_at = _mono()
+    return ev
+
+
+async def _scrape_claims(urls: list[str]) -> dict[str, float]:
+    """callbridge_worker_claims_total by kind, summed over the given workers (since they started)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for url in urls:
+            try:
+                text = (await client.get(url, timeout=5)).text
+            except httpx.HTTPError:
+                continue
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    if s.name == "callbridge_worker_claims_total":
+                        kind = s.labels.get("kind", "")
+                        out[kind] = out.get(kind, 0.0) + float(s.value)
+    return out
+
+
+def _fo_print_logs(sids: list[str], procs: list[ManagedProcess]) -> None:
+    """For a lost call: the log lines of every process that name it (stderr), kept before the
+    logs are discarded."""
+    for p in procs:
+        lines = [ln for ln in p.logs().splitlines() if any(s in ln for s in sids)]
+        if lines:
+            print(f"----- {p.name}: lines naming the lost calls -----", file=sys.stderr)
+            print("\n".join(lines[-40:]), file=sys.stderr)
+
+
+def _fo_pct(values: list[float]) -> dict[str, float | int | None]:
+    """p50/p90/max (seconds, 2 decimals) and n."""
+    if not values:
+        return {"p50": None, "p90": None, "max": None, "n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    p50, p90 = np.percentile(a, [50, 90])
+    return {"p50": round(float(p50), 2), "p90": round(float(p90), 2), "max": round(float(a.max()), 2),
+            "n": int(a.size)}
+
+
+def _spoken_frames(u: Any, now: float) -> int:
+    """Frames of an utterance the stand-in sent (for one still being spoken: so far)."""
+    if u.ended is not None:
+        return int(u.frames_sent)
+    return min(int(u.frames_total), int((now - u.started) / 0.02) + 1)
+
+
+SPLIT = {
+    "lease": "  lease left at the signal (detection)",
+    "scan_claim": "  lapse -> new owner claims (scan, claim)",
+    "claim_to_post": "  claim -> POST /call (history, worker busy)",
+    "vapi_setup": "  POST /call -> Vapi socket open",
+    "first_audio": "  socket open -> resume frame at the caller",
+}
+
+
+def _compute_failover(cfg: _Config, fo: _Failover, vapi: Any, placed: list[SimCall],
+                      events: list[_FoEvent], wev: dict[str, list[tuple[str, float]]],
+                      early: set[str], not_ended: int, failures: list[str], scraped: _Scrape,
+                      claims: dict[str, float], t_begin: float, t_end: float, t_hangup: float,
+                      n_conn: int) -> dict[str, Any]:
+    """Figures of the failover scenario.
+
+    Per event and hit call: the gap (signal -> first frame of the new session's `resume` arriving
+    at the Twilio stand-in), split into the lease the victim had left (its deadline in the
+    `workers` set), lapse -> the new owner's claim (the `t` of its `own` entry), claim -> POST
+    /call, Vapi setup and first audio; whether the worker held the resumption (a `hold` event:
+    the caller's gap speech reached the new session as speech over its first words); words lost
+    (caller speech frames sent from FO_BEFORE_S before the signal to the end of the gap that
+    reached neither the old session before the signal nor the new one); frames heard from the
+    gateway's flush for the new owner up to the next signal beyond what the new session sent,
+    per label (old-session audio, or frames repeated); when the replaced Vapi session closed.
+    Per call: frames heard twice (per label, beyond what all its sessions sent), second
+    greetings heard (greeting runs after its first takeover), calls lost (no resumption within
+    FO_LOST_AFTER_S, no assistant audio for FO_SILENT_S, or ended before the hang-up), caller
+    speech frames never delivered to any session; and Vapi sessions left open at the end.
+    Heard audio is judged by what played (SimCall.heard), not by what arrived: a `clear`
+    legitimately makes the worker send audio again that never played.
+    """
+    now = _mono()
+    by_sid = _sessions_by_sid(vapi)
+    post_at = {id(e["body"]): e["at"] for e in vapi.create_log if isinstance(e.get("body"), dict)}
+    got_sets = {sid: {seq for seq, _ in got} for sid, got in fo.got.items()}
+    dup_in = sum(len(got) - len(got_sets[sid]) for sid, got in fo.got.items())
+    heard: dict[str, tuple[list[str | None], Any]] = {c.call_sid: _heard_windows(c.heard) for c in placed}
+    t0 = {c.call_sid: c.t0 for c in placed}
+
+    ev_rows: list[dict[str, Any]] = []
+    gaps: dict[str, list[float]] = {"all": [], "kill": [], "stall": [], "steady": [], "steady_kill": []}
+    split: dict[str, list[float]] = {k: [] for k in SPLIT}
+    closed_after: dict[str, list[float]] = {"kill": [], "stall": []}
+    lost_calls: dict[str, str] = {}
+    words_lost = words_sent = resent = old_frames = held = 0
+    first_hit: dict[str, float] = {}
+    for i, ev in enumerate(events):
+        next_at = events[i + 1].at if i + 1 < len(events) else t_hangup
+        calls: list[dict[str, Any]] = []
+        for sid in ev.affected:
+            first_hit.setdefault(sid, ev.at)
+            c = fo.calls[sid]
+            res = ev.resume_at.get(sid)
+            sessions = by_sid.get(sid, [])
+            old = next((s for s in sessions if ev.before[sid] and s.id == ev.before[sid][-1]), None)
+            later = [s for s in sessions if s.id not in ev.before[sid]
+                     and (s.opened_at is None or s.opened_at < next_at)]
+            new = later[0] if later else None
+            claim = ev.claimed_at.get(sid)
+            post = post_at.get(id(new.body)) if new is not None else None
+            opened = new.opened_at if new is not None else None
+            row: dict[str, Any] = {"call": sid, "at_signal": ev.state.get(sid),
+                                   "gap_s": None if res is None else round(res - ev.at, 3)}
+            if res is None:
+                lost_calls.setdefault(sid, f"no resumption within {FO_LOST_AFTER_S:g} s of event {ev.index}")
+            else:
+                gap = res - ev.at
+                was_held = opened is not None and any(
+                    kind == "hold" and opened <= t <= res + FO_RESUME_S for kind, t in wev.get(sid, []))
+                held += was_held
+                for key in ("all", ev.kind):
+                    gaps[key].append(gap)
+                labels = heard[sid][0]
+                j = _run_start(labels, "resume", max(0, int((res - t0[sid]) / 0.02)), FO_STEADY_RUN)
+                steady = None if j is None else t0[sid] + j * 0.02 - ev.at
+                if steady is not None:
+                    gaps["steady"].append(steady)
+                    if ev.kind == "kill":
+                        gaps["steady_kill"].append(steady)
+                row["steady_gap_s"] = None if steady is None else round(steady, 3)
+                lease = ev.lease_deadline
+                parts = {
+                    "lease": None if lease is None else lease - ev.at,
+                    "scan_claim": None if lease is None or claim is None else claim - lease,
+                    "claim_to_post": None if claim is None or post is None else post - claim,
+                    "vapi_setup": None if post is None or opened is None else opened - post,
+                    "first_audio": None if opened is None else res - opened,
+                }
+                for name, v in parts.items():
+                    if v is not None:
+                        split[name].append(v)
+                row.update({f"{k}_s": None if v is None else round(v, 3) for k, v in parts.items()})
+                row["resumption_held"] = was_held
+            # words lost: caller speech frames of the gap that no session could act on
+            gap_end = res if res is not None else ev.at + FO_LOST_AFTER_S
+            old_got = {seq for seq, t in fo.got.get(old.id, [])
+                       if t < ev.at + 0.05} if old is not None else set()
+            new_got = got_sets.get(new.id, set()) if new is not None else set()
+            in_gap = [seq for seq, t in c.speech_sent.items() if ev.at - FO_BEFORE_S <= t < gap_end]
+            lost = [seq for seq in in_gap if seq not in old_got and seq not in new_got]
+            words_sent += len(in_gap)
+            words_lost += len(lost)
+            resent += len(old_got & new_got)
+            row.update({"speech_frames_in_gap": len(in_gap), "speech_frames_lost": len(lost)})
+            # old-session audio heard after the gateway's flush for the new owner
+            extra: dict[str, int] = {}
+            if res is not None and new is not None:
+                flush = [c.call.t0 + x for x in c.call.clears if (claim or res) <= c.call.t0 + x <= res]
+                start = min(flush) if flush else res
+                labels, audible = heard[sid]
+                a = max(0, int((start - t0[sid]) / 0.02))
+                b = max(a, int((next_at - t0[sid]) / 0.02))
+                budget: dict[str, int] = {}
+                for s in later:
+                    for u in s.spoken:
+                        budget[u.label] = budget.get(u.label, 0) + _spoken_frames(u, now)
+                extra = _excess_frames(labels[a:b], audible[a:b], budget)
+            old_frames += sum(extra.values())
+            row["frames_heard_beyond_new_session"] = sum(extra.values())
+            row["frames_heard_beyond_new_session_by_label"] = extra
+            row["old_session_labels"] = sorted({u.label for u in old.spoken}) if old is not None else []
+            if old is not None:
+                since = ev.cont_at or ev.at
+                after = None if old.closed_at is None else old.closed_at - since
+                row["old_session_closed_after_s"] = None if after is None else round(after, 2)
+                closed_after[ev.kind].append(after if after is not None else now - since)
+            calls.append(row)
+        got = [x["gap_s"] for x in calls if x["gap_s"] is not None]
+        states = [ev.state.get(sid, "") for sid in ev.affected]
+        ev_rows.append({
+            "event": ev.index, "kind": ev.kind, "victim": ev.victim, "calls": len(ev.affected),
+            "owners_at_signal": ev.owners_before, "taken_by": ev.taken_by,
+            "at_signal": {s: states.count(s) for s in ("assistant", "caller", "both", "pause")},
+            "resumed": len(got), "gap_s": _fo_pct(got),
+            "speech_frames_lost": sum(x["speech_frames_lost"] for x in calls),
+            "frames_heard_beyond_new_session": sum(x["frames_heard_beyond_new_session"] for x in calls),
+            "replacement": ev.replacement, "replacement_ready_s": ev.replacement_ready_s,
+            "settled_after_s": round(ev.settled_at - ev.at, 2), "per_call": calls,
+        })
+
+    # Per call, whole run: duplicates heard, second greetings, silences, delivery.
+    dup_heard = greet_spoken = greet_heard = never_delivered = 0
+    longest_silence: dict[str, float] = {}
+    for call in placed:
+        sid = call.call_sid
+        c = fo.calls[sid]
+        sessions = by_sid.get(sid, [])
+        sent: dict[str, int] = {}
+        for s in sessions:
+            for u in s.spoken:
+                sent[u.label] = sent.get(u.label, 0) + _spoken_frames(u, now)
+        labels, audible = heard[sid]
+        dup_heard += sum(_excess_frames(labels, audible, sent).values())
+        greet_spoken += sum(1 for s in sessions[1:] for u in s.spoken if u.label == "greeting")
+        hit = first_hit.get(sid)
+        if hit is not None:
+            greet_heard += _runs_of(labels[max(0, int((hit - call.t0) / 0.02)):], "greeting", FO_MIN_RUN)
+        arr = np.frombuffer(c.arrivals, dtype=np.float64)
+        arr = arr[(arr >= t_begin) & (arr < t_hangup)]
+        edges = np.concatenate(([t_begin], arr, [t_hangup]))
+        longest_silence[sid] = float(np.diff(edges).max())
+        if longest_silence[sid] > FO_SILENT_S:
+            lost_calls.setdefault(sid, f"no assistant audio for {longest_silence[sid]:.1f} s")
+        if sid in early:
+            lost_calls.setdefault(sid, f"ended early ({call.end_reason})")
+        received: set[int] = set()
+        for s in sessions:
+            received |= got_sets.get(s.id, set())
+        never_delivered += sum(1 for seq, t in c.speech_sent.items()
+                               if t < t_hangup - FO_DELIVERY_TAIL_S and seq not in received)
+    open_left = [s for s in vapi.sessions.values() if s.is_open]
+    kills = [e for e in events if e.kind == "kill"]
+    gk = _fo_pct(gaps["kill"])
+    targets = {
+        f"kill_gap_p50_le_{TARGET_FAILOVER_GAP_S:g}s": gk["p50"] is not None
+        and float(gk["p50"]) <= TARGET_FAILOVER_GAP_S,
+        f"kill_events_ge_{TARGET_KILLS}": len(kills) >= TARGET_KILLS,
+        "zero_calls_lost": not lost_calls,
+        "zero_words_lost": words_lost == 0 and never_delivered == 0,
+        "zero_duplicates": dup_heard == 0 and old_frames == 0,
+        "zero_second_greetings": greet_heard == 0 and greet_spoken == 0,
+        "zero_sessions_left_open": not open_left,
+    }
+    return {
+        "scenario": "failover",
+        "context": {"calls": cfg.calls, "calls_connected": n_conn, "calls_failed_to_place": len(failures),
+                    "workers": cfg.workers, "format": cfg.fmt, "events": len(events),
+                    "kills": len(kills), "stalls": len(events) - len(kills),
+                    "seconds": round(t_end - t_begin, 1), "cores": os.cpu_count(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2), "stall_s": FO_STALL_S,
+                    "answer_s": FO_ANSWER_S, "caller_utterance_s": FO_CALLER_S},
+        "events": ev_rows,
+        "gap_s": {"all": _fo_pct(gaps["all"]), "kill": gk, "stall": _fo_pct(gaps["stall"]),
+                  "split": {k: _fo_pct(v) for k, v in split.items()}, "resumptions_held": held,
+                  "steady": _fo_pct(gaps["steady"]), "steady_kill": _fo_pct(gaps["steady_kill"])},
+        "words_lost": {"speech_frames_lost": words_lost, "speech_frames_in_gaps": words_sent,
+                       "ms_lost": words_lost * 20, "frames_resent_to_new_session": resent,
+                       "speech_frames_never_delivered": never_delivered,
+                       "caller_frames_twice_to_one_session": dup_in,
+                       "frame_key_collisions": fo.collisions},
+        "duplicates": {"frames_heard_twice": dup_heard, "frames_heard_beyond_new_session": old_frames},
+        "second_greetings": {"heard": greet_heard, "spoken_by_new_sessions": greet_spoken},
+        "calls_lost": {"count": len(lost_calls), "calls": sorted(lost_calls), "why": lost_calls,
+                       "longest_silence_s": round(max(longest_silence.values(), default=0.0), 2)},
+        "sessions": {"created": len(vapi.sessions), "open_at_end": len(open_left),
+                     "open_at_end_ids": [s.id for s in open_left],
+                     "replaced_closed_after_s": {k: _fo_pct(v) for k, v in closed_after.items()}},
+        "bridge_counters": {k: int(v) for k, v in sorted(scraped.counters.items())},
+        "worker_claims": {k: int(v) for k, v in sorted(claims.items())},
+        "errors": {"protocol_errors": sum(len(c.protocol_errors) for c in placed),
+                   "calls_ended_early": len(early), "calls_not_ended_after_hangup": not_ended,
+                   "placement_errors": failures[:3]},
+        "targets": targets,
+    }
+
+
+def _render_failover(r: dict[str, Any]) -> str:
+    c, g, wl, d = r["context"], r["gap_s"], r["words_lost"], r["duplicates"]
+    cl, ss, err = r["calls_lost"], r["sessions"], r["errors"]
+
+    def prow(label: str, p: dict[str, Any]) -> str:
+        return f"  {label:<50}{_f(p['p50'], 7)} {_f(p['p90'], 7)} {_f(p['max'], 7)} {_f(p['n'], 5)}"
+
+    lines = [
+        f"callbridge bench --scenario failover: {c['calls_connected']}/{c['calls']} calls, "
+        f"{c['workers']} workers, {c['format']}, {c['events']} events ({c['kills']} kills, "
+        f"{c['stalls']} stalls of {c['stall_s']:g} s) over {c['seconds']:g} s; {c['cores']} cores, "
+        f"load average {c['load_avg_1m']}",
+        "",
+        "  #  kind   victim       calls  at signal  resumed  gap p50    max  words  extra  taken over by",
+        "                                 a/c/b/p¹                         lost   frames²",
+    ]
+    for e in r["events"]:
+        a = e["at_signal"]
+        state = f"{a['assistant']}/{a['caller']}/{a['both']}/{a['pause']}"
+        taken = " ".join(f"{w}:{k}" for w, k in sorted(e["taken_by"].items()))
+        lines.append(
+            f"{e['event']:>3}  {e['kind']:<6} {e['victim']:<12} {e['calls']:>5}  {state:<10} "
+            f"{e['resumed']:>3}/{e['calls']:<4} {_f(e['gap_s']['p50'], 7)} {_f(e['gap_s']['max'], 6)} "
+            f"{e['speech_frames_lost']:>6} {e['frames_heard_beyond_new_session']:>6}    {taken}")
+    lines.append("  ¹ what the hit calls were doing at the signal: assistant speaking / caller speaking / "
+                 "both / pause")
+    lines.append("  ² heard after the takeover beyond the frames the new session sent: old-session audio "
+                 "or repeats")
+    lines.append("  gaps per call (s): " + "; ".join(
+        f"{e['event']}: " + " ".join(_f(x["gap_s"], 0) for x in e["per_call"]) for e in r["events"]))
+    sc = ss["replaced_closed_after_s"]
+    lines += [
+        "",
+        "failover gap (s): signal -> first resume frame at the caller  p50     p90     max     n",
+        prow("all events", g["all"]),
+        prow("kills (SIGKILL)", g["kill"]),
+        prow(f"stalls (SIGSTOP {c['stall_s']:g} s)", g["stall"]),
+        *(prow(label, g["split"][k]) for k, label in SPLIT.items()),
+        prow(f"signal -> resumption plays steadily (≥ {FO_STEADY_RUN * 20} ms on end)", g["steady"]),
+        prow("  kills", g["steady_kill"]),
+        prow("replaced Vapi session closed, after SIGKILL", sc["kill"]),
+        prow("  … after SIGCONT", sc["stall"]),
+        f"words lost: {wl['speech_frames_lost']} of {wl['speech_frames_in_gaps']} caller speech frames "
+        f"sent in the gaps ({wl['ms_lost']} ms) reached neither session; re-sent to the new session "
+        f"{wl['frames_resent_to_new_session']}; never delivered in the whole run "
+        f"{wl['speech_frames_never_delivered']}; twice to one session "
+        f"{wl['caller_frames_twice_to_one_session']}",
+        f"resumptions held by the worker (the caller's gap speech reached the new session as speech "
+        f"over its first words; INTERRUPT_CONFIRM_MS): {g['resumptions_held']} of {g['all']['n']}",
+        f"duplicates heard: {d['frames_heard_twice']} frames heard twice in whole calls; after "
+        f"takeovers, {d['frames_heard_beyond_new_session']} frames beyond what the new session sent "
+        f"(old-session audio or repeats)",
+        f"second greetings: heard {r['second_greetings']['heard']}, spoken by new sessions "
+        f"{r['second_greetings']['spoken_by_new_sessions']}",
+        f"calls lost: {cl['count']}" + (f" ({', '.join(f'{k}: {v}' for k, v in cl['why'].items())})"
+                                        if cl["count"] else "")
+        + f"; longest silence on a call {cl['longest_silence_s']:g} s",
+        f"Vapi sessions: {ss['created']} created, {ss['open_at_end']} open at the end",
+    ]
+    bc, wc = r["bridge_counters"], r["worker_claims"]
+    lines.append("bridge counters (gateway): "
+                 + (", ".join(f"{k} {v}" for k, v in bc.items()) if bc else "no drops, no Redis errors")
+                 + "; claims by the workers alive at the end: "
+                 + ", ".join(f"{k} {v}" for k, v in wc.items()))
+    lines.append(
+        f"errors: protocol {err['protocol_errors']}, calls ended early {err['calls_ended_early']}, "
+        f"failed to place {c['calls_failed_to_place']}, not ended after hangup "
+        f"{err['calls_not_ended_after_hangup']}")
+    for e in err["placement_errors"]:
+        lines.append(f"  placement error: {e}")
+    lines.append("")
+    lines.append("targets: " + ", ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in r["targets"].items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -1292,11 +2254,14 @@ def run_bench(args: argparse.Namespace) -> int:
         workers=int(getattr(args, "workers", 1) or 1),
         as_json=bool(getattr(args, "json", False)),
         scenario=str(getattr(args, "scenario", "duplex") or "duplex"),
+        events=int(getattr(args, "events", 10) or 10),
     )
+    failover = cfg.scenario == "failover"
     if (cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw")
-            or cfg.scenario not in SCENARIOS):
+            or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
-              "--format pcm_s16le|mulaw, --scenario duplex|conversation", file=sys.stderr)
+              "--format pcm_s16le|mulaw, --scenario duplex|conversation|failover "
+              "(failover: --workers >= 2, --events >= 1)", file=sys.stderr)
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None
@@ -1309,6 +2274,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 print(f"callbridge bench: cannot start redis: {exc}", file=sys.stderr)
                 return 1
             redis_url = private.url
+        if failover:
+            return _run(_bench_failover(cfg, redis_url, procs))
         return _run(_bench(cfg, redis_url, _redis_pid(redis_url, private), procs))
     except KeyboardInterrupt:
         print("callbridge bench: interrupted", file=sys.stderr)
@@ -1318,6 +2285,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 143
     finally:
         for p in procs:  # all at once, then wait for each (by its own pid)
+            p.signal(signal.SIGCONT)  # failover: a frozen worker must be able to drain
             p.signal(signal.SIGTERM)
         deadline = _mono() + STOP_TIMEOUT_S
         for p in procs:
