@@ -68,6 +68,7 @@ class Claimer:
         # redis-py can swallow a cancellation that lands as a command is sent (asyncio.wait_for on
         # Python 3.11): the loops also stop on this flag, so a shutdown cannot hang on them.
         self._closing = False
+        self._lapsed: list[str] = []
 
     def close(self) -> None:
         self._closing = True
@@ -129,16 +130,17 @@ class Claimer:
                 continue
             try:
                 if earlier_self and self._free_slots() > 0:
-                    await self._take_over(self._consumer)
+                    await self._take_over(self._consumer, fair=False)
                     earlier_self = False
-                for dead in await ownership.lapsed_workers(self._redis, self._keys):
+                self._lapsed = await ownership.lapsed_workers(self._redis, self._keys)
+                for dead in self._lapsed:
                     if dead != self._consumer:
                         await self._take_over(dead)
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("claim").inc()
                 log.warning("orphan scan failed", extra={"error": type(exc).__name__})
 
-    async def _take_over(self, dead: str) -> None:
+    async def _take_over(self, dead: str, fair: bool = True) -> None:
         r = self._redis
         members: Any = await r.smembers(self._keys.worker_calls(dead))
         sids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
@@ -152,9 +154,16 @@ class Claimer:
                 log.info("forgot a dead worker", extra={"dead": dead})
             return
         random.shuffle(sids)  # several survivors: spread the dead worker's calls between them
+        # Take a fair share per scan, so the survivors split a dead worker's calls instead of the
+        # first to notice taking them all (each takeover costs its new owner a Vapi setup).
+        live = max(1, int(await r.zcard(self._keys.workers)) - len(self._lapsed))
+        share = -(-len(sids) // live) if fair else len(sids)
         for sid in sids:
+            if share <= 0:
+                break  # the rest at the next scan, by whoever has room
             if self._serving(sid) or self._free_slots() <= 0:
                 continue  # ours already (its claim is under way), or no room: next scan
+            share -= 1
             log.warning("taking over a call from a dead worker", extra={"call_sid": sid, "dead": dead})
             metrics.CLAIMS.labels("takeover").inc()
             self._on_job(None, {b"sid": sid.encode()}, dead)
