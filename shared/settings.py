@@ -134,16 +134,20 @@ class Settings(BaseSettings):
         return 16000 if self.vapi_audio_format == "pcm_s16le" else 8000
 
     def transfer_allowed(self, target: str) -> bool:
-        """TRANSFER_ALLOW: comma-separated numbers / SIP URIs, `prefix*` patterns, or `*`.
-        Empty allows none: an LLM must not be able to dial anywhere a caller talks it into."""
-        for rule in (r.strip() for r in self.transfer_allow.split(",")):
-            if rule and (rule == "*" or target == rule
-                         or (rule.endswith("*") and target.startswith(rule[:-1]))):
-                return True
-        return False
+        return transfer_allowed(self.transfer_allow, target)
 
     def effective_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+def transfer_allowed(rules: str, target: str) -> bool:
+    """TRANSFER_ALLOW: comma-separated numbers / SIP URIs, `prefix*` patterns, or `*`.
+    Empty allows none: an LLM must not be able to dial anywhere a caller talks it into."""
+    for rule in (r.strip() for r in rules.split(",")):
+        if rule and (rule == "*" or target == rule
+                     or (rule.endswith("*") and target.startswith(rule[:-1]))):
+            return True
+    return False
 
 
 _FIELDS_BY_ALIAS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from shared.settings import Settings
 from shared.streams import Keys
 from worker import session as sess
 from worker.session import CallSession
+from worker.vapi_client import VapiCall
 
 
 class Host:
@@ -52,18 +54,58 @@ def _session(host: Host) -> CallSession:
     return CallSession(host, "CA1", {b"sid": b"CA1"}, epoch=1, record={"status": "ringing"})
 
 
+class StalledSocket:
+    """A Vapi socket that takes nothing: every send waits forever, nothing ever arrives."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.closed = asyncio.Event()
+
+    async def send(self, _data: object) -> None:
+        self.sent += 1
+        await asyncio.Event().wait()
+
+    def __aiter__(self) -> StalledSocket:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await self.closed.wait()
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+class StalledVapi:
+    def __init__(self) -> None:
+        self.socket = StalledSocket()
+
+    async def create_call(self, _body: object) -> VapiCall:
+        return VapiCall(id="v1", websocket_url="wss://vapi.invalid/x")
+
+    async def connect(self, _call: VapiCall) -> StalledSocket:
+        return self.socket
+
+
 async def test_caller_audio_queued_for_a_stalled_vapi_is_bounded_and_control_entries_survive(
         host: Host) -> None:
+    host.vapi = StalledVapi()
     session = _session(host)
+    run = asyncio.create_task(session.run())
+    for _ in range(100):
+        if session.core.vapi_up:
+            break
+        await asyncio.sleep(0.01)
     media = [(b"1-0", {b"k": S.IN_MEDIA, b"a": b"\xff" * 160})]
-    for _ in range(sess.MAX_INBOUND_BATCHES + 500):
+    for _ in range(sess.MAX_VAPI_QUEUE + 500):
         session.on_inbound(media)
+    assert len(session._tx) == sess.MAX_VAPI_QUEUE, "audio for a stalled Vapi is bounded"
     session.on_inbound([(b"2-0", {b"k": S.IN_MEDIA, b"a": b"\xff" * 160}),
                         (b"3-0", {b"k": S.IN_STOP, b"s": b"MZ1"})])
-    queue = session._inq
-    assert queue.qsize() == sess.MAX_INBOUND_BATCHES + 1
-    batches = [queue.get_nowait() for _ in range(queue.qsize())]
-    assert batches[-1] == [(b"3-0", {b"k": S.IN_STOP, b"s": b"MZ1"})], "the hang-up is never dropped"
+    await asyncio.wait_for(run, 5)
+    assert session.ending is not None and session.ending.reason == "caller-hangup", \
+        "the hang-up is never dropped"
+    assert host.done == [True] and host.vapi.socket.closed.is_set()
 
 
 class BrokenSocket:

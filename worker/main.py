@@ -20,7 +20,6 @@ from fastapi import FastAPI, Response
 from redis.exceptions import RedisError
 
 from shared import metrics
-from shared import streams as S
 from shared.health import readiness
 from shared.logs import error_fields
 from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
@@ -37,9 +36,6 @@ from worker.vapi_client import VapiClient
 log = logging.getLogger("callbridge.worker")
 
 TICK_S = 0.010
-# How often each call's resume point is saved: a takeover re-sends at most this much caller
-# audio to the new session (harmless: it is a new session), for one fenced write per interval.
-PROGRESS_EVERY_S = 0.25
 
 
 def _redis_error(op: str) -> None:
@@ -83,7 +79,6 @@ class Worker:
         self._verifying: asyncio.Task[None] | None = None
         self.draining = False
         self.failed = False
-        self._frames_out = metrics.FRAMES.labels("out", "redis")
 
     # Jobs and sessions ------------------------------------------------------------------------
 
@@ -95,7 +90,7 @@ class Worker:
                 self.writer.command("xack", self.keys.calls, WORKER_GROUP, job_id)
             return
         self._claiming.add(sid)
-        self._spawn(self._claim_and_serve(job_id, fields, sid, previous), f"claim-{sid}")
+        self._spawn(self._claim_and_serve(job_id, fields, sid, previous), f"claim-{sid}", sid)
 
     def _free_slots(self) -> int:
         """No new calls, and no one else's, while our own lease is not held: a worker cut off from
@@ -104,10 +99,24 @@ class Worker:
             return 0
         return self.settings.worker_max_calls - len(self.sessions) - len(self._claiming)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str, sid: str = "") -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if sid:
+            task.add_done_callback(lambda t: self._call_task_done(t, sid))
+
+    def _call_task_done(self, task: asyncio.Task[None], sid: str) -> None:
+        """A call's task must not die silently: log why, with the call, and end the call cleanly
+        (the unavailable message) if its session is still registered."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._claiming.discard(sid)
+        log.error("call task failed", extra={"call_sid": sid}, exc_info=task.exception())
+        session = self.sessions.get(sid)
+        if session is not None:  # it never got to (or through) its own clean-up
+            session.abort("worker")
+            self.session_done(session, completed=True)
 
     async def _claim_and_serve(self, job_id: bytes | None, fields: dict[bytes, bytes], sid: str,
                                previous: str) -> None:
@@ -217,12 +226,14 @@ class Worker:
 
     def _release_session(self, session: CallSession) -> None:
         """Stop serving a call without touching its state (another worker owns it now)."""
-        session.lost = True
+        session.ownership_lost()
         if (task := self._session_tasks.get(session.sid)) is not None:
             task.cancel()
 
     def session_done(self, session: CallSession, completed: bool) -> None:
         sid = session.sid
+        if self.sessions.get(sid) is not session:
+            return  # already done (a failed task's clean-up came first)
         self.sessions.pop(sid, None)
         self._by_in_key.pop(self.keys.inbound(sid).encode(), None)
         self.inbox.remove(self.keys.inbound(sid))
@@ -230,12 +241,10 @@ class Worker:
         metrics.CALLS_ACTIVE.set(len(self.sessions))
         if not completed:
             return  # released or lost: another worker takes it over (or has)
-        reason = session.ending.reason if session.ending else "skipped"
-        if session.ending:
+        ending = session.ending  # its `call-ended` event and the record are written already
+        reason = ending.reason if ending else "skipped"
+        if ending:
             metrics.CALLS_ENDED.labels(metrics.end_reason_label(reason)).inc()
-            session.event("call-ended", reason=reason, side=session.ending.side,
-                          detail=session.ending.detail[:300])
-            session.update_call({"status": S.STATUS_ENDED, "end_reason": reason})
         for key in self.keys.all_call_keys(sid):
             self.writer.command("expire", key, self.settings.ended_ttl_s)
         self.writer.command("srem", self.keys.worker_calls(self.worker_id), sid)
@@ -252,25 +261,9 @@ class Worker:
         self._playing.add(session)
         self._tick_wake.set()
 
-    def emit_due(self, session: CallSession, now: float) -> None:
-        """Hand a call's due frames to the batch writer. Called on arrival (paced audio leaves
-        at once, no tick wait) and by the ticker (the rest of a burst, on the playout clock)."""
-        if not session.stream_live:
-            return  # hold audio until Twilio's socket is there
-        xadd = self.writer.xadd
-        maxlen = self.settings.stream_maxlen
-        out_key = session.out_key
-        epoch = session.epoch_b
-        for frame in session.playout.due(now):
-            if frame.first:
-                session.on_turn_started()
-            xadd(out_key, S.entry(S.OUT_MEDIA, frame.audio, epoch=epoch), maxlen)
-            self._frames_out.inc()
-            if frame.mark:
-                xadd(out_key, S.entry(S.OUT_MARK, value=frame.mark, epoch=epoch), maxlen)
-
     async def _ticker(self) -> None:
-        """Every 10 ms, emit what has come due for every playing call (one pipeline for all)."""
+        """Every 10 ms, tick every call with audio being paced: their due frames leave in one
+        pipeline for all calls (a call's other timers are its own loop timer)."""
         next_t = time.monotonic()
         while True:
             if not self._playing:
@@ -279,40 +272,14 @@ class Worker:
                 next_t = time.monotonic()
             now = time.monotonic()
             for session in list(self._playing):
-                self.emit_due(session, now)
-                if session.playout.idle:
+                session.on_tick(now)
+                if not session.playing:
                     self._playing.discard(session)
             next_t += TICK_S
             delay = next_t - time.monotonic()
             if delay < -0.1:
                 next_t = time.monotonic()  # we fell far behind (GC, overload): do not burst
             await asyncio.sleep(max(0.0, delay))
-
-    async def _silence_keeper(self) -> None:
-        """Keep Vapi fed with silence while a call's caller audio is stalled (gateway restart,
-        network), so Vapi's silence timeout reflects the caller, not our transport. Only after a
-        real gap (SILENCE_FILL_AFTER_S): late frames under load must not be doubled by fill."""
-        after = self.settings.silence_fill_after_s
-        frames = metrics.FRAMES.labels("in", "silence_fill")
-        fill: Entries = [(b"0-0", {b"k": S.IN_SILENCE})]
-        next_progress = time.monotonic()
-        while True:
-            await asyncio.sleep(0.02)
-            now = time.monotonic()
-            if now >= next_progress:  # where a successor would resume, a few times a second
-                next_progress = now + PROGRESS_EVERY_S
-                for session in self.sessions.values():
-                    session.persist_progress()
-            lost_after = self.settings.reattach_timeout_s
-            for session in self.sessions.values():
-                if session.vapi_connected and now - session.last_media_at > after:
-                    session.last_media_at += 0.02
-                    session.silent_for += 0.02
-                    session.on_inbound(fill)
-                    frames.inc()
-                    if session.stream_live and session.silent_for > lost_after:
-                        # No frame, no stop, no detach: the gateway holding the socket died.
-                        session.on_inbound([(b"0-0", {b"k": S.IN_DETACH, b"v": b"lost"})])
 
     # Process lifecycle ------------------------------------------------------------------------
 
@@ -368,7 +335,6 @@ class Worker:
         background = [
             asyncio.create_task(self._ticker(), name="playout-ticker"),
             asyncio.create_task(self.claimer.run(), name="claimer"),
-            asyncio.create_task(self._silence_keeper(), name="silence-keeper"),
         ]
         watched = [*self.writer.tasks(), *self.inbox.tasks()]  # stopped by close(), after a flush
         server = None

@@ -113,6 +113,26 @@ class Playout:
         """Assistant audio is queued here or still playing at Twilio."""
         return bool(self._buf) or bool(self._pending_marks) or self._play_at > now
 
+    @property
+    def play_end(self) -> float:
+        """When Twilio will have played everything handed to it (by our clock)."""
+        return self._play_at
+
+    def next_due(self, now: float) -> float | None:
+        """When `due()` will next hand out a frame (None while paused or empty), so a caller can
+        sleep until then instead of polling. Later inputs (more audio) can only bring it closer."""
+        if not self._buf or self._paused:
+            return None
+        if self._play_at <= now:  # dry: at once, unless a jitter cushion is still gathering
+            at = now
+            if self.prebuffer_s and len(self._buf) < self.prebuffer_s * 8000 + FRAME_BYTES:
+                at = max(at, self._fill_started + self.prebuffer_s + 1e-6)
+        else:
+            at = self._play_at - self.lead_s
+        if len(self._buf) < FRAME_BYTES:  # a partial last frame waits for the rest a while
+            at = max(at, self._last_push + self.tail_wait_s + 1e-6)
+        return at
+
     def due(self, now: float) -> list[Frame]:
         """Frames whose send time has come: each frame goes out `lead` before it plays."""
         out: list[Frame] = []

@@ -1,9 +1,12 @@
-"""One call on the assistant side: the Vapi session, both audio directions, and the ending.
+"""One call on the assistant side: the I/O around its `CallCore` (worker/call.py).
 
-The session never touches a Twilio socket. Caller events arrive from `call:{sid}:in` (pushed by
-the worker's shared reader), assistant audio leaves through the `Playout` pacer (driven by the
-worker's shared ticker) into `call:{sid}:out`. Every way a call can end funnels into
-`request_end()`, so each end is handled once and recorded with its reason.
+The core decides everything; this adapter only feeds it what happens and carries out what it
+says. Inputs: caller entries from `call:{sid}:in` (pushed by the worker's shared reader), the Vapi
+setup, the Vapi socket's messages, and ticks (the worker's shared playout ticker while audio is
+being paced, one loop timer at `next_deadline()` otherwise). Outputs go to the worker's batch
+writer (every `out` entry stamped with our epoch, every hash write fenced by it), to one ordered,
+bounded queue for the Vapi socket, or start the few awaitable jobs (closing Vapi, the REST
+hang-up). Every task it starts is supervised: one that fails ends the call, saying why.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,18 +28,38 @@ from websockets.exceptions import ConnectionClosed
 from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
-from shared.audio import SILENCE_FRAME, Downlink, Uplink
-from shared.logs import call_sid_var, error_fields, mask_number
+from shared.logs import call_sid_var
 from shared.redisio import BatchWriter, Entries
 from shared.settings import Settings
 from shared.streams import Keys
 from worker import ownership
-from worker.playback import Playout
-from worker.resume import Response, history
-from worker.turns import KeypadGather, SpeechEnd
+from worker.call import (
+    ASSISTANT,
+    CallConfig,
+    CallCore,
+    CloseVapi,
+    Command,
+    Done,
+    Ending,
+    Event,
+    Metric,
+    RestHangup,
+    SendVapiAudio,
+    SendVapiText,
+    UpdateCall,
+    WriteOut,
+)
 from worker.twilio_rest import TwilioRest
-from worker.vad import Action, FastBargeIn, VoiceDetector
 from worker.vapi_client import VapiClient, VapiError
+
+__all__ = ["MAX_VAPI_QUEUE", "CallSession", "Ending", "SessionHost"]
+
+log = logging.getLogger("callbridge.worker.session")
+P = ParamSpec("P")
+
+# Messages queued for the Vapi socket (each normally one 20 ms frame): beyond this Vapi is not
+# taking the caller's audio (a stalled socket), so audio is dropped; text is always kept.
+MAX_VAPI_QUEUE = 1000
 
 
 class SessionHost(Protocol):
@@ -53,22 +77,17 @@ class SessionHost(Protocol):
 
     def session_done(self, session: CallSession, completed: bool) -> None: ...
     def wake_ticker(self, session: CallSession) -> None: ...
-    def emit_due(self, session: CallSession, now: float) -> None: ...
-
-log = logging.getLogger("callbridge.worker.session")
-
-CALLER, ASSISTANT = "caller", "assistant"
-MAX_INBOUND_BATCHES = 1000  # reader batches queued for Vapi (each one or more 20 ms frames)
-MAX_BACKLOG_FRAMES = 750  # caller audio held while Vapi sets up: 15 s
 
 
-@dataclass(frozen=True)
-class Ending:
-    reason: str
-    side: str  # who ended it: CALLER (Twilio side is already gone) or ASSISTANT
-    say: str | None = None
-    transfer_to: str | None = None
-    detail: str = ""
+_METRICS: dict[str, Callable[[str, float], None]] = {
+    "dropped": lambda label, v: metrics.DROPPED.labels(label).inc(v),
+    "barge_in": lambda _label, v: metrics.BARGE_INS.inc(v),
+    "fast_barge_in": lambda label, v: metrics.FAST_BARGE_INS.labels(label).inc(v),
+    "turn_latency": lambda _label, v: metrics.TURN_LATENCY.observe(v),
+    "vapi_error": lambda label, v: metrics.VAPI_ERRORS.labels(label).inc(v),
+    "vapi_setup": lambda _label, v: metrics.VAPI_SETUP.observe(v),
+    "silence_fill": lambda _label, v: metrics.FRAMES.labels("in", "silence_fill").inc(v),
+}
 
 
 class CallSession:
@@ -77,74 +96,140 @@ class CallSession:
         s = worker.settings
         self.w = worker
         self.sid = sid
-        self.job = job
-        # Ownership: every write for this call is fenced by the epoch our claim got (a takeover
-        # is any claim after the first); `record` is the call hash as the claim found it.
         self.epoch = epoch
         self.epoch_b = str(epoch).encode()
-        self.record = record
-        self.takeover = epoch > 1
-        self.in_pos = ""  # id of the last `in` entry handled (forwarded to Vapi, or acted on)
-        self._saved_pos = ""
-        self._response = Response()
-        self._saved_turn = ""
-        self._events_expire = True
         self.keys = worker.keys
         self.out_key = worker.keys.outbound(sid)
-        self.playout = Playout(lead_s=s.playout_lead_ms / 1000, mark_every_ms=s.mark_every_ms,
-                               prebuffer_s=s.playout_prebuffer_ms / 1000, mark_prefix=f"{epoch}.")
-        self.uplink = Uplink(s.vapi_audio_format)
-        self.downlink = Downlink(s.vapi_audio_format)
-        self.stream_live = False
-        self.ending: Ending | None = None
-        self._inq: asyncio.Queue[Entries] = asyncio.Queue()
-        self._end_requested = asyncio.Event()
-        self._detached = asyncio.Event()
+        now = time.monotonic()
+        self.core = CallCore(CallConfig.from_settings(s, worker.worker_id), sid, epoch=epoch,
+                             record=record, call_from=job.get(b"from", b"").decode(errors="replace"),
+                             call_to=job.get(b"to", b"").decode(errors="replace"), now=now,
+                             wall_offset=time.time() - now)
+        self._started = False
+        self._running = False  # timers only while run() is there to see the call through
+        self._done = asyncio.Event()
+        self._completed = False
+        self._aborted: Ending | None = None
+        self._events_expire = True
         self._ws: ClientConnection | None = None
-        self._backlog: list[bytes] = []
-        self._reattach_timer: asyncio.TimerHandle | None = None
-        self._completed = False  # ended for good (not released for a takeover)
-        self._seen_start = False
-        self.stream_sid = ""
-        self.keypad = KeypadGather(timeout_s=s.keypad_timeout_s)
-        self._keypad_timer: asyncio.TimerHandle | None = None
-        self.speech = SpeechEnd()
-        self._turn_measured_for: float | None = None  # last_voiced_at already paired with a turn
-        # After a barge-in, audio Vapi had in flight for the cut turn must not play: drop Vapi
-        # audio until it announces the next assistant turn (bounded, in case it never does).
-        self._stale_until = 0.0
-        self.last_media_at = time.monotonic()
-        self._bg: set[asyncio.Task[None]] = set()
-        self._children: set[asyncio.Task[object]] = set()
-        self.silent_for = 0.0  # seconds of silence fill since the last real caller frame
-        self.lost = False  # another worker took the call over: leave its state alone
-        self._hold_timer: asyncio.TimerHandle | None = None
+        self._vapi_closed = False
+        self._tx: deque[tuple[bytes | str, float | None]] = deque()
+        self._tx_wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()  # cancelled when the session ends
+        self._closers: set[asyncio.Task[Any]] = set()  # awaited when the session ends
+        self._setup_task: asyncio.Task[Any] | None = None
         self._setup_call: object | None = None
-        self.fast: FastBargeIn | None = None
-        if s.fast_barge_in:
-            self.fast = FastBargeIn(VoiceDetector(aggressiveness=s.fast_barge_in_aggressiveness),
-                                    confirm_window_s=s.fast_barge_in_confirm_ms / 1000)
+        self._connected = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._frames_out = metrics.FRAMES.labels("out", "redis")
+
+    # What the worker reads --------------------------------------------------------------------
 
     @property
-    def vapi_connected(self) -> bool:
-        return self._ws is not None
+    def takeover(self) -> bool:
+        return self.core.takeover
 
-    # Called by the worker's shared reader: must not block.
+    @property
+    def ending(self) -> Ending | None:
+        return self.core.ending or self._aborted
+
+    @property
+    def playing(self) -> bool:
+        return self.core.playing and not self._aborted
+
+    def record_fields(self) -> dict[str, str]:
+        return self.core.record_fields()
+
+    # Inputs -----------------------------------------------------------------------------------
+
     def on_inbound(self, entries: Entries) -> None:
-        if self._inq.qsize() >= MAX_INBOUND_BATCHES:
-            # Vapi is not taking the caller's audio (stalled socket): keep the call's control
-            # entries, drop audio rather than grow without bound.
-            kept = [e for e in entries if e[1].get(b"k") != S.IN_MEDIA]
-            metrics.DROPPED.labels("inbound_overflow").inc(len(entries) - len(kept))
-            if not kept:
-                return
-            entries = kept
-        self._inq.put_nowait(entries)
+        """Caller-side entries, from the worker's shared reader (must not block)."""
+        self._start()
+        core = self.core
+        for entry_id, f in entries:
+            eid = entry_id.decode()
+            kind = f.get(b"k")
+            now = time.monotonic()
+            if kind == S.IN_MEDIA:
+                try:
+                    sent_at = int(f.get(b"t", b"0")) / 1e9
+                except ValueError:
+                    sent_at = 0.0
+                self._feed(core.caller_frame, eid, f.get(b"a", b""), sent_at, now)
+            elif kind == S.IN_MARK:
+                self._feed(core.mark, eid, f.get(b"v", b"").decode(errors="replace"), now)
+            elif kind == S.IN_START:
+                self._feed(core.stream_start, eid, f.get(b"s", b"").decode(), now,
+                           _announced_sid(f.get(b"v", b"{}")))
+            elif kind == S.IN_DTMF:
+                self._feed(core.dtmf, eid, f.get(b"v", b"").decode(errors="replace"), now)
+            elif kind == S.IN_STOP:
+                self._feed(core.stream_stop, eid, f.get(b"s", b"").decode(), now)
+            elif kind == S.IN_DETACH:
+                self._feed(core.stream_detach, eid, f.get(b"s", b"").decode(),
+                           f.get(b"v", b"").decode(errors="replace"), now)
 
-    def request_end(self, ending: Ending) -> None:
-        if self.ending is None:
-            self.ending = ending
-            self._end_requested.set()
+    def on_tick(self, now: float) -> None:
+        """The worker's shared playout ticker (every 10 ms while `playing`)."""
+        self._feed(self.core.tick, now)
+
+    def ownership_lost(self) -> None:
+        self.core.ownership_lost()
+
+    def on_reasserted(self) -> None:
+        """Redis came back without our call: its streams start anew, expiries with them."""
+        self._events_expire = True
+        self.w.writer.command("expire", self.out_key, self.w.settings.call_ttl_s)
+        self._feed(self.core.reasserted, time.monotonic())
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._feed(self.core.start, time.monotonic())
+
+    def _feed(self, fn: Callable[P, list[Command]], *args: P.args, **kwargs: P.kwargs) -> None:
+        """One input into the core, its commands carried out, the timer re-armed. A failure in
+        the core itself must not take the worker's shared reader or ticker down with it: the
+        call is ended without the core."""
+        if self._aborted:
+            return
+        token = call_sid_var.set(self.sid)
+        try:
+            try:
+                commands = fn(*args, **kwargs)
+            except Exception:
+                log.exception("call state machine failed")
+                self.abort("core")
+                return
+            self._execute(commands)
+            self._rearm()
+        finally:
+            call_sid_var.reset(token)
+
+    # Outputs ----------------------------------------------------------------------------------
+
+    def _execute(self, commands: list[Command]) -> None:
+        for c in commands:
+            if isinstance(c, WriteOut):
+                self.out(c.kind, c.audio, c.value)
+            elif isinstance(c, SendVapiAudio):
+                self._send_vapi(c.audio, c.sent_at)
+            elif isinstance(c, Event):
+                self.event(c.kind, **c.data)
+            elif isinstance(c, UpdateCall):
+                self.update_call(c.fields)
+            elif isinstance(c, Metric):
+                _METRICS[c.name](c.label, c.value)
+            elif isinstance(c, SendVapiText):
+                self._send_vapi(c.text, None)
+            elif isinstance(c, CloseVapi):
+                self._close_vapi(c.send_end)
+            elif isinstance(c, RestHangup):
+                self._spawn(self._rest_hangup(), "rest-hangup", closer=True)
+            elif isinstance(c, Done):
+                self._completed = c.completed
+                self._done.set()
 
     def event(self, kind: str, **data: object) -> None:
         """Append to call:{sid}:events (transcripts, barge-ins, timings, the end)."""
@@ -155,9 +240,11 @@ class CallSession:
             self._events_expire = False
             self.w.writer.command("expire", key, self.w.settings.call_ttl_s)
 
-    def out(self, kind: bytes, value: str | bytes | None = None) -> None:
+    def out(self, kind: bytes, audio: bytes | None = None, value: str | bytes | None = None) -> None:
         """Write to call:{sid}:out, stamped with our epoch (the gateway drops a replaced owner's)."""
-        self.w.writer.xadd(self.out_key, S.entry(kind, value=value, epoch=self.epoch_b),
+        if kind == S.OUT_MEDIA:
+            self._frames_out.inc()
+        self.w.writer.xadd(self.out_key, S.entry(kind, audio, value=value, epoch=self.epoch_b),
                            self.w.settings.stream_maxlen)
 
     def update_call(self, mapping: dict[str, str]) -> None:
@@ -165,519 +252,224 @@ class CallSession:
         self.w.writer.command("eval", *ownership.fenced_hset_args(self.keys, self.sid, self.epoch,
                                                                   mapping))
 
-    def record_fields(self) -> dict[str, str]:
-        """What we know of the call record, to put back if Redis lost it."""
-        fields = {"status": S.STATUS_LIVE if self._seen_start else S.STATUS_RINGING}
-        if self.stream_sid:
-            fields["stream_sid"] = self.stream_sid
-        for name in ("from", "to"):
-            if value := self.job.get(name.encode()):
-                fields[name] = value.decode(errors="replace")
-        if self.ending is not None:
-            fields.update({"status": S.STATUS_ENDED, "end_reason": self.ending.reason})
-        if self.in_pos:
-            fields["in_pos"] = self.in_pos
-        return fields
+    def _send_vapi(self, payload: bytes | str, sent_at: float | None) -> None:
+        if self._ws is None:
+            return
+        if isinstance(payload, bytes) and len(self._tx) >= MAX_VAPI_QUEUE:
+            metrics.DROPPED.labels("inbound_overflow").inc()
+            return
+        self._tx.append((payload, sent_at))
+        self._tx_wake.set()
 
-    def on_reasserted(self) -> None:
-        """Redis came back without our call: its streams start anew, expiries with them."""
-        self._events_expire = True
-        self._saved_pos = self._saved_turn = ""
-        self.w.writer.command("expire", self.out_key, self.w.settings.call_ttl_s)
-        self.persist_progress()
+    def _rearm(self) -> None:
+        """Tick when the core next needs it: the shared ticker while audio is being paced, else
+        one loop timer, moved only when the core's next deadline comes earlier."""
+        if self.core.playing:
+            self.w.wake_ticker(self)
+        deadline = self.core.next_deadline()
+        if deadline is None or not self._running or self._done.is_set():
+            return
+        if self._timer is not None:
+            if self._timer_at <= deadline + 1e-4:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer = loop.call_at(max(deadline, loop.time() + 0.001), self._on_timer)
 
-    def persist_progress(self) -> None:
-        """Where a successor should resume (`in_pos`) and what the caller heard of the current
-        assistant response (`turn`): one fenced write per call every few hundred ms, only when
-        either changed."""
-        mapping: dict[str, str] = {}
-        if self.in_pos and self.in_pos != self._saved_pos:
-            mapping["in_pos"] = self._saved_pos = self.in_pos
-        turn = self._response.snapshot(self.playout)
-        if turn and turn != self._saved_turn:
-            mapping["turn"] = self._saved_turn = turn
-        if mapping:
-            self.update_call(mapping)
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._feed(self.core.tick, time.monotonic())
 
     # Lifecycle --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         call_sid_var.set(self.sid)
-        consumer = asyncio.create_task(self._consume_inbound(), name=f"in-{self.sid}")
-        consumer.add_done_callback(self._inbound_done)
+        self._running = True
         try:
-            if await self._already_over():
-                self._completed = True
-                return
-            await self._serve()
-            self._completed = True
-        except asyncio.CancelledError:
+            self._start()
+            if not self._done.is_set():
+                # `out` got its expiry with our claim, `events` gets it with its first entry.
+                self.w.writer.command("expire", self.keys.inbound(self.sid), self.w.settings.call_ttl_s)
+                self._setup_task = self._spawn(self._setup(), "vapi-setup")
+                self._rearm()
+            await self._done.wait()
+        except asyncio.CancelledError:  # released (drain) or lost: another worker goes on
+            self._feed(self.core.release, time.monotonic())
             raise
-        except Exception as exc:
-            log.error("call session failed", extra=error_fields(exc))
-            self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
-            with contextlib.suppress(Exception):
-                await self._finish_assistant_side()
-            self._completed = True
+        except Exception:
+            log.exception("call session failed")
+            self.abort("session")
         finally:
-            consumer.cancel()
-            for child in self._children:  # released mid-setup: no Vapi call may outlive us
-                child.cancel()
-            await asyncio.gather(*self._children, return_exceptions=True)
-            if self._setup_call is not None and self._ws is None and not self._completed:
-                metrics.VAPI_ERRORS.labels("abandoned").inc()
-            for timer in (self._reattach_timer, self._keypad_timer, self._hold_timer):
-                if timer:
-                    timer.cancel()
-            for task in self._bg:
+            self._running = False
+            if self._timer is not None:
+                self._timer.cancel()
+            for task in self._tasks:
                 task.cancel()
-            if not self.lost:
-                self.record_turns()
-            await self._close_vapi(send_end=True)
-            await asyncio.gather(consumer, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._closers, return_exceptions=True)
+            if self._setup_call is not None and not self._connected and not self._completed:
+                metrics.VAPI_ERRORS.labels("abandoned").inc()
             self.w.session_done(self, completed=self._completed)
 
-    def _inbound_done(self, task: asyncio.Task[None]) -> None:
-        """The caller-side loop must live as long as the call: if it fails, end the call."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error("caller audio loop failed", extra=error_fields(task.exception()))
-            self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
+    def abort(self, where: str) -> None:
+        """End the call without the core (it failed, or a task around it did and the core could
+        not be trusted with it): record the end with the unavailable message, ask the gateway to
+        hang up, close Vapi. Nothing more is fed to the core."""
+        if self._aborted:
+            return
+        s = self.w.settings
+        self._aborted = Ending("error", ASSISTANT, say=s.unavailable_message, detail=where)
+        self.update_call({"status": S.STATUS_ENDED, "end_reason": "error", "ended_at": str(time.time()),
+                          "say": s.unavailable_message})
+        self.out(S.OUT_HANGUP)
+        self.event("call-ended", reason="error", side=ASSISTANT, detail=f"aborted: {where}")
+        self._close_vapi(send_end=True)
+        self._completed = True
+        self._done.set()
 
-    async def _already_over(self) -> bool:
-        status, stream_sid = self.record.get("status"), self.record.get("stream_sid")
-        if status is None or status == S.STATUS_ENDED:
-            log.info("job for a call that is already over; skipping")
-            return True
-        if self.takeover:
-            self.event("takeover", worker=self.w.worker_id, epoch=self.epoch)
-        if self.takeover and stream_sid:
-            self.stream_sid = stream_sid
-            # The gateway still holds Twilio's socket: play to it right away.
-            self.stream_live = True
-            self._seen_start = True
-            self.playout.stream_reset(time.monotonic())
-        return False
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str, *, closer: bool = False) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{name}-{self.sid}")
+        group = self._closers if closer else self._tasks
+        group.add(task)
+        task.add_done_callback(group.discard)
+        task.add_done_callback(self._task_done)
+        return task
 
-    async def _serve(self) -> None:
-        settings = self.w.settings
-        # `out` got its expiry with our claim, `events` gets it with its first entry.
-        self.w.writer.command("expire", self.keys.inbound(self.sid), settings.call_ttl_s)
-        t0 = time.monotonic()
-        setup = asyncio.create_task(self._setup())
-        ended = asyncio.create_task(self._end_requested.wait())
-        self._children.update((setup, ended))
-        await asyncio.wait({setup, ended}, return_when=asyncio.FIRST_COMPLETED)
-        ended.cancel()
-        if not setup.done():  # the caller hung up while Vapi was being set up
-            setup.cancel()
-            await asyncio.gather(setup, return_exceptions=True)
-        elif isinstance(setup.exception(), VapiError):
-            err = setup.exception()
-            assert isinstance(err, VapiError)
-            metrics.VAPI_ERRORS.labels(err.kind).inc()
-            log.warning("vapi setup failed", extra={"reason": err.reason, "detail": err.detail})
-            self.request_end(Ending(err.reason, ASSISTANT, say=settings.unavailable_message,
-                                    detail=err.detail))
-        elif setup.exception() is not None:
-            raise setup.exception()  # type: ignore[misc]
-        else:
-            self._ws = setup.result()
-            metrics.VAPI_SOCKETS.inc()
-            setup_s = time.monotonic() - t0
-            metrics.VAPI_SETUP.observe(setup_s)
-            self.event("vapi-connected", setup_ms=round(setup_s * 1000, 1), takeover=self.takeover)
-            log.info("vapi connected", extra={"setup_ms": round(setup_s * 1000, 1)})
-            self._inq.put_nowait([])  # flush caller audio that arrived during setup
-            downlink = asyncio.create_task(self._downlink(self._ws), name=f"vapi-{self.sid}")
-            self._children.add(downlink)
-            await self._end_requested.wait()
-            if self.ending and self.ending.side == ASSISTANT:
-                await self._drain_playout()
-            downlink.cancel()
-            await asyncio.gather(downlink, return_exceptions=True)
-        assert self.ending is not None
-        if self.ending.side == CALLER:
-            await self._close_vapi(send_end=True)
-        else:
-            await self._finish_assistant_side()
-
-    async def _setup(self) -> ClientConnection:
-        job = self.job
-        resume = await self._resume_context() if self.takeover else None
-        body = V.create_call_body(
-            assistant_id=self.w.settings.vapi_assistant_id or "",
-            audio_format=self.w.settings.vapi_audio_format,
-            sample_rate=self.w.settings.audio_sample_rate,
-            call_sid=self.sid,
-            from_=job.get(b"from", b"").decode(),
-            to=job.get(b"to", b"").decode(),
-            resume=resume,
-        )
-        call = await self.w.vapi.create_call(body)
-        self._setup_call = call
-        self.update_call({"vapi_call_id": call.id})
-        ws = await self.w.vapi.connect(call)
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A session task must not fail silently: end the call, saying why."""
+        if task.cancelled() or task.exception() is None:
+            return
+        token = call_sid_var.set(self.sid)
         try:
-            await asyncio.sleep(0)  # a cancellation landing right here must not leak the socket
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.send(V.END_CALL), 0.5)
-                await ws.close()
-            raise
-        if resume is not None and resume.mode == V.RESUME_WAIT and resume.messages:
-            # The old way: the history as a system note; the caller speaks next.
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(V.conversation_so_far(resume.messages))
-        if resume is not None:
-            self.event("history-handed-over", turns=len(resume.messages), mode=resume.mode,
-                       heard_ms=resume.heard_ms)
-        return ws
+            log.error("call session task failed", extra={"task": task.get_name().rsplit("-", 1)[0]},
+                      exc_info=task.exception())
+        finally:
+            call_sid_var.reset(token)
+        self._feed(self.core.fail, time.monotonic(), type(task.exception()).__name__)
 
-    async def _resume_context(self) -> V.Resume:
-        """What the new assistant session needs to go on: the conversation so far, ending with
-        what the caller actually heard of the response that was cut (from the marks)."""
+    # Vapi -------------------------------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        s, t0 = self.w.settings, time.monotonic()
+        resume = None
+        try:
+            if self.core.takeover:
+                transcripts = await self._transcripts()
+                model = await self.w.vapi.assistant_model() if s.takeover_resume == V.RESUME_SPEAK else None
+                resume = self.core.takeover_context(transcripts, model)
+            body = V.create_call_body(
+                assistant_id=s.vapi_assistant_id or "", audio_format=s.vapi_audio_format,
+                sample_rate=s.audio_sample_rate, call_sid=self.sid, from_=self.core.call_from,
+                to=self.core.call_to, resume=resume)
+            call = await self.w.vapi.create_call(body)
+            self._setup_call = call
+            self._feed(self.core.vapi_call_created, call.id, time.monotonic())
+            ws = await self.w.vapi.connect(call)
+        except VapiError as err:
+            self._feed(self.core.vapi_setup_failed, time.monotonic(), err.reason, err.kind, err.detail)
+            return
+        metrics.VAPI_SOCKETS.inc()
+        if self._vapi_closed or self._done.is_set():  # the call ended while we connected
+            self._spawn(self._close_ws(ws, True), "vapi-close", closer=True)
+            return
+        self._ws = ws
+        self._connected = True
+        self._spawn(self._vapi_sender(ws), "vapi-send")
+        self._spawn(self._downlink(ws), "vapi-read")
+        now = time.monotonic()
+        self._feed(self.core.vapi_connected, now, now - t0)
+
+    async def _transcripts(self) -> list[tuple[str, str]]:
+        """The final transcripts so far, from `:events` (what a successor hands the new session)."""
         try:
             entries: Any = await self.w.redis.xrange(self.keys.events(self.sid))
         except (RedisError, OSError):
             entries = []
-        transcripts: list[tuple[str, str]] = []
+        out: list[tuple[str, str]] = []
         for _id, f in entries:
             if f.get(b"k") == b"transcript":
                 with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                     data = orjson.loads(f.get(b"v", b"{}"))
                     if isinstance(data, dict):
-                        transcripts.append((str(data.get("role", "")), str(data.get("text", ""))))
-        messages, heard_ms = history(transcripts, self.record.get("turn", ""))
-        model = None
-        if self.w.settings.takeover_resume == V.RESUME_SPEAK:
-            # Normally known since the worker started; if Vapi did not say then, ask briefly,
-            # and resume the older way rather than keep the caller waiting.
-            with contextlib.suppress(TimeoutError):
-                model = await asyncio.wait_for(self.w.vapi.assistant_model(), 0.5)
-        mode = V.RESUME_SPEAK if model is not None else V.RESUME_WAIT
-        return V.Resume(mode=mode, messages=messages, model=model, heard_ms=heard_ms)
-
-    # Caller -> assistant ---------------------------------------------------------------------
-
-    async def _consume_inbound(self) -> None:
-        latency = metrics.HOP_LATENCY.labels("twilio_to_vapi")
-        frames = metrics.FRAMES.labels("in", "vapi")
-        while True:
-            entries = await self._inq.get()
-            if self._ws is not None and self._backlog:
-                backlog, self._backlog = self._backlog, []
-                for audio in backlog:
-                    await self._send_audio(audio)
-            for entry_id, f in entries:
-                kind = f.get(b"k")
-                if entry_id != b"0-0":
-                    self.in_pos = entry_id.decode()
-                if kind == S.IN_MEDIA:
-                    audio = f.get(b"a", b"")
-                    self.last_media_at = now = time.monotonic()
-                    self.silent_for = 0.0
-                    self.speech.frame(audio, S.entry_time_s(f))
-                    if self.fast is not None:
-                        self._fast_barge_in(audio, now)
-                    if self._ws is None:
-                        self._backlog.append(audio)
-                        if len(self._backlog) > MAX_BACKLOG_FRAMES:  # Vapi slow to answer
-                            del self._backlog[0]
-                            metrics.DROPPED.labels("inbound_overflow").inc()
-                        continue
-                    await self._send_audio(audio)
-                    frames.inc()
-                    latency.observe(S.entry_age_ms(f) / 1000)
-                elif kind == S.IN_MARK:
-                    self.playout.on_mark(f.get(b"v", b"").decode())
-                elif kind == S.IN_START:
-                    self._on_stream_start(f.get(b"v", b"{}"), f.get(b"s", b"").decode())
-                elif kind == S.IN_DTMF:
-                    self._on_dtmf(f.get(b"v", b"").decode())
-                elif kind == S.IN_STOP:
-                    if self._current_stream(f):
-                        self.stream_live = False
-                        self._detached.set()
-                        self.request_end(Ending("caller-hangup", CALLER))
-                elif kind == S.IN_DETACH:
-                    if self._current_stream(f):
-                        self._on_detach(f.get(b"v", b"").decode())
-                elif kind == S.IN_SILENCE:
-                    await self._send_audio(SILENCE_FRAME)
-
-    async def _send_audio(self, ulaw: bytes) -> None:
-        ws = self._ws
-        if ws is None:
-            return
-        try:
-            await ws.send(self.uplink.convert(ulaw))
-        except ConnectionClosed:
-            pass  # the downlink task sees the close and ends the call
-
-    def _current_stream(self, f: dict[bytes, bytes]) -> bool:
-        """A stop/detach of an older socket (a late close after Twilio re-attached) is stale."""
-        sid = f.get(b"s", b"").decode()
-        return not sid or not self.stream_sid or sid == self.stream_sid
-
-    def _on_stream_start(self, raw: bytes, stream_sid: str) -> None:
-        try:
-            info = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            info = {}
-        now = time.monotonic()
-        self.stream_sid = stream_sid or info.get("stream_sid", "")
-        if self.ending is not None and self.ending.side == ASSISTANT:
-            # We already ended the call; the gateway attached after our hangup: say it again.
-            self.out(S.OUT_HANGUP)
-            self.stream_live = True
-            self._seen_start = True
-            self._detached.clear()
-            return
-        self.playout.stream_reset(now)
-        self.stream_live = True
-        self._seen_start = True
-        self._detached.clear()
-        if self._reattach_timer:
-            self._reattach_timer.cancel()
-            self._reattach_timer = None
-        self.update_call({"status": S.STATUS_LIVE, "stream_sid": self.stream_sid})
-        self.w.wake_ticker(self)
-        self.event("stream-start", stream_sid=info.get("stream_sid", ""))
-
-    def _on_detach(self, why: str) -> None:
-        self.stream_live = False
-        self._detached.set()
-        if why == "hangup" or self.ending is not None:
-            return
-        # The socket was lost with the call still up: Twilio re-attaches via <Connect action>.
-        self.event("stream-lost")
-        loop = asyncio.get_running_loop()
-        if self._reattach_timer:
-            self._reattach_timer.cancel()
-        self._reattach_timer = loop.call_later(
-            self.w.settings.reattach_timeout_s,
-            lambda: self.request_end(Ending("stream-lost", ASSISTANT)),
-        )
-
-    def _on_dtmf(self, digit: str) -> None:
-        """Keypad: gathered like Vapi's keypadInputPlan (`#` or a pause ends the entry)."""
-        self.event("dtmf", digit=digit)
-        entry = self.keypad.press(digit, time.monotonic())
-        if self._keypad_timer:
-            self._keypad_timer.cancel()
-            self._keypad_timer = None
-        if entry:
-            self._send_keypad(entry)
-        elif self.keypad.pending:
-            self._keypad_timer = asyncio.get_running_loop().call_later(
-                self.keypad.timeout_s, self._keypad_timeout)
-
-    def _keypad_timeout(self) -> None:
-        self._keypad_timer = None
-        if entry := self.keypad.due(time.monotonic() + 1e-3):
-            self._send_keypad(entry)
-
-    def _send_keypad(self, entry: str) -> None:
-        self.event("keypad-entry", digits=entry)
-        task = asyncio.create_task(self._send_text(V.keypad_entry(entry)))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def _send_text(self, text: str) -> None:
-        if self._ws is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.send(text)
-
-    # Assistant -> caller ---------------------------------------------------------------------
+                        out.append((str(data.get("role", "")), str(data.get("text", ""))))
+        return out
 
     async def _downlink(self, ws: ClientConnection) -> None:
+        """Vapi's messages in arrival order: audio and parsed control messages into the core."""
         frames = metrics.FRAMES.labels("out", "vapi")
         nbytes = metrics.AUDIO_BYTES.labels("out", "vapi")
+        core = self.core
         try:
             async for msg in ws:
                 if isinstance(msg, bytes):
                     frames.inc()
                     nbytes.inc(len(msg))
-                    now = time.monotonic()
-                    if now < self._stale_until:
-                        metrics.DROPPED.labels("stale_after_barge_in").inc()
-                        continue
-                    if dropped := self.playout.push(self.downlink.convert(msg), now):
-                        metrics.DROPPED.labels("playout_overflow").inc(dropped // 160 or 1)
-                    self._response.audio(self.playout)
-                    self.w.emit_due(self, now)
-                    self.w.wake_ticker(self)
-                else:
-                    self._on_control(msg)
+                    self._feed(core.vapi_audio, msg, time.monotonic())
+                    continue
+                try:
+                    parsed = V.parse(msg)
+                except ValueError:
+                    metrics.DROPPED.labels("vapi_bad_json").inc()
+                    continue
+                self._feed(core.vapi_message, parsed, time.monotonic())
         except ConnectionClosed:
             pass
-        except Exception as exc:  # a bug or a message we could not handle: end the call, say why
-            log.error("vapi downlink failed", extra=error_fields(exc))
-            self.request_end(Ending("error", ASSISTANT, say=self.w.settings.unavailable_message))
+        except Exception:  # a bug or a message we could not handle: end the call, say why
+            log.exception("vapi downlink failed")
+            self._feed(core.vapi_closed, time.monotonic(), True)
             return
-        self.request_end(Ending("vapi-socket-closed", ASSISTANT,
-                                say=self.w.settings.unavailable_message))
+        self._feed(core.vapi_closed, time.monotonic(), False)
 
-    def _on_control(self, text: str) -> None:
-        try:
-            msg = V.parse(text)
-        except ValueError:
-            metrics.DROPPED.labels("vapi_bad_json").inc()
-            return
-        if isinstance(msg, V.UserInterrupted):
-            self.barge_in("user-interrupted")
-        elif isinstance(msg, V.SpeechUpdate):
-            if msg.role == "assistant" and msg.status == "started":
-                self._stale_until = 0.0  # the next turn: its audio plays
-            elif msg.role == "user" and msg.status == "started":
-                self._hold_for_confirmation()
-                self._response.user_spoke()
-        elif isinstance(msg, V.StatusUpdate):
-            if msg.status == "ended":
-                self.event("vapi-ended", ended_reason=msg.ended_reason or "")
-                self.request_end(Ending("assistant-ended", ASSISTANT, detail=msg.ended_reason or ""))
-        elif isinstance(msg, V.Transcript):
-            if msg.final:
-                self.event("transcript", role=msg.role, text=msg.text[:2000])
-                if msg.role == "assistant":
-                    self._response.final(msg.text)
-        elif isinstance(msg, V.ModelOutput):
-            self._response.output(msg.text, self.playout)
-        elif isinstance(msg, V.ToolCalls):
-            for call in msg.calls:
-                if target := V.transfer_target(call):
-                    if not self.w.settings.transfer_allowed(target):
-                        metrics.DROPPED.labels("transfer_refused").inc()
-                        log.warning("transfer refused: target not in TRANSFER_ALLOW",
-                                    extra={"target": mask_number(target)})
-                        self.event("transfer-refused", target=target[:64])
-                        continue
-                    self.event("transfer-requested", target=target)
-                    self.request_end(Ending("transfer", ASSISTANT, transfer_to=target))
-                    break
-        else:
-            log.debug("vapi message", extra={"type": msg.type})
+    async def _vapi_sender(self, ws: ClientConnection) -> None:
+        """The one writer of the Vapi socket, so audio and text leave in the core's order."""
+        latency = metrics.HOP_LATENCY.labels("twilio_to_vapi")
+        frames = metrics.FRAMES.labels("in", "vapi")
+        while True:
+            if not self._tx:
+                self._tx_wake.clear()
+                await self._tx_wake.wait()
+                continue
+            payload, sent_at = self._tx.popleft()
+            try:
+                await ws.send(payload)
+            except ConnectionClosed:
+                return  # the reader sees the close and ends the call
+            if sent_at is not None:
+                frames.inc()
+                latency.observe(max(0.0, time.time() - sent_at))
 
-    def _fast_barge_in(self, audio: bytes, now: float) -> None:
-        """Local voice detector: hold the assistant's audio the moment the caller talks over it,
-        give it back if Vapi does not confirm an interruption in time."""
-        assert self.fast is not None
-        action = self.fast.frame(audio, now, self.playout.active(now)) or self.fast.tick(now)
-        if action is Action.PAUSE:
-            self.playout.pause(now)
-            self.out(S.OUT_CLEAR)
-            metrics.FAST_BARGE_INS.labels("pause").inc()
-            self.event("fast-pause", turn=self.playout.turn)
-        elif action is Action.RESUME:
-            self.playout.resume(now)
-            self.w.wake_ticker(self)
-            metrics.FAST_BARGE_INS.labels("resume").inc()
-            self.event("fast-resume", turn=self.playout.turn)
-
-    def _hold_for_confirmation(self) -> None:
-        """Vapi heard the caller start talking over the assistant. Whether that interrupts is
-        Vapi's call (its stopSpeakingPlan; a backchannel does not), so stop the audio at once but
-        only hold it: `user-interrupted` drops it, silence from Vapi plays it on."""
-        now = time.monotonic()
-        if not self.playout.active(now) or self.playout.paused:
-            return
-        self.playout.pause(now)
-        self.out(S.OUT_CLEAR)
-        self.event("hold", turn=self.playout.turn)
-        if self._hold_timer:
-            self._hold_timer.cancel()
-        self._hold_timer = asyncio.get_running_loop().call_later(
-            self.w.settings.interrupt_confirm_ms / 1000, self._release_hold)
-
-    def _release_hold(self) -> None:
-        self._hold_timer = None
-        if self.playout.paused and not (self.fast is not None and self.fast.holding):
-            self.playout.resume(time.monotonic())
-            self.w.wake_ticker(self)
-            self.event("hold-released", turn=self.playout.turn)
-
-    def barge_in(self, source: str) -> None:
-        """The caller talks over the assistant: drop what is unsent and flush Twilio's buffer."""
-        now = time.monotonic()
-        if self.fast is not None:
-            self.fast.confirmed()
-        if self._hold_timer:
-            self._hold_timer.cancel()
-            self._hold_timer = None
-        if not self.playout.active(now) and not self.playout.paused:
-            return
-        turn = self.playout.turn
-        already_cleared = self.playout.paused  # a hold sent `clear` and nothing since
-        dropped_ms = self.playout.interrupt(now)
-        self._stale_until = now + 2.0
-        self.downlink.reset()
-        if not already_cleared:
-            self.out(S.OUT_CLEAR)
-        metrics.BARGE_INS.inc()
-        rec = self.playout.turns.get(turn)
-        self.event("barge-in", source=source, turn=turn, dropped_ms=dropped_ms,
-                   sent_ms=rec.sent_ms if rec else 0, heard_ms=rec.heard_ms if rec else 0)
-
-    def on_turn_started(self) -> None:
-        """The first frame of an assistant turn left for Twilio: measure the bridge's view of
-        voice-to-voice latency (end of caller speech -> first assistant audio sent)."""
-        ended = self.speech.last_voiced_at
-        if ended is None or self.speech.speaking or ended == self._turn_measured_for:
-            return
-        self._turn_measured_for = ended
-        latency = time.time() - ended
-        if 0 <= latency < 30:
-            metrics.TURN_LATENCY.observe(latency)
-            self.event("turn-latency", turn=self.playout.turn, ms=round(latency * 1000, 1))
-
-    def record_turns(self) -> None:
-        turns = [{"turn": t, "sent_ms": r.sent_ms, "heard_ms": r.heard_ms, "interrupted": r.interrupted}
-                 for t, r in sorted(self.playout.turns.items())]
-        if turns:
-            self.event("assistant-turns", turns=turns)
-
-    # Ending ----------------------------------------------------------------------------------
-
-    async def _drain_playout(self) -> None:
-        """Let the caller hear the assistant's last words: bounded by what is queued + a margin."""
-        if not self.stream_live:
-            return
-        deadline = time.monotonic() + self.playout.queued_s(time.monotonic()) + 2.0
-        while self.stream_live and time.monotonic() < deadline:
-            if not self.playout.active(time.monotonic()):
-                return
-            await asyncio.sleep(0.02)
-
-    async def _finish_assistant_side(self) -> None:
-        """Record the end, ask the gateway to close the stream, fall back to Twilio REST."""
-        assert self.ending is not None
-        e = self.ending
-        mapping = {"status": S.STATUS_ENDED, "end_reason": e.reason, "ended_at": str(time.time())}
-        if e.say:
-            mapping["say"] = e.say
-        if e.transfer_to:
-            mapping["transfer_to"] = e.transfer_to
-        self.update_call(mapping)
-        self.out(S.OUT_HANGUP)
-        await self._close_vapi(send_end=True)
-        # A live socket (or one about to connect, which the gateway will refuse) is closed by the
-        # gateway and Twilio then asks <Connect action>; a lost one leaves only REST.
-        gone = self._seen_start and not self.stream_live
-        try:
-            if gone:
-                raise TimeoutError
-            await asyncio.wait_for(self._detached.wait(), self.w.settings.hangup_grace_s)
-        except TimeoutError:
-            outcome = await self.w.twilio.complete(self.sid)
-            self.event("rest-hangup", outcome=outcome)
-            log.info("ended the call over Twilio REST", extra={"outcome": outcome})
-
-    async def _close_vapi(self, send_end: bool) -> None:
+    def _close_vapi(self, send_end: bool) -> None:
+        self._vapi_closed = True
         ws, self._ws = self._ws, None
-        if ws is None:
-            return
-        with contextlib.suppress(Exception):
-            if send_end:
+        self._tx.clear()
+        for task in list(self._tasks):  # setup, reader, sender: nothing more to or from Vapi
+            task.cancel()
+        if ws is not None:
+            self._spawn(self._close_ws(ws, send_end), "vapi-close", closer=True)
+
+    async def _close_ws(self, ws: ClientConnection, send_end: bool) -> None:
+        if send_end:  # a Vapi that takes nothing must not keep its socket open
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.send(V.END_CALL), 0.5)
+        with contextlib.suppress(Exception):
             await ws.close()
         metrics.VAPI_SOCKETS.dec()
+
+    async def _rest_hangup(self) -> None:
+        try:
+            outcome = await self.w.twilio.complete(self.sid)
+        except Exception:  # the call must still finish: the core waits for an outcome
+            log.exception("twilio hang-up failed")
+            outcome = "failed"
+        self._feed(self.core.rest_hangup_done, outcome, time.monotonic())
+
+
+def _announced_sid(raw: bytes) -> str:
+    """The streamSid inside a `start` entry's JSON (the entry's own `s` field comes first)."""
+    try:
+        info = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return ""
+    sid = info.get("stream_sid") if isinstance(info, dict) else None
+    return sid if isinstance(sid, str) else ""

@@ -16,6 +16,7 @@ class KeypadGather:
 
     timeout_s: float = 2.0
     terminator: str = "#"
+    max_digits: int = 64  # a longer entry is sent as it stands: keys pressed forever stay bounded
     _digits: list[str] = field(default_factory=list)
     _last: float = 0.0
 
@@ -25,7 +26,7 @@ class KeypadGather:
             return self.flush()
         self._digits.append(digit)
         self._last = now
-        return None
+        return self.flush() if len(self._digits) >= self.max_digits else None
 
     def due(self, now: float) -> str | None:
         """The entry, once the caller stopped pressing keys for `timeout_s`."""

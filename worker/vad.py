@@ -163,6 +163,14 @@ class FastBargeIn:
         """Vapi confirmed the interruption: the session's barge-in takes it from here."""
         self.paused_at = None
 
+    def deadline(self) -> float | None:
+        """When `tick()` could next return RESUME without a new frame (None: not holding)."""
+        if self.paused_at is None:
+            return None
+        quiet = self._last_frame_at + self.detector.release_frames * FRAME_S
+        return max(self.paused_at + self.confirm_window_s,
+                   min(self.paused_at + self.max_hold_s, quiet)) + 1e-6
+
     def tick(self, now: float) -> Action | None:
         """Timer path (also run per frame): RESUME when the hold has run out."""
         if self.paused_at is None:
