@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from shared import streams as S
+from shared.logs import call_sid_var
 from shared.redisio import BatchWriter
 from shared.settings import Settings
 from shared.streams import Keys
@@ -156,3 +158,110 @@ async def test_a_worker_whose_redis_writer_dies_turns_unready_and_exits_failed(
     worker.writer.tasks()[0].cancel()  # the loop every write depends on is gone
     await asyncio.wait_for(running, 20)
     assert worker.failed and worker.draining, "unready, and the command exits non-zero"
+
+
+class CallSidLog(logging.Handler):
+    """Keeps (message, the call_sid the log line carries) for every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str | None]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), getattr(record, "call_sid", None) or call_sid_var.get()))
+
+
+@pytest.fixture
+def call_log() -> Iterator[CallSidLog]:
+    handler = CallSidLog()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+
+
+class BrokenVapi:
+    async def create_call(self, _body: object) -> VapiCall:
+        raise RuntimeError("a bug in the setup")
+
+
+async def _ended_record(host: Host, redis: aioredis.Redis) -> Any:
+    await host.writer.flush()
+    return await redis.hgetall(host.keys.call("CA1"))
+
+
+async def test_a_failing_session_task_is_logged_with_the_call_and_ends_it_cleanly(
+        host: Host, redis: aioredis.Redis, call_log: CallSidLog) -> None:
+    await redis.hset(host.keys.call("CA1"), mapping={"status": "ringing", "epoch": "1"})
+    host.vapi = BrokenVapi()
+    host.settings.hangup_grace_s = 0.1
+    host.twilio = FakeTwilio()
+    session = _session(host)
+    await asyncio.wait_for(session.run(), 5)
+    assert ("call session task failed", "CA1") in call_log.lines
+    record = await _ended_record(host, redis)
+    assert record[b"status"] == b"ended" and record[b"end_reason"] == b"error"
+    assert record[b"say"] == host.settings.unavailable_message.encode()
+    assert host.done == [True] and host.twilio.hung_up == ["CA1"], "no stream: REST hang-up"
+
+
+async def test_a_failing_state_machine_ends_the_call_without_it(
+        host: Host, redis: aioredis.Redis, call_log: CallSidLog) -> None:
+    await redis.hset(host.keys.call("CA1"), mapping={"status": "ringing", "epoch": "1"})
+    host.vapi = StalledVapi()
+    session = _session(host)
+
+    def broken(*_args: object) -> list[object]:
+        raise RuntimeError("a bug in the core")
+
+    session.core.dtmf = broken  # type: ignore[method-assign]
+    run = asyncio.create_task(session.run())
+    await asyncio.sleep(0.05)
+    session.on_inbound([(b"1-0", {b"k": S.IN_DTMF, b"v": b"5"})])
+    await asyncio.wait_for(run, 5)
+    assert ("call state machine failed", "CA1") in call_log.lines
+    record = await _ended_record(host, redis)
+    assert record[b"end_reason"] == b"error" and record[b"say"] == host.settings.unavailable_message.encode()
+    (_id, fields), = await redis.xrange(host.keys.outbound("CA1"))
+    assert fields[b"k"] == S.OUT_HANGUP and host.done == [True]
+    assert host.vapi.socket.closed.is_set()
+
+
+async def test_the_worker_ends_a_call_whose_task_dies(redis_url: str, prefix: str, redis: aioredis.Redis,
+                                                      call_log: CallSidLog) -> None:
+    from worker.main import Worker
+
+    settings = Settings(REDIS_URL=redis_url, REDIS_PREFIX=prefix,  # type: ignore[call-arg]
+                        VAPI_API_KEY="k", VAPI_ASSISTANT_ID="a")
+    w = Worker(settings)
+    w.writer.start()
+    try:
+        keys = w.keys
+        await redis.hset(keys.call("CA1"), mapping={"status": "live", "epoch": "1"})
+        session = CallSession(w, "CA1", {b"sid": b"CA1"}, epoch=1, record={"status": "live"})
+        w.sessions["CA1"] = session
+
+        async def dies() -> None:
+            raise RuntimeError("a bug around the session")
+
+        w._spawn(dies(), "session-CA1", "CA1")
+        await asyncio.sleep(0.05)
+        await w.writer.flush()
+        assert ("call task failed", "CA1") in call_log.lines
+        assert "CA1" not in w.sessions
+        record = await redis.hgetall(keys.call("CA1"))
+        assert record[b"end_reason"] == b"error" and record[b"say"] == settings.unavailable_message.encode()
+    finally:
+        await w.writer.close()
+        await w.vapi.aclose()
+        for r in (w.redis, w._reader_redis, w._claim_redis):
+            await r.aclose()
+
+
+class FakeTwilio:
+    def __init__(self) -> None:
+        self.hung_up: list[str] = []
+
+    async def complete(self, sid: str) -> str:
+        self.hung_up.append(sid)
+        return "completed"
