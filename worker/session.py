@@ -117,7 +117,6 @@ class CallSession:
         self._tx_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()  # cancelled when the session ends
         self._closers: set[asyncio.Task[Any]] = set()  # awaited when the session ends
-        self._setup_task: asyncio.Task[Any] | None = None
         self._setup_call: object | None = None
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
@@ -291,7 +290,7 @@ class CallSession:
             if not self._done.is_set():
                 # `out` got its expiry with our claim, `events` gets it with its first entry.
                 self.w.writer.command("expire", self.keys.inbound(self.sid), self.w.settings.call_ttl_s)
-                self._setup_task = self._spawn(self._setup(), "vapi-setup")
+                self._spawn(self._setup(), "vapi-setup")
                 self._rearm()
             await self._done.wait()
         except asyncio.CancelledError:  # released (drain) or lost: another worker goes on
