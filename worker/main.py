@@ -103,13 +103,15 @@ class Worker:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if sid:
-            task.add_done_callback(lambda t: self._call_task_done(t, sid))
+        task.add_done_callback(lambda t: self._task_done(t, sid))
 
-    def _call_task_done(self, task: asyncio.Task[None], sid: str) -> None:
-        """A call's task must not die silently: log why, with the call, and end the call cleanly
-        (the unavailable message) if its session is still registered."""
+    def _task_done(self, task: asyncio.Task[None], sid: str) -> None:
+        """No task may die silently: log why (with the call, for a call's task) and end the call
+        cleanly (the unavailable message) if its session is still registered."""
         if task.cancelled() or task.exception() is None:
+            return
+        if not sid:
+            log.error("worker task failed", extra={"task": task.get_name()}, exc_info=task.exception())
             return
         self._claiming.discard(sid)
         log.error("call task failed", extra={"call_sid": sid}, exc_info=task.exception())

@@ -147,7 +147,7 @@ class CallSession:
         self._start()
         core = self.core
         for entry_id, f in entries:
-            eid = entry_id.decode()
+            eid = entry_id.decode(errors="replace")
             kind = f.get(b"k")
             now = time.monotonic()
             if kind == S.IN_MEDIA:
@@ -159,14 +159,14 @@ class CallSession:
             elif kind == S.IN_MARK:
                 self._feed(core.mark, eid, f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_START:
-                self._feed(core.stream_start, eid, f.get(b"s", b"").decode(), now,
+                self._feed(core.stream_start, eid, f.get(b"s", b"").decode(errors="replace"), now,
                            _announced_sid(f.get(b"v", b"{}")))
             elif kind == S.IN_DTMF:
                 self._feed(core.dtmf, eid, f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_STOP:
-                self._feed(core.stream_stop, eid, f.get(b"s", b"").decode(), now)
+                self._feed(core.stream_stop, eid, f.get(b"s", b"").decode(errors="replace"), now)
             elif kind == S.IN_DETACH:
-                self._feed(core.stream_detach, eid, f.get(b"s", b"").decode(),
+                self._feed(core.stream_detach, eid, f.get(b"s", b"").decode(errors="replace"),
                            f.get(b"v", b"").decode(errors="replace"), now)
 
     def on_tick(self, now: float) -> None:
@@ -195,14 +195,11 @@ class CallSession:
             return
         token = call_sid_var.set(self.sid)
         try:
-            try:
-                commands = fn(*args, **kwargs)
-            except Exception:
-                log.exception("call state machine failed")
-                self.abort("core")
-                return
-            self._execute(commands)
+            self._execute(fn(*args, **kwargs))
             self._rearm()
+        except Exception:
+            log.exception("call state machine failed")
+            self.abort("core")
         finally:
             call_sid_var.reset(token)
 
