@@ -631,7 +631,7 @@ def test_a_takeover_plays_at_once_and_resumes_from_what_the_caller_heard() -> No
            "done": False}
     call = Call(record=takeover_record(cut), epoch=2)
     call.start()
-    assert call.events("takeover") == [{"worker": "w-test"}] and call.core.stream_live
+    assert call.events("takeover") == [{"worker": "w-test", "epoch": 2}] and call.core.stream_live
     resume = call.core.takeover_context([("assistant", "hello"), ("user", "a question")],
                                         V.AssistantModel("openai", "gpt-4o"))
     assert resume.mode == V.RESUME_SPEAK and resume.heard_ms == 1000
@@ -647,8 +647,9 @@ def test_a_takeover_plays_at_once_and_resumes_from_what_the_caller_heard() -> No
 
 
 def test_a_takeover_without_the_assistants_model_hands_the_history_over_as_a_note() -> None:
-    call = Call(record=takeover_record(), epoch=2)
+    call = Call(record={"status": "ringing", "epoch": "2"}, epoch=2)  # no stream attached
     call.start()
+    assert call.events("takeover") == [{"worker": "w-test", "epoch": 2}] and not call.core.stream_live
     resume = call.core.takeover_context([("user", "hi"), ("assistant", "hello")], None)
     assert resume.mode == V.RESUME_WAIT
     call.frame()

@@ -21,6 +21,7 @@ from typing import Any
 from shared import streams as S
 from shared import vapi_proto as V
 from shared.audio import SILENCE_FRAME, Downlink, Uplink
+from shared.logs import mask_number
 from shared.settings import Settings, transfer_allowed
 from worker.playback import FRAME_S, Playout
 from worker.resume import Response, history
@@ -289,11 +290,12 @@ class CallCore:
             self.phase = Phase.DONE
             return [Done(completed=True)]
         self.phase = Phase.SETUP
+        if self.takeover:
+            self._event("takeover", worker=self.cfg.worker_id, epoch=self.epoch)
         if self.takeover and stream_sid:
             self.stream_sid = stream_sid
             self.stream_live = self._seen_start = True
             self.playout.stream_reset(now)
-            self._event("takeover", worker=self.cfg.worker_id)
         return self._flush(now)
 
     def takeover_context(self, transcripts: list[tuple[str, str]],
@@ -636,7 +638,7 @@ class CallCore:
                 if not transfer_allowed(self.cfg.transfer_allow, target):
                     self._out.append(Metric("dropped", "transfer_refused"))
                     log.warning("transfer refused: target not in TRANSFER_ALLOW",
-                                extra={"target": target[:64]})
+                                extra={"target": mask_number(target)})
                     self._event("transfer-refused", target=target[:64])
                     continue
                 self._event("transfer-requested", target=target)

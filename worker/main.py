@@ -111,10 +111,10 @@ class Worker:
         if task.cancelled() or task.exception() is None:
             return
         if not sid:
-            log.error("worker task failed", extra={"task": task.get_name()}, exc_info=task.exception())
+            log.error("worker task failed", extra={"task": task.get_name(), **error_fields(task.exception())})
             return
         self._claiming.discard(sid)
-        log.error("call task failed", extra={"call_sid": sid}, exc_info=task.exception())
+        log.error("call task failed", extra={"call_sid": sid, **error_fields(task.exception())})
         session = self.sessions.get(sid)
         if session is not None:  # it never got to (or through) its own clean-up
             session.abort("worker")

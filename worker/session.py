@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
-from shared.logs import call_sid_var
+from shared.logs import call_sid_var, error_fields
 from shared.redisio import BatchWriter, Entries
 from shared.settings import Settings
 from shared.streams import Keys
@@ -151,11 +151,7 @@ class CallSession:
             kind = f.get(b"k")
             now = time.monotonic()
             if kind == S.IN_MEDIA:
-                try:
-                    sent_at = int(f.get(b"t", b"0")) / 1e9
-                except ValueError:
-                    sent_at = 0.0
-                self._feed(core.caller_frame, eid, f.get(b"a", b""), sent_at, now)
+                self._feed(core.caller_frame, eid, f.get(b"a", b""), S.entry_time_s(f), now)
             elif kind == S.IN_MARK:
                 self._feed(core.mark, eid, f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_START:
@@ -197,8 +193,8 @@ class CallSession:
         try:
             self._execute(fn(*args, **kwargs))
             self._rearm()
-        except Exception:
-            log.exception("call state machine failed")
+        except Exception as exc:
+            log.error("call state machine failed", extra=error_fields(exc))
             self.abort("core")
         finally:
             call_sid_var.reset(token)
@@ -293,8 +289,8 @@ class CallSession:
         except asyncio.CancelledError:  # released (drain) or lost: another worker goes on
             self._feed(self.core.release, time.monotonic())
             raise
-        except Exception:
-            log.exception("call session failed")
+        except Exception as exc:
+            log.error("call session failed", extra=error_fields(exc))
             self.abort("session")
         finally:
             self._running = False
@@ -338,8 +334,8 @@ class CallSession:
             return
         token = call_sid_var.set(self.sid)
         try:
-            log.error("call session task failed", extra={"task": task.get_name().rsplit("-", 1)[0]},
-                      exc_info=task.exception())
+            log.error("call session task failed", extra={"task": task.get_name().rsplit("-", 1)[0],
+                                                         **error_fields(task.exception())})
         finally:
             call_sid_var.reset(token)
         self._feed(self.core.fail, time.monotonic(), type(task.exception()).__name__)
@@ -352,7 +348,12 @@ class CallSession:
         try:
             if self.core.takeover:
                 transcripts = await self._transcripts()
-                model = await self.w.vapi.assistant_model() if s.takeover_resume == V.RESUME_SPEAK else None
+                model = None
+                if s.takeover_resume == V.RESUME_SPEAK:
+                    # Normally known since the worker started; if Vapi did not say then, ask briefly,
+                    # and resume the older way rather than keep the caller waiting.
+                    with contextlib.suppress(TimeoutError):
+                        model = await asyncio.wait_for(self.w.vapi.assistant_model(), 0.5)
                 resume = self.core.takeover_context(transcripts, model)
             body = V.create_call_body(
                 assistant_id=s.vapi_assistant_id or "", audio_format=s.vapi_audio_format,
@@ -411,8 +412,8 @@ class CallSession:
                 self._feed(core.vapi_message, parsed, time.monotonic())
         except ConnectionClosed:
             pass
-        except Exception:  # a bug or a message we could not handle: end the call, say why
-            log.exception("vapi downlink failed")
+        except Exception as exc:  # a bug or a message we could not handle: end the call, say why
+            log.error("vapi downlink failed", extra=error_fields(exc))
             self._feed(core.vapi_closed, time.monotonic(), True)
             return
         self._feed(core.vapi_closed, time.monotonic(), False)
@@ -455,8 +456,8 @@ class CallSession:
     async def _rest_hangup(self) -> None:
         try:
             outcome = await self.w.twilio.complete(self.sid)
-        except Exception:  # the call must still finish: the core waits for an outcome
-            log.exception("twilio hang-up failed")
+        except Exception as exc:  # the call must still finish: the core waits for an outcome
+            log.error("twilio hang-up failed", extra=error_fields(exc))
             outcome = "failed"
         self._feed(self.core.rest_hangup_done, outcome, time.monotonic())
 
