@@ -265,3 +265,24 @@ class FakeTwilio:
     async def complete(self, sid: str) -> str:
         self.hung_up.append(sid)
         return "completed"
+
+
+class RecordingTwilio:
+    def __init__(self) -> None:
+        self.completed: list[str] = []
+
+    async def complete(self, sid: str) -> str:
+        self.completed.append(sid)
+        return "completed"
+
+
+async def test_a_replaced_owner_never_hangs_the_call_up_over_rest(host: Host,
+                                                                  redis: aioredis.Redis) -> None:
+    host.twilio = RecordingTwilio()
+    await redis.hset(host.keys.call("CA1"), mapping={"status": "live", "epoch": "2"})
+    session = _session(host)  # epoch 1: a worker that woke after its call was taken over
+    await session._rest_hangup()
+    assert host.twilio.completed == []
+    await redis.hset(host.keys.call("CA1"), "epoch", "1")  # still ours: the fallback works
+    await session._rest_hangup()
+    assert host.twilio.completed == ["CA1"]

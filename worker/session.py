@@ -455,7 +455,14 @@ class CallSession:
 
     async def _rest_hangup(self) -> None:
         try:
-            outcome = await self.w.twilio.complete(self.sid)
+            # Fenced like every other write: a worker that woke from a stall must not hang up a
+            # call another worker now serves (its own Vapi session may have timed out meanwhile).
+            epoch = await self.w.redis.hget(self.keys.call(self.sid), "epoch")
+            if epoch is not None and epoch != self.epoch_b:
+                log.warning("not hanging up: the call has another owner now")
+                outcome = "not-owner"
+            else:
+                outcome = await self.w.twilio.complete(self.sid)
         except Exception as exc:  # the call must still finish: the core waits for an outcome
             log.error("twilio hang-up failed", extra=error_fields(exc))
             outcome = "failed"
