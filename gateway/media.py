@@ -23,7 +23,15 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from gateway.fence import OwnerFence, epoch_of
 from gateway.hub import OutQueue
 from gateway.records import ensure_ttl, reassert
-from gateway.state import GatewayState, SocketInfo
+from gateway.state import (
+    CHECK_OWNER,
+    CLOSE_IDLE,
+    WORKER_SEEN,
+    GatewayState,
+    SocketInfo,
+    closing_cause,
+    watchdog_verdict,
+)
 from shared import metrics
 from shared import streams as S
 from shared.logs import call_sid_var, error_fields, stream_sid_var
@@ -209,12 +217,9 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         receiver.cancel()
         sender.cancel()
         await asyncio.gather(receiver, sender, return_exceptions=True)
-        cause = ended
-        if ended != "stop":
+        cause, detach = closing_cause(ended, hung_up=bool(hung_up), draining=st.draining)
+        if detach is not None:
             # The worker must know the stream is gone even when Twilio did not say `stop`.
-            cause = "hangup" if hung_up else "drain" if st.draining else (
-                ended if ended != "closed" else "lost")
-            detach = b"hangup" if hung_up else b"drain" if st.draining else b"lost"
             st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
         metrics.MEDIA_CLOSED.labels(cause).inc()
@@ -336,21 +341,19 @@ async def idle_watchdog(st: GatewayState) -> None:
                          extra={"sockets": reassert(st)})
         now = time.monotonic()
         for ws, info in list(st.sockets.items()):
-            if not info.idle and now - info.last_rx > timeout:
+            verdict = watchdog_verdict(info, now, idle_timeout=timeout, no_worker_timeout=no_worker,
+                                       redis_back_at=st.redis_back_at)
+            since = max(info.attached, st.redis_back_at)
+            if verdict == CLOSE_IDLE:
                 info.idle = True
                 info.closed_by = "idle_timeout"
                 log.warning("twilio socket went silent; closing it", extra={"idle_s": timeout})
                 with contextlib.suppress(Exception):
                     await ws.close(code=1011)
-            elif not info.idle:
-                # The window starts at the later of attach and Redis's last return: after an
-                # empty restart no `owner` is left until the worker writes it again.
-                since = max(info.attached, st.redis_back_at)
-                if info.owner_ok_since != since and now - since > no_worker:
-                    if info.last_out >= since:
-                        info.owner_ok_since = since  # a worker writes to this call: it lives
-                    else:
-                        await _check_owner(st, ws, info, since)
+            elif verdict == WORKER_SEEN:
+                info.owner_ok_since = since  # a worker writes to this call: it lives
+            elif verdict == CHECK_OWNER:
+                await _check_owner(st, ws, info, since)
 
 
 async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo, since: float) -> None:

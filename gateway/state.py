@@ -48,3 +48,39 @@ class GatewayState:
     redis_back_at: float = 0.0
     redis_run_id: str | None = None
     reassert_rounds: int = 0
+
+
+# The socket's decisions, apart from I/O (tested on a virtual clock in tests/test_socket_state.py).
+
+CLOSE_IDLE, CHECK_OWNER, WORKER_SEEN = "close_idle", "check_owner", "worker_seen"
+
+
+def watchdog_verdict(info: SocketInfo, now: float, *, idle_timeout: float, no_worker_timeout: float,
+                     redis_back_at: float) -> str | None:
+    """What the once-a-second watchdog does about one socket: close it as dead (Twilio sends a
+    frame every 20 ms while a call lives), ask Redis whether any worker owns the call (none has
+    written to it for NO_WORKER_TIMEOUT_S, counted from the later of attach and Redis's last
+    return: after an empty restart no `owner` is left until a worker writes it again), note that
+    a worker is alive (it wrote to the call in that window), or nothing."""
+    if info.idle:
+        return None
+    if now - info.last_rx > idle_timeout:
+        return CLOSE_IDLE
+    since = max(info.attached, redis_back_at)
+    if info.owner_ok_since == since or now - since <= no_worker_timeout:
+        return None
+    return WORKER_SEEN if info.last_out >= since else CHECK_OWNER
+
+
+def closing_cause(ended: str, *, hung_up: bool, draining: bool) -> tuple[str, bytes | None]:
+    """Why a socket closed (the `callbridge_gateway_media_closed_total` cause) and what the worker
+    is told on `in` (`detach` value; None when Twilio said `stop`, which the worker already has).
+    `ended` is what the receive side saw: "stop", "closed" (by the peer or by us), or the cause
+    the watchdog or the supervisor set (idle_timeout, no_worker, error)."""
+    if ended == "stop":
+        return "stop", None
+    if hung_up:
+        return "hangup", b"hangup"
+    if draining:
+        return "drain", b"drain"
+    return (ended if ended != "closed" else "lost"), b"lost"
