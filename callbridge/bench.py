@@ -224,10 +224,31 @@ class _Scrape:
 async def _scrape(urls: Iterable[str]) -> _Scrape:
     """Hop-latency and EXTRA_HISTOGRAMS buckets and problem counters, summed over all given
     /metrics URLs."""
+    out = _Scrape()
+    for s in await _samples(urls):
+        if s.name == HOP_METRIC + "_bucket":
+            b = out.hops.setdefault(s.labels.get("hop", ""), {})
+            le = float(s.labels["le"])
+            b[le] = b.get(le, 0.0) + float(s.value)
+        elif s.name.endswith("_bucket") and s.name[:-7] in EXTRA_HISTOGRAMS:
+            b = out.hists.setdefault(s.name[:-7], {})
+            le = float(s.labels["le"])
+            b[le] = b.get(le, 0.0) + float(s.value)
+        elif s.name in COUNTERS:
+            label = ",".join(s.labels.values())
+            name = s.name.removeprefix("callbridge_").removesuffix("_total")
+            key = f"{name}{{{label}}}" if label else name
+            out.counters[key] = out.counters.get(key, 0.0) + float(s.value)
+    return out
+
+
+async def _samples(urls: Iterable[str]) -> list[Any]:
+    """Every sample the processes at these /metrics URLs report (a process that does not answer
+    is left out)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = _Scrape()
+    found: list[Any] = []
     async with httpx.AsyncClient(trust_env=False) as client:
         for url in urls:
             try:
@@ -235,21 +256,8 @@ async def _scrape(urls: Iterable[str]) -> _Scrape:
             except httpx.HTTPError:
                 continue
             for fam in text_string_to_metric_families(text):
-                for s in fam.samples:
-                    if s.name == HOP_METRIC + "_bucket":
-                        b = out.hops.setdefault(s.labels.get("hop", ""), {})
-                        le = float(s.labels["le"])
-                        b[le] = b.get(le, 0.0) + float(s.value)
-                    elif s.name.endswith("_bucket") and s.name[:-7] in EXTRA_HISTOGRAMS:
-                        b = out.hists.setdefault(s.name[:-7], {})
-                        le = float(s.labels["le"])
-                        b[le] = b.get(le, 0.0) + float(s.value)
-                    elif s.name in COUNTERS:
-                        label = ",".join(s.labels.values())
-                        name = s.name.removeprefix("callbridge_").removesuffix("_total")
-                        key = f"{name}{{{label}}}" if label else name
-                        out.counters[key] = out.counters.get(key, 0.0) + float(s.value)
-    return out
+                found.extend(fam.samples)
+    return found
 
 
 def _delta(after: _Scrape, before: _Scrape) -> _Scrape:
@@ -1899,21 +1907,11 @@ async def _fo_event(k: int, kind: str, fo: _Failover, vapi: Any, r: Any, keys: A
 
 async def _scrape_claims(urls: list[str]) -> dict[str, float]:
     """callbridge_worker_claims_total by kind, summed over the given workers (since they started)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
     out: dict[str, float] = {}
-    async with httpx.AsyncClient(trust_env=False) as client:
-        for url in urls:
-            try:
-                text = (await client.get(url, timeout=5)).text
-            except httpx.HTTPError:
-                continue
-            for fam in text_string_to_metric_families(text):
-                for s in fam.samples:
-                    if s.name == "callbridge_worker_claims_total":
-                        kind = s.labels.get("kind", "")
-                        out[kind] = out.get(kind, 0.0) + float(s.value)
+    for s in await _samples(urls):
+        if s.name == "callbridge_worker_claims_total":
+            kind = s.labels.get("kind", "")
+            out[kind] = out.get(kind, 0.0) + float(s.value)
     return out
 
 

@@ -14,15 +14,13 @@ from sim import voices
 from sim.twilio import SimCall, TwilioSim
 from sim.vapi import VapiSession, VapiSim, greeter
 from tests.conftest import (
-    ACCOUNT_SID,
-    AUTH_TOKEN,
-    VAPI_KEY,
     Proc,
-    base_env,
     gateway_proc,
     worker_proc,
 )
 from tests.test_e2e import Stack, caller_utterance, make_stack, until, utterances_heard, wait_heard
+from tests.test_lifecycle import _env as lifecycle_env
+from tests.test_lifecycle import sims  # noqa: F401 - the fixture: stand-ins behind one public name
 
 MODEL_GENERATED = "assistant-speaks-first-with-model-generated-message"
 ANSWER_S = 4.0
@@ -163,41 +161,31 @@ async def _frozen(stack: Stack) -> None:
 
 
 async def test_gateway_killed_mid_call_the_call_goes_on_through_another(
-    redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis
+    redis_url: str, prefix: str, procs: list[Proc], sims: tuple[TwilioSim, VapiSim]  # noqa: F811 - the imported fixture
 ) -> None:
-    vapi = VapiSim(api_key=VAPI_KEY, assistant=greeter(answers=2))
-    await vapi.start()
-    public = "https://cb.example.test"
-    twilio = TwilioSim(gateway_url="http://127.0.0.1:1", public_url=public, account_sid=ACCOUNT_SID,
-                       auth_token=AUTH_TOKEN)
-    await twilio.start()
-    try:
-        env = base_env(redis_url, prefix, PUBLIC_URL=public, VAPI_BASE_URL=vapi.base_url,
-                       TWILIO_API_BASE_URL=twilio.rest_base_url)
-        p1, p2 = free_port(), free_port()
-        gw1, gw2 = gateway_proc(env, p1).start(), gateway_proc(env, p2).start()
-        wk = worker_proc(env).start()
-        procs += [gw1, gw2, wk]
-        for p in (gw1, gw2, wk):
-            await p.wait_ready()
-        twilio.gateway_url = f"http://127.0.0.1:{p1}"
-        call = await twilio.place_call()
-        await wait_heard(call, 1)
-        twilio.gateway_url = f"http://127.0.0.1:{p2}"  # the load balancer sees gateway 1 go
-        killed_at = call.now()
-        gw1.signal(signal.SIGKILL)
-        await call.wait_streams(2, timeout=10)
-        starts = [t for t, kind, _d in call.events if kind == "stream-started"]
-        assert starts and starts[-1] - killed_at < 2.0, (starts, killed_at)
-        call.say_pcm(caller_utterance(0))
-        await wait_heard(call, 2)
-        assert [label for label, _ in utterances_heard(call)] == ["greeting", "answer:0"]
-        assert len(vapi.sessions) == 1, "the same assistant session all along"
-        await call.hangup()
-        assert await call.wait_ended(5) == "caller-hangup"
-    finally:
-        await twilio.stop()
-        await vapi.stop()
+    twilio, vapi = sims
+    env = lifecycle_env(redis_url, prefix, twilio, vapi)
+    p1, p2 = free_port(), free_port()
+    gw1, gw2 = gateway_proc(env, p1).start(), gateway_proc(env, p2).start()
+    wk = worker_proc(env).start()
+    procs += [gw1, gw2, wk]
+    for p in (gw1, gw2, wk):
+        await p.wait_ready()
+    twilio.gateway_url = f"http://127.0.0.1:{p1}"
+    call = await twilio.place_call()
+    await wait_heard(call, 1)
+    twilio.gateway_url = f"http://127.0.0.1:{p2}"  # the load balancer sees gateway 1 go
+    killed_at = call.now()
+    gw1.signal(signal.SIGKILL)
+    await call.wait_streams(2, timeout=10)
+    starts = [t for t, kind, _d in call.events if kind == "stream-started"]
+    assert starts and starts[-1] - killed_at < 2.0, (starts, killed_at)
+    call.say_pcm(caller_utterance(0))
+    await wait_heard(call, 2)
+    assert [label for label, _ in utterances_heard(call)] == ["greeting", "answer:0"]
+    assert len(vapi.sessions) == 1, "the same assistant session all along"
+    await call.hangup()
+    assert await call.wait_ended(5) == "caller-hangup"
 
 
 async def test_a_worker_restarted_with_the_same_id_picks_up_the_calls_it_left(
