@@ -20,9 +20,8 @@ from gateway.state import GatewayState
 from shared import metrics
 from shared.health import readiness
 from shared.logs import error_fields
-from shared.redisio import BatchWriter, connect, media_latency_observer
+from shared.redisio import BatchWriter, check_layout, connect, media_latency_observer, warm
 from shared.settings import Settings
-from shared.streams import Keys
 
 log = logging.getLogger("callbridge.gateway")
 
@@ -36,9 +35,11 @@ def _redis_error(op: str) -> None:
 
 def build_state(settings: Settings) -> GatewayState:
     assert settings.redis_url
-    keys = Keys(settings.redis_prefix)
-    redis = connect(settings.redis_url)
-    reader = connect(settings.redis_url, max_connections=4)
+    keys = settings.keys()
+    cluster = settings.redis_cluster
+    redis = connect(settings.redis_url, cluster=cluster)
+    # One blocked read per lane (on a cluster, per node: its share of the lanes) plus a poke.
+    reader = connect(settings.redis_url, cluster=cluster, max_connections=max(1, keys.lanes) + 4)
     process_id = uuid.uuid4().hex[:12]
     state: GatewayState | None = None
 
@@ -54,7 +55,7 @@ def build_state(settings: Settings) -> GatewayState:
         reader_redis=reader,
         writer=BatchWriter(redis, on_error=on_redis_error, on_flushed=media_latency_observer(
             metrics.HOP_LATENCY.labels("twilio_to_redis").observe)),
-        hub=OutboundHub(reader, keys.wake(f"gw-{process_id}"), on_error=on_redis_error),
+        hub=OutboundHub(reader, keys, f"gw-{process_id}", on_error=on_redis_error),
         process_id=process_id,
     )
     return state
@@ -103,6 +104,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await warm(state.redis, state.reader_redis)
+        await check_layout(state.redis, state.keys)
         state.writer.start()
         state.hub.start()
         watchdog = asyncio.create_task(media.idle_watchdog(state), name="media-idle-watchdog")

@@ -1,7 +1,7 @@
 """Delivers each call's `out` stream to the media socket that serves it.
 
-One `MultiReader` per gateway process follows the `out` streams of every socket it holds, so a
-gateway with 200 calls issues one blocked XREAD, not 200.
+One `LaneReader` per gateway process follows the `out` streams of every socket it holds, so a
+gateway with 200 calls issues one blocked XREAD (on a Redis Cluster, one per lane), not 200.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from shared import metrics
 from shared import streams as S
-from shared.redisio import Entries, MultiReader, OnError
+from shared.redisio import Entries, LaneReader, OnError
 
 # 5 s of 20 ms frames. A healthy socket holds a few frames here: the worker releases audio on
 # its playout clock, at most PLAYOUT_LEAD_MS ahead. A backlog of 5 s means Twilio has not taken
@@ -75,9 +75,10 @@ class OutQueue:
 
 
 class OutboundHub:
-    def __init__(self, redis: aioredis.Redis, wake_key: str, on_error: OnError | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: S.Keys, process_id: str,
+                 on_error: OnError | None = None) -> None:
         self._queues: dict[bytes, OutQueue] = {}
-        self._reader = MultiReader(redis, wake_key, self._dispatch, on_error=on_error)
+        self._reader = LaneReader(redis, keys, process_id, self._dispatch, on_error=on_error)
 
     def start(self) -> None:
         self._reader.start()

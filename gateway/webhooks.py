@@ -15,6 +15,7 @@ from gateway.records import ENSURE_TTL, ensure_ttl
 from gateway.state import GatewayState
 from shared import metrics
 from shared.logs import call_sid_var, mask_number
+from shared.redisio import retry_for
 from shared.security import make_stream_token, webhook_signature_ok
 from shared.streams import STATUS_ENDED, STATUS_RINGING, entry
 
@@ -67,6 +68,49 @@ def _unavailable(route: str) -> Response:
     return Response("service unavailable\n", status_code=503, media_type="text/plain")
 
 
+# Twilio waits 15 s for the voice webhook; a cluster promotes a replica in ~2.5 s. Riding through
+# that costs the caller a longer ring instead of a failed call. One Redis that is down stays down
+# for longer than a caller should ring, so there the answer is an immediate 503.
+CLUSTER_VOICE_RETRY_S = 5.0
+
+
+async def _record_and_queue(st: GatewayState, sid: str, form: dict[str, str]) -> None:
+    """Write the call record and queue its job, once per call however often Twilio retries.
+
+    Not one MULTI: on a cluster the call's hash and the job queue live in different slots. The
+    `queued` flag, set after the job is in, makes a retry (ours or Twilio's) re-queue a call whose
+    job did not make it; a job queued twice is harmless (the claim script lets one worker win)."""
+    key = st.keys.call(sid)
+    pipe = st.redis.pipeline(transaction=True)
+    pipe.hsetnx(key, "created", str(time.time()))
+    pipe.expire(key, st.settings.call_ttl_s)  # never a record without a TTL
+    pipe.hget(key, "queued")
+    first, _, queued = await pipe.execute()
+    if first:
+        pipe = st.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={
+            "status": STATUS_RINGING,
+            "from": form.get("From", ""),
+            "to": form.get("To", ""),
+            "account_sid": form.get("AccountSid", ""),
+        })
+        pipe.expire(key, st.settings.call_ttl_s)
+        await pipe.execute()
+    if queued:
+        return
+    await st.redis.xadd(st.keys.calls, {
+        b"sid": sid.encode(),
+        b"from": form.get("From", "").encode(),
+        b"to": form.get("To", "").encode(),
+        b"t": str(time.time_ns()).encode(),
+    }, maxlen=100_000, approximate=True)
+    await st.redis.hset(key, "queued", "1")
+    metrics.CALLS_ANSWERED.inc()
+    caller, called = form.get("From", ""), form.get("To", "")
+    log.info("call answered", extra={"from_": mask_number(caller), "to": mask_number(called)})
+    log.debug("call answered: numbers", extra={"from_": caller, "to": called})
+
+
 @router.post("/twilio/voice")
 async def voice(request: Request) -> Response:
     """Record the call, queue it for a worker, and answer with `<Connect><Stream>` at once."""
@@ -75,32 +119,9 @@ async def voice(request: Request) -> Response:
         return form
     st = _state(request)
     sid = form["CallSid"]
-    key = st.keys.call(sid)
     try:
-        pipe = st.redis.pipeline(transaction=True)
-        pipe.hsetnx(key, "created", str(time.time()))
-        pipe.expire(key, st.settings.call_ttl_s)  # never a record without a TTL
-        first, _ = await pipe.execute()
-        if first:  # Twilio retries webhooks: enqueue each call exactly once
-            pipe = st.redis.pipeline(transaction=True)
-            pipe.hset(key, mapping={
-                "status": STATUS_RINGING,
-                "from": form.get("From", ""),
-                "to": form.get("To", ""),
-                "account_sid": form.get("AccountSid", ""),
-            })
-            pipe.expire(key, st.settings.call_ttl_s)
-            pipe.xadd(st.keys.calls, {
-                b"sid": sid.encode(),
-                b"from": form.get("From", "").encode(),
-                b"to": form.get("To", "").encode(),
-                b"t": str(time.time_ns()).encode(),
-            }, maxlen=100_000, approximate=True)
-            await pipe.execute()
-            metrics.CALLS_ANSWERED.inc()
-            caller, called = form.get("From", ""), form.get("To", "")
-            log.info("call answered", extra={"from_": mask_number(caller), "to": mask_number(called)})
-            log.debug("call answered: numbers", extra={"from_": caller, "to": called})
+        within = CLUSTER_VOICE_RETRY_S if st.settings.redis_cluster else 0.0
+        await retry_for(within, lambda: _record_and_queue(st, sid, form))
     except (RedisError, OSError):
         log.error("redis unavailable while answering a call")
         return _unavailable("voice")

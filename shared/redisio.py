@@ -20,14 +20,29 @@ per stream and writer, only entries whose n is above the last it delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.streams import Keys
 
 log = logging.getLogger("callbridge.redis")
 
@@ -41,6 +56,36 @@ async def _stop(task: asyncio.Task[None], every_s: float) -> None:
         task.cancel()
         await asyncio.wait({task}, timeout=every_s)
 
+# Retries back off up to this: a cluster's replica takes over ~2.5 s after its primary died, and
+# the call's audio must flow again within 1 s of that, so a retry may not sleep much longer.
+# (Only the first failure of a run is logged; every one is counted.)
+MAX_BACKOFF_S = 0.25
+
+
+class _PartialWrite(Exception):
+    """Part of a pipeline failed for a reason worth retrying (a cluster node away, a slot moving)."""
+
+    def __init__(self, batch: Batch) -> None:
+        super().__init__(f"{len(batch)} commands to retry")
+        self.batch = batch
+
+
+def _retryable(result: Any) -> bool:
+    return isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError,
+                               TryAgainError, MovedError, AskError))
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+# What a Redis call on the data path may raise that is worth retrying: Redis's and the OS's errors,
+# and what redis-py's cluster client raises when a topology refresh (at start, or after a node
+# died) closes a connection under a command in flight: AttributeError or RuntimeError from the
+# closed transport (seen with redis-py 8.1). Either must cost a retry, never the process.
+TRANSIENT: tuple[type[Exception], ...] = (RedisError, OSError, AttributeError, RuntimeError)
+
+T = TypeVar("T")
 Fields = dict[bytes, bytes]
 Entries = list[tuple[bytes, Fields]]
 OnEntries = Callable[[bytes, Entries], None]
@@ -68,8 +113,86 @@ def media_latency_observer(observe: Callable[[float], None], kind: bytes = b"m")
     return on_flushed
 
 
-def connect(url: str, **kwargs: Any) -> aioredis.Redis:
-    """A client with keepalives and a pool that waits instead of failing when busy."""
+class _Cluster(RedisCluster):
+    """RedisCluster that finds the slot of XREAD and XREADGROUP itself. redis-py asks the server
+    (COMMAND GETKEYS, a round trip) for every command whose keys can move, so each blocked read
+    of a lane would cost two round trips; those keys are simply what follows STREAMS."""
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if str(command).upper() in ("XREAD", "XREADGROUP"):
+            words = [a.upper() if isinstance(a, str) else a for a in args]
+            at = next((i for i, a in enumerate(words) if a in ("STREAMS", b"STREAMS")), None)
+            if at is not None:
+                rest = args[at + 1:]
+                slots = {self.keyslot(k) for k in rest[:len(rest) // 2]}
+                if len(slots) != 1:
+                    raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+                return slots.pop()
+        return await super()._determine_slot(command, *args)
+
+
+async def retry_for(seconds: float, op: Callable[[], Awaitable[T]]) -> T:
+    """`op()` until it succeeds or `seconds` have passed, then its last error: for a request that
+    can wait out a cluster's failover. `seconds` = 0 tries once."""
+    deadline = time.monotonic() + seconds
+    backoff = 0.05
+    while True:
+        try:
+            return await op()
+        except TRANSIENT:
+            if time.monotonic() + backoff > deadline:
+                raise
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+async def warm(*clients: aioredis.Redis) -> None:
+    """Let each cluster client learn the topology before loops share it: redis-py's cluster client
+    races when many commands start at once on a fresh client (each fails with a ConnectionError).
+    A cluster that cannot be reached yet is left to the loops, which retry."""
+    for client in clients:
+        if isinstance(client, RedisCluster):
+            with contextlib.suppress(*TRANSIENT):
+                await client.initialize()
+
+
+async def check_layout(redis: aioredis.Redis, keys: Keys) -> None:
+    """Refuse to run with a lane count other than the one the deployment's first process wrote:
+    with two counts, the tiers would name a call's keys differently and no call would be served.
+    A Redis that cannot be reached is not an error here (the loops wait for it)."""
+    if not keys.lanes:
+        return
+    want = f"lanes={keys.lanes}".encode()
+    try:
+        await redis.set(keys.layout, want, nx=True)
+        have = await redis.get(keys.layout)
+    except (RedisError, OSError):
+        return
+    if have is not None and have != want:
+        from shared.settings import ConfigError
+
+        raise ConfigError(f"invalid setting REDIS_LANES: {keys.lanes}, but this deployment runs "
+                          f"with {have!r} (key {keys.layout})")
+
+
+def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> aioredis.Redis:
+    """A client with keepalives and a pool that waits instead of failing when busy.
+
+    With `cluster`, a Redis Cluster client that found the cluster from the one node `url` names.
+    It is typed as `Redis` because it offers every command, pipeline and script call this code
+    makes with the same signatures, so one code path serves both (the cluster tests prove it)."""
+    if cluster:
+        return cast(aioredis.Redis, _Cluster.from_url(
+            url,
+            max_connections=kwargs.pop("max_connections", 64),
+            socket_timeout=kwargs.pop("socket_timeout", 5),
+            socket_keepalive=True,
+            socket_connect_timeout=kwargs.pop("socket_connect_timeout", 3),
+            # A primary that died is retried by our loops (short backoff), not in redis-py:
+            # its retries would hold the whole batch while the replica is promoted.
+            retry=Retry(NoBackoff(), 1),
+            **kwargs,
+        ))
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=kwargs.pop("max_connections", 64),
@@ -172,6 +295,9 @@ class BatchWriter:
                 getattr(pipe, name)(*args, **kwargs)
             try:
                 results = await pipe.execute(raise_on_error=False)
+                retry = [cmd for cmd, r in zip(batch, results, strict=False) if _retryable(r)]
+                if retry:  # on a cluster, one node went away: the rest of the batch landed
+                    raise _PartialWrite(retry)
                 backoff = 0.05
                 errors = [r for r in results if isinstance(r, Exception)]
                 if errors:  # e.g. OOM under noeviction: those writes are lost, say so
@@ -184,19 +310,22 @@ class BatchWriter:
                     failing = False
                     if self._on_error:
                         self._on_error("reconnect")
-            except (RedisError, OSError) as exc:
-                failing = True
+            except (RedisError, OSError, AttributeError, RuntimeError, _PartialWrite) as exc:
+                if isinstance(exc, _PartialWrite):
+                    batch = exc.batch
                 # Redis is away: keep the batch (bounded) and retry, so an outage costs latency
                 # rather than audio, up to max_pending entries.
                 if self._on_error:
                     self._on_error("write")
-                log.warning("redis write failed, retrying", extra={"error": type(exc).__name__})
+                if not failing:
+                    log.warning("redis write failed, retrying", extra={"error": _name(exc)})
+                failing = True
                 keep = self._max_pending - len(self._pending)
                 self.dropped += max(0, len(batch) - keep)
                 self._pending = batch[:keep] + self._pending
                 self._wake.set()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             self.batches += 1
             if self._on_flushed is not None:
@@ -318,13 +447,14 @@ class MultiReader:
                         self._on_error("reconnect")
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
-                failing = True
+            except TRANSIENT as exc:
                 if self._on_error:
                     self._on_error("read")
-                log.warning("redis read failed, retrying", extra={"error": type(exc).__name__})
+                if not failing:
+                    log.warning("redis read failed, retrying", extra={"error": _name(exc)})
+                failing = True
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             if not resp:
                 continue
@@ -345,3 +475,38 @@ class MultiReader:
                     self._on_entries(key, entries)
                 except Exception:
                     log.exception("stream consumer failed", extra={"stream": key.decode()})
+
+
+class LaneReader:
+    """`MultiReader`s by lane: one blocked XREAD per lane, over the streams this process follows in
+    that lane. A Redis Cluster refuses a multi-key read across slots, and each lane is one slot
+    (shared/streams.py, `Keys`); on one Redis there is one lane, so this is one `MultiReader`."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, process_id: str, on_entries: OnEntries,
+                 *, on_error: OnError | None = None) -> None:
+        self._keys = keys
+        self._readers = [MultiReader(redis, keys.wake(process_id, lane), on_entries, on_error=on_error)
+                         for lane in range(max(1, keys.lanes))]
+
+    def start(self) -> None:
+        for reader in self._readers:
+            reader.start()
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [t for reader in self._readers for t in reader.tasks()]
+
+    @property
+    def duplicates(self) -> int:
+        return sum(reader.duplicates for reader in self._readers)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(reader.close() for reader in self._readers))
+
+    def _reader(self, key: str) -> MultiReader:
+        return self._readers[self._keys.lane_of_key(key.encode())]
+
+    async def add(self, key: str, from_id: str = "0-0") -> None:
+        await self._reader(key).add(key, from_id)
+
+    def remove(self, key: str) -> None:
+        self._reader(key).remove(key)

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.streams import Keys
+
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message is one line and names the variable."""
@@ -43,6 +45,9 @@ class Settings(BaseSettings):
 
     # Tuning knobs, all with safe defaults.
     redis_prefix: str = Field(default="cb:", alias="REDIS_PREFIX")
+    # REDIS_URL names any one node of a Redis Cluster (docs/architecture.md, "Redis Cluster").
+    redis_cluster: bool = Field(default=False, alias="REDIS_CLUSTER")
+    redis_lanes: int = Field(default=16, ge=1, le=1024, alias="REDIS_LANES")
     stream_token_secret: SecretStr | None = Field(default=None, alias="STREAM_TOKEN_SECRET")
     stream_token_ttl_s: int = Field(default=300, alias="STREAM_TOKEN_TTL_S")
     call_ttl_s: int = Field(default=3600, alias="CALL_TTL_S")
@@ -128,6 +133,10 @@ class Settings(BaseSettings):
         parts = urlsplit(self.public_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
         return f"{scheme}://{parts.netloc}{parts.path}/twilio/media"
+
+    def keys(self) -> Keys:
+        """The key layout: hash-tagged lanes on a cluster, today's plain names on one Redis."""
+        return Keys(self.redis_prefix, self.redis_lanes if self.redis_cluster else 0)
 
     @property
     def audio_sample_rate(self) -> int:

@@ -8,7 +8,11 @@ across processes). Keeping the encoding here means the gateway and the worker ca
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
+from functools import lru_cache
+
+from redis.crc import key_slot
 
 # Entry kinds on call:{sid}:in (gateway -> worker).
 IN_MEDIA = b"m"
@@ -34,43 +38,101 @@ STATUS_LIVE = "live"
 STATUS_ENDED = "ended"
 
 
+CONTROL_TAG = "ctl"  # the hash tag of the cluster-wide keys: job queue, leases, worker sets
+
+
+@lru_cache(maxsize=16)
+def lane_tags(lanes: int) -> tuple[str, ...]:
+    """One hash tag per lane, lane i's chosen to land in the i-th of `lanes` equal slices of the
+    16384 slots, so the lanes spread over the primaries as evenly as the slots do (a cluster made
+    by `redis-cli --cluster create` gives each primary one contiguous slice)."""
+    tags: list[str] = []
+    for i in range(lanes):
+        lo, hi = i * 16384 // lanes, (i + 1) * 16384 // lanes
+        n = 0
+        while not lo <= key_slot(f"{i}.{n}".encode()) < hi:
+            n += 1
+        tags.append(f"{i}.{n}")
+    return tuple(tags)
+
+
+def lane_of(sid: str, lanes: int) -> int:
+    """The lane a call lives in: fixed by its CallSid, so every process finds its keys alone."""
+    return zlib.crc32(sid.encode()) % lanes
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names under one prefix (default `cb:`); `call_*` take a CallSid."""
+    """Key names under one prefix (default `cb:`); `call_*` take a CallSid.
+
+    `lanes` = 0 (one Redis): the names carry no hash tag. On a Redis Cluster (`lanes` >= 1) every
+    key of a call carries its lane's tag, so the call's multi-key scripts and one XREAD per lane
+    are legal there; the cluster-wide keys share the `{ctl}` tag, so the lease scripts are too."""
 
     prefix: str = "cb:"
+    lanes: int = 0
+
+    def lane(self, sid: str) -> int:
+        return lane_of(sid, self.lanes) if self.lanes else 0
+
+    def lane_tag(self, lane: int) -> str:
+        return "{" + lane_tags(self.lanes)[lane] + "}" if self.lanes else ""
+
+    def lane_of_key(self, key: bytes) -> int:
+        """Which lane a key (as written by these Keys) is in; 0 for an untagged name."""
+        if not self.lanes:
+            return 0
+        start = key.find(b"{")
+        end = key.find(b"}", start + 1)
+        if start < 0 or end < 0:
+            return 0
+        tag = key[start + 1:end].decode(errors="replace")
+        lane, _, _ = tag.partition(".")
+        return int(lane) if lane.isdigit() and int(lane) < self.lanes else 0
+
+    def _c(self) -> str:
+        return f"{self.prefix}{{{CONTROL_TAG}}}" if self.lanes else self.prefix
+
+    def _call(self, sid: str) -> str:
+        return f"{self.prefix}{self.lane_tag(self.lane(sid))}call:{sid}"
 
     @property
     def calls(self) -> str:
-        return f"{self.prefix}calls"
+        return f"{self._c()}calls"
 
     def call(self, sid: str) -> str:
-        return f"{self.prefix}call:{sid}"
+        return self._call(sid)
 
     def inbound(self, sid: str) -> str:
-        return f"{self.prefix}call:{sid}:in"
+        return f"{self._call(sid)}:in"
 
     def outbound(self, sid: str) -> str:
-        return f"{self.prefix}call:{sid}:out"
+        return f"{self._call(sid)}:out"
 
     def events(self, sid: str) -> str:
-        return f"{self.prefix}call:{sid}:events"
+        return f"{self._call(sid)}:events"
 
-    def wake(self, process_id: str) -> str:
-        return f"{self.prefix}wake:{process_id}"
+    def wake(self, process_id: str, lane: int = 0) -> str:
+        """A process's own wake stream for one lane's blocked read (same slot as the lane)."""
+        return f"{self.prefix}{self.lane_tag(lane)}wake:{process_id}"
+
+    @property
+    def layout(self) -> str:
+        """The lane count the deployment was started with: every process must agree."""
+        return f"{self._c()}layout"
 
     @property
     def workers(self) -> str:
         """Sorted set: worker id -> its lease deadline (ms, Redis clock)."""
-        return f"{self.prefix}workers"
+        return f"{self._c()}workers"
 
     def worker(self, worker_id: str) -> str:
         """A worker's lease key (TTL = the lease)."""
-        return f"{self.prefix}worker:{worker_id}"
+        return f"{self._c()}worker:{worker_id}"
 
     def worker_calls(self, worker_id: str) -> str:
         """Set of the CallSids a worker owns, for survivors to find when it dies."""
-        return f"{self.prefix}worker:{worker_id}:calls"
+        return f"{self._c()}worker:{worker_id}:calls"
 
     def all_call_keys(self, sid: str) -> tuple[str, str, str, str]:
         return (self.call(sid), self.inbound(sid), self.outbound(sid), self.events(sid))

@@ -83,7 +83,9 @@ async def make_stack(redis_url: str, prefix: str, procs: list[Proc], redis: aior
         await gw.wait_ready()
         for w in wks:
             await w.wait_ready()
-        yield Stack(twilio, vapi, gw, wk, Keys(prefix), redis, fmt, wks)
+        cluster = str(env_extra.get("REDIS_CLUSTER", "")).lower() == "true"
+        keys = Keys(prefix, int(str(env_extra.get("REDIS_LANES", 16))) if cluster else 0)
+        yield Stack(twilio, vapi, gw, wk, keys, redis, fmt, wks)
     finally:
         await twilio.stop()
         await vapi.stop()

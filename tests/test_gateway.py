@@ -806,7 +806,7 @@ async def test_a_slow_socket_backlog_is_bounded(redis_url: str, prefix: str, red
     dropped = metrics.DROPPED.labels("out_overflow")
     before = dropped._value.get()
     reader = aioredis.Redis.from_url(redis_url)
-    hub = OutboundHub(reader, f"{prefix}wake:test")
+    hub = OutboundHub(reader, S.Keys(prefix), "test")
     hub.start()
     out = f"{prefix}call:X:out"
     try:

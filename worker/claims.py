@@ -10,7 +10,9 @@ looks for lapsed leases every `lease/5` and takes over, up to its free slots, th
 calls (its `worker:{id}:calls` set) and any job it had read but not yet claimed (its pending
 entries in the group). Each call moves by a script that checks the owner, so two survivors never
 both take one. When nothing of the dead worker is left, its lease entry and its consumer name
-are removed.
+are removed. A survivor judges others only once its own lease has been held for a whole lease:
+after Redis (or the cluster node with the leases) was away that long, every deadline has passed,
+and judging before the living could renew would move every call.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from shared import metrics
+from shared.redisio import TRANSIENT
 from shared.streams import WORKER_GROUP, Keys
 from worker import ownership
 
@@ -55,6 +58,7 @@ class Claimer:
         free_slots: Callable[[], int],
         serving: Callable[[str], bool],
         on_job: OnJob,
+        steady: Callable[[], bool] = lambda: True,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -64,6 +68,7 @@ class Claimer:
         self._free_slots = free_slots
         self._serving = serving
         self._on_job = on_job
+        self._steady = steady  # our lease held for a whole lease: our view of others' is current
         self.paused = False
         # redis-py can swallow a cancellation that lands as a command is sent (asyncio.wait_for on
         # Python 3.11): the loops also stop on this flag, so a shutdown cannot hang on them.
@@ -79,7 +84,7 @@ class Claimer:
             try:
                 await ensure_group(self._redis, self._stream)
                 break
-            except (RedisError, OSError) as exc:
+            except TRANSIENT as exc:
                 metrics.REDIS_ERRORS.labels("claim").inc()
                 log.warning("cannot create the consumer group yet", extra={"error": type(exc).__name__})
                 await asyncio.sleep(backoff)
@@ -103,7 +108,7 @@ class Claimer:
                     WORKER_GROUP, self._consumer, {self._stream: ">"}, count=min(free, 10), block=1000
                 )
                 backoff = 0.1
-            except (RedisError, OSError) as exc:
+            except TRANSIENT as exc:
                 metrics.REDIS_ERRORS.labels("claim").inc()
                 log.warning("claim read failed", extra={"error": type(exc).__name__})
                 await asyncio.sleep(backoff)
@@ -132,11 +137,13 @@ class Claimer:
                 if earlier_self and self._free_slots() > 0:
                     await self._take_over(self._consumer, fair=False)
                     earlier_self = False
+                if not self._steady():
+                    continue  # the leases were unreachable: give everyone a lease to renew first
                 self._lapsed = await ownership.lapsed_workers(self._redis, self._keys)
                 for dead in self._lapsed:
                     if dead != self._consumer:
                         await self._take_over(dead)
-            except (RedisError, OSError) as exc:
+            except TRANSIENT as exc:
                 metrics.REDIS_ERRORS.labels("claim").inc()
                 log.warning("orphan scan failed", extra={"error": type(exc).__name__})
 

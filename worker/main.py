@@ -22,10 +22,18 @@ from redis.exceptions import RedisError
 from shared import metrics
 from shared.health import readiness
 from shared.logs import error_fields
-from shared.redisio import BatchWriter, Entries, MultiReader, connect, media_latency_observer
+from shared.redisio import (
+    BatchWriter,
+    Entries,
+    LaneReader,
+    check_layout,
+    connect,
+    media_latency_observer,
+    warm,
+)
 from shared.serving import quiet_server
 from shared.settings import ConfigError, Settings
-from shared.streams import WORKER_GROUP, Keys
+from shared.streams import WORKER_GROUP
 from worker import ownership
 from worker.claims import Claimer, ensure_group
 from worker.ownership import Lease
@@ -50,15 +58,17 @@ class Worker:
         settings.require("REDIS_URL", "VAPI_API_KEY", "VAPI_ASSISTANT_ID")
         assert settings.redis_url
         self.settings = settings
-        self.keys = Keys(settings.redis_prefix)
+        self.keys = settings.keys()
         self.worker_id = settings.effective_worker_id()
-        self.redis: aioredis.Redis = connect(settings.redis_url)
-        self._reader_redis = connect(settings.redis_url, max_connections=2)
-        self._claim_redis = connect(settings.redis_url, max_connections=2)
+        cluster = settings.redis_cluster
+        self.redis: aioredis.Redis = connect(settings.redis_url, cluster=cluster)
+        self._reader_redis = connect(settings.redis_url, cluster=cluster,
+                                     max_connections=max(1, self.keys.lanes) + 2)
+        self._claim_redis = connect(settings.redis_url, cluster=cluster, max_connections=2)
         self.writer = BatchWriter(self.redis, on_error=_redis_error, on_flushed=media_latency_observer(
             metrics.HOP_LATENCY.labels("worker_to_redis").observe))
-        self.inbox = MultiReader(self._reader_redis, self.keys.wake(f"wk-{self.worker_id}"),
-                                 self._on_inbound, on_error=_redis_error)
+        self.inbox = LaneReader(self._reader_redis, self.keys, f"wk-{self.worker_id}",
+                                self._on_inbound, on_error=_redis_error)
         self.vapi = VapiClient(settings)
         self.twilio = TwilioRest(settings)
         self.sessions: dict[str, CallSession] = {}
@@ -74,6 +84,7 @@ class Worker:
             free_slots=self._free_slots,
             serving=lambda sid: sid in self.sessions or sid in self._claiming,
             on_job=self._on_job,
+            steady=lambda: self.lease is not None and self.lease.steady(),
         )
         self.lease: Lease | None = None
         self._verifying: asyncio.Task[None] | None = None
@@ -327,11 +338,13 @@ class Worker:
         """Serve until `stop` is set, then drain: finish live calls up to the drain timeout."""
         if serve_http and http_socket is None:
             http_socket = self.bind_http()
+        await warm(self.redis, self._reader_redis, self._claim_redis)
+        await check_layout(self.redis, self.keys)
         self.writer.start()
         self.inbox.start()
         self.lease = Lease(self.settings.redis_url or "", self.keys, self.worker_id,
                            lease_s=self.settings.claim_lease_s, on_lapsed=self._on_lease_lapsed,
-                           loop=asyncio.get_running_loop())
+                           loop=asyncio.get_running_loop(), cluster=self.settings.redis_cluster)
         self.lease.start()
         self._spawn(self.vapi.assistant_model(), "vapi-assistant-model")  # ready before a takeover
         background = [

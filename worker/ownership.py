@@ -27,6 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
 from redis.exceptions import RedisError
 
 from shared.streams import Keys
@@ -113,9 +116,11 @@ class Lease:
 
     def __init__(self, url: str, keys: Keys, worker_id: str, *, lease_s: float,
                  on_lapsed: Callable[[], None], loop: asyncio.AbstractEventLoop,
-                 loop_stall_s: float = 5.0) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=max(0.5, lease_s / 3),
-                                            socket_connect_timeout=max(0.5, lease_s / 3))
+                 loop_stall_s: float = 5.0, cluster: bool = False) -> None:
+        timeouts = {"socket_timeout": max(0.5, lease_s / 3),
+                    "socket_connect_timeout": max(0.5, lease_s / 3)}
+        self._client: Any = (RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), **timeouts)
+                             if cluster else redis.Redis.from_url(url, **timeouts))
         self._beat = self._client.register_script(BEAT)
         self._keys = keys
         self._worker_id = worker_id
@@ -129,6 +134,7 @@ class Lease:
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
         self.held = False  # renewed within the lease
         self.renewed_at = 0.0
+        self.held_since = 0.0  # when the current run of successful renewals began
         self.lapses = 0
 
     def start(self) -> None:
@@ -146,6 +152,13 @@ class Lease:
                 pipe.execute()
         with contextlib.suppress(Exception):
             self._client.close()
+
+    def steady(self) -> bool:
+        """Held for a whole lease without a gap. Until then our own view of the leases may be
+        stale: when Redis (or, on a cluster, the node with the leases) was away for longer than a
+        lease, every worker's deadline passed, and a survivor judging others before they could
+        renew would take every call from live workers."""
+        return self.held and time.monotonic() - self.held_since >= self._lease_ms / 1000
 
     def _mark_loop_alive(self) -> None:
         self._loop_seen = time.monotonic()
@@ -182,6 +195,8 @@ class Lease:
             self.held = False
             return
         was_held = self.held
+        if not was_held:
+            self.held_since = now
         self.held = True
         self.renewed_at = now
         if not first and (not had or lapsed_locally or not was_held):
