@@ -195,7 +195,7 @@ async def test_the_primary_of_a_live_calls_slot_killed_the_call_goes_on(
         # The call goes on, on the same worker and Vapi session: nothing was taken over.
         await wait_heard(call, 2, timeout=15)
         call.say_pcm(caller_utterance(1))
-        await until(lambda: len(session.caller_turns) >= 2, 15, "the next caller turn at Vapi")
+        await until(lambda s=session: len(s.caller_turns) >= 2, 15, "the next caller turn at Vapi")
         assert await stack.owner(sid) is owner
         assert len(stack.vapi.sessions) == 1
         await call.hangup()
@@ -234,7 +234,7 @@ async def test_the_node_holding_leases_and_jobs_killed_no_call_moves_and_new_cal
         await call.hangup()
         await second.hangup()
         await session.wait_closed(5)
-        await until(lambda: stack.vapi.open_sessions() == 0, 10, "every Vapi session closed")
+        await until(lambda v=stack.vapi: v.open_sessions() == 0, 10, "every Vapi session closed")
 
 
 async def _first_after(times: list[float], t: float, timeout: float = 15.0) -> float:

@@ -29,8 +29,8 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.retry import Retry
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from shared.streams import Keys
 
