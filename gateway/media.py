@@ -35,6 +35,7 @@ from gateway.state import (
 from shared import metrics
 from shared import streams as S
 from shared.logs import call_sid_var, error_fields, stream_sid_var
+from shared.redisio import Generation
 from shared.security import verify_stream_token, ws_signature_ok
 from shared.twilio_proto import (
     Connected,
@@ -310,17 +311,10 @@ def redis_came_back(st: GatewayState) -> None:
 
 
 async def _redis_restarted(st: GatewayState) -> bool:
-    """Whether Redis's run_id changed: a restart, even one no command of ours saw fail (redis-py
-    reconnects and retries by itself). The answer is untrusted like any other."""
-    try:
-        server: Any = await st.redis.info("server")
-    except (RedisError, OSError):
-        return False
-    run_id = server.get("run_id") if isinstance(server, dict) else None
-    if not isinstance(run_id, str) or not run_id:
-        return False
-    known, st.redis_run_id = st.redis_run_id, run_id
-    return known is not None and known != run_id
+    """Whether Redis may have lost writes since the last look: one Redis restarted, or a cluster
+    node failed over (shared/redisio.py, `Generation`), even if no command of ours saw it fail
+    (redis-py reconnects and retries by itself)."""
+    return st.redis_generation.changed(await Generation.read(st.redis))
 
 
 async def idle_watchdog(st: GatewayState) -> None:

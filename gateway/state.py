@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.hub import OutboundHub
-from shared.redisio import BatchWriter
+from shared.redisio import BatchWriter, Generation
 from shared.settings import Settings
 from shared.streams import Keys
 
@@ -46,7 +46,7 @@ class GatewayState:
     # more times the watchdog re-asserts what this gateway holds (twice: the second pass finds
     # the streams that caller audio re-created meanwhile).
     redis_back_at: float = 0.0
-    redis_run_id: str | None = None
+    redis_generation: Generation = field(default_factory=Generation)
     reassert_rounds: int = 0
 
 

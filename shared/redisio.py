@@ -146,6 +146,44 @@ async def retry_for(seconds: float, op: Callable[[], Awaitable[T]]) -> T:
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
+class Generation:
+    """What changes when Redis may have lost acknowledged writes, so a process re-asserts what it
+    knows: one Redis's run_id (a restart, perhaps empty), or a cluster's current epoch, which a
+    replica's promotion raises (it may lack the dead primary's last writes). A cluster's nodes
+    learn a new epoch by gossip, one after another, so only a rise counts there: asking a node
+    that has not heard yet must not look like a second change."""
+
+    def __init__(self) -> None:
+        self.value: str | int | None = None
+
+    @staticmethod
+    async def read(redis: aioredis.Redis) -> str | int | None:
+        """The current value (None when Redis cannot say; the answer is untrusted)."""
+        try:
+            if isinstance(redis, RedisCluster):
+                info: Any = await redis.cluster_info()
+                epoch = info.get("cluster_current_epoch") if isinstance(info, dict) else None
+                return int(epoch) if isinstance(epoch, (int, str)) and str(epoch).isdigit() else None
+            server: Any = await redis.info("server")
+        except TRANSIENT:
+            return None
+        run_id = server.get("run_id") if isinstance(server, dict) else None
+        return run_id if isinstance(run_id, str) and run_id else None
+
+    def changed(self, value: str | int | None) -> bool:
+        """Whether `value` is a change from the last one seen (the first one seen is not)."""
+        if value is None:
+            return False
+        known = self.value
+        if isinstance(value, int) and isinstance(known, int):
+            if value <= known:
+                return False
+        elif known == value:
+            return False
+        self.value = value
+        return known is not None
+
+
 async def warm(*clients: aioredis.Redis) -> None:
     """Let each cluster client learn the topology before loops share it: redis-py's cluster client
     races when many commands start at once on a fresh client (each fails with a ConnectionError).

@@ -25,6 +25,7 @@ from shared.logs import error_fields
 from shared.redisio import (
     BatchWriter,
     Entries,
+    Generation,
     LaneReader,
     check_layout,
     connect,
@@ -209,6 +210,17 @@ class Worker:
 
     # Ownership --------------------------------------------------------------------------------
 
+    async def _watch_generation(self) -> None:
+        """Once a second: if Redis may have lost writes (a restart, a cluster failover: see
+        `Generation`), check and re-assert every call as after a lapsed lease. A restart is
+        also seen by the lease; a failover of a node that holds calls but not the leases is not."""
+        generation = Generation()
+        while True:
+            if generation.changed(await Generation.read(self.redis)):
+                log.warning("redis may have lost writes (restart or failover); re-asserting calls")
+                self._on_lease_lapsed()
+            await asyncio.sleep(1.0)
+
     def _on_lease_lapsed(self) -> None:
         """Our lease was gone when renewed: we stalled past it, or Redis lost its data. Check
         every call before going on (runs on the loop; one check at a time)."""
@@ -350,6 +362,7 @@ class Worker:
         background = [
             asyncio.create_task(self._ticker(), name="playout-ticker"),
             asyncio.create_task(self.claimer.run(), name="claimer"),
+            asyncio.create_task(self._watch_generation(), name="redis-generation"),
         ]
         watched = [*self.writer.tasks(), *self.inbox.tasks()]  # stopped by close(), after a flush
         server = None
