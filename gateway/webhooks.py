@@ -74,29 +74,31 @@ def _unavailable(route: str) -> Response:
 CLUSTER_VOICE_RETRY_S = 5.0
 
 
+# KEYS: call hash. ARGV: ttl s, created, status, from, to, account sid. Creates the record once
+# (Twilio retries webhooks), always with a TTL; returns {1 if created now, the `queued` flag}.
+# A script rather than MULTI: one slot either way, and no reliance on cluster transactions.
+RECORD_CALL = """
+local first = redis.call('HSETNX', KEYS[1], 'created', ARGV[2])
+if first == 1 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3], 'from', ARGV[4], 'to', ARGV[5],
+             'account_sid', ARGV[6])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return {first, redis.call('HGET', KEYS[1], 'queued')}
+"""
+
+
 async def _record_and_queue(st: GatewayState, sid: str, form: dict[str, str]) -> None:
     """Write the call record and queue its job, once per call however often Twilio retries.
 
-    Not one MULTI: on a cluster the call's hash and the job queue live in different slots. The
+    Two steps: on a cluster the call's hash and the job queue live in different slots. The
     `queued` flag, set after the job is in, makes a retry (ours or Twilio's) re-queue a call whose
     job did not make it; a job queued twice is harmless (the claim script lets one worker win)."""
     key = st.keys.call(sid)
-    pipe = st.redis.pipeline(transaction=True)
-    pipe.hsetnx(key, "created", str(time.time()))
-    pipe.expire(key, st.settings.call_ttl_s)  # never a record without a TTL
-    pipe.hget(key, "queued")
-    first, _, queued = await pipe.execute()
-    if first:
-        pipe = st.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={
-            "status": STATUS_RINGING,
-            "from": form.get("From", ""),
-            "to": form.get("To", ""),
-            "account_sid": form.get("AccountSid", ""),
-        })
-        pipe.expire(key, st.settings.call_ttl_s)
-        await pipe.execute()
-    if queued:
+    got: Any = await st.redis.eval(
+        RECORD_CALL, 1, key, st.settings.call_ttl_s, str(time.time()), STATUS_RINGING,
+        form.get("From", ""), form.get("To", ""), form.get("AccountSid", ""))
+    if isinstance(got, list) and len(got) == 2 and got[1]:
         return
     await st.redis.xadd(st.keys.calls, {
         b"sid": sid.encode(),
