@@ -218,3 +218,45 @@ async def test_a_malformed_sequence_never_breaks_the_reader(
         await redis.xadd(key, {b"q": b"w:1", b"v": b"next"})
         await _until(lambda: b"next" in _delivered(got, key), "the reader stalled")
         assert _delivered(got, key) == [b"odd", b"next"]
+
+
+def test_one_redis_keeps_plain_names_and_a_cluster_tags_each_call_by_lane() -> None:
+    from redis.crc import key_slot
+
+    from shared.streams import Keys, lane_tags
+
+    plain = Keys("cb:")
+    assert plain.call("CA1") == "cb:call:CA1" and plain.inbound("CA1") == "cb:call:CA1:in"
+    assert plain.workers == "cb:workers" and plain.wake("p") == "cb:wake:p"
+    assert plain.lane("CA1") == 0 and plain.lane_of_key(b"cb:call:CA1:in") == 0
+
+    keys = Keys("cb:", 16)
+    for sid in ("CA" + "0" * 32, "CA" + "f" * 32, "CAabc"):
+        lane = keys.lane(sid)
+        names = keys.all_call_keys(sid)
+        assert len({key_slot(k.encode()) for k in names}) == 1, names
+        assert all(keys.lane_of_key(k.encode()) == lane for k in names)
+        assert key_slot(keys.wake("p", lane).encode()) == key_slot(names[0].encode())
+    control = {keys.calls, keys.workers, keys.worker("w1"), keys.worker_calls("w1"), keys.layout}
+    assert len({key_slot(k.encode()) for k in control}) == 1, control
+    # Lane i's tag lands in the i-th equal slice of the slots.
+    for lanes in (1, 3, 16, 64):
+        for i, tag in enumerate(lane_tags(lanes)):
+            assert i * 16384 // lanes <= key_slot(tag.encode()) < (i + 1) * 16384 // lanes
+    # A key from elsewhere (another version, a bad tag) maps to lane 0, never out of range.
+    for odd in (b"cb:{99.1}call:x", b"cb:{x}call:y", b"cb:{call", b"cb:}{"):
+        assert keys.lane_of_key(odd) == 0
+
+
+def test_generation_counts_a_restart_and_a_rising_cluster_epoch_once() -> None:
+    from shared.redisio import Generation
+
+    g = Generation()
+    assert not g.changed("run-a")  # the first one seen is no change
+    assert not g.changed(None) and not g.changed("run-a")
+    assert g.changed("run-b") and not g.changed("run-b")
+    c = Generation()
+    assert not c.changed(6) and not c.changed(6)
+    assert c.changed(7)
+    assert not c.changed(6), "a node that has not heard of the new epoch yet is no change"
+    assert not c.changed(7) and c.changed(9)
