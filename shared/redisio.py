@@ -20,7 +20,6 @@ per stream and writer, only entries whose n is above the last it delivered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -82,8 +81,10 @@ def _name(exc: BaseException) -> str:
 # What a Redis call on the data path may raise that is worth retrying: Redis's and the OS's errors,
 # and what redis-py's cluster client raises when a topology refresh (at start, or after a node
 # died) closes a connection under a command in flight: AttributeError or RuntimeError from the
-# closed transport (seen with redis-py 8.1). Either must cost a retry, never the process.
-TRANSIENT: tuple[type[Exception], ...] = (RedisError, OSError, AttributeError, RuntimeError)
+# closed transport (seen with redis-py 8.1), or RedisClusterException when no node it knows
+# answers. Each must cost a retry, never the process.
+TRANSIENT: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError,
+                                          AttributeError, RuntimeError)
 
 T = TypeVar("T")
 Fields = dict[bytes, bytes]
@@ -187,28 +188,43 @@ class Generation:
 async def warm(*clients: aioredis.Redis) -> None:
     """Let each cluster client learn the topology before loops share it: redis-py's cluster client
     races when many commands start at once on a fresh client (each fails with a ConnectionError).
-    A cluster that cannot be reached yet is left to the loops, which retry."""
+    A cluster that cannot be reached yet is left to the loops, which retry; a node that is not in
+    cluster mode is a configuration error."""
     for client in clients:
         if isinstance(client, RedisCluster):
-            with contextlib.suppress(*TRANSIENT):
+            try:
                 await client.initialize()
+            except TRANSIENT as exc:
+                if "cluster mode is not enabled" in str(exc).lower():
+                    from shared.settings import ConfigError
+
+                    raise ConfigError("invalid setting REDIS_CLUSTER: true, but the Redis at "
+                                      "REDIS_URL is not in cluster mode") from None
 
 
 async def check_layout(redis: aioredis.Redis, keys: Keys) -> None:
     """Refuse to run with a lane count other than the one the deployment's first process wrote:
     with two counts, the tiers would name a call's keys differently and no call would be served.
-    A Redis that cannot be reached is not an error here (the loops wait for it)."""
+    A Redis that cannot be reached is not an error here (the loops wait for it). Without lanes,
+    a cluster node at REDIS_URL is refused too: its MOVED answers would fail every call."""
+    from shared.settings import ConfigError
+
     if not keys.lanes:
+        try:
+            info: Any = await redis.info("cluster")
+        except TRANSIENT:
+            return
+        if isinstance(info, dict) and str(info.get("cluster_enabled")) == "1":
+            raise ConfigError("invalid setting REDIS_CLUSTER: false, but the Redis at REDIS_URL "
+                              "is a cluster node (set REDIS_CLUSTER=true)")
         return
     want = f"lanes={keys.lanes}".encode()
     try:
         await redis.set(keys.layout, want, nx=True)
         have = await redis.get(keys.layout)
-    except (RedisError, OSError):
+    except TRANSIENT:
         return
     if have is not None and have != want:
-        from shared.settings import ConfigError
-
         raise ConfigError(f"invalid setting REDIS_LANES: {keys.lanes}, but this deployment runs "
                           f"with {have!r} (key {keys.layout})")
 

@@ -159,6 +159,28 @@ async def test_mismatched_lane_counts_are_refused(shared_cluster: Cluster, prefi
         await client.aclose()
 
 
+async def test_a_cluster_node_without_cluster_mode_and_a_plain_redis_with_it_are_refused(
+    shared_cluster: Cluster, redis_url: str
+) -> None:
+    """REDIS_CLUSTER must match what REDIS_URL names: either mismatch would fail every call
+    later (MOVED answers, or no cluster to find), so it stops the process at start, naming it."""
+    from shared.redisio import check_layout, warm
+    from shared.settings import ConfigError
+
+    plain_client_on_a_node = aioredis.Redis.from_url(shared_cluster.url)
+    try:
+        with pytest.raises(ConfigError, match="REDIS_CLUSTER: false"):
+            await check_layout(plain_client_on_a_node, Keys("cb:"))
+    finally:
+        await plain_client_on_a_node.aclose()
+    cluster_client_on_plain = connect(redis_url, cluster=True)
+    try:
+        with pytest.raises(ConfigError, match="REDIS_CLUSTER: true"):
+            await warm(cluster_client_on_plain)
+    finally:
+        await cluster_client_on_plain.aclose()
+
+
 async def _answer_playing(stack: Stack, call: SimCall) -> None:
     await wait_heard(call, 1)
     call.say_pcm(caller_utterance(0))
