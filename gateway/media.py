@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
-from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gateway.fence import OwnerFence, epoch_of
@@ -35,7 +34,7 @@ from gateway.state import (
 from shared import metrics
 from shared import streams as S
 from shared.logs import call_sid_var, error_fields, stream_sid_var
-from shared.redisio import Generation
+from shared.redisio import TRANSIENT, Generation
 from shared.security import verify_stream_token, ws_signature_ok
 from shared.twilio_proto import (
     Connected,
@@ -109,13 +108,13 @@ async def _authorize(st: GatewayState, start: Start) -> str:
     try:  # single use: a replayed `start` cannot attach a second socket to a live call
         fresh = await st.redis.set(f"{st.keys.prefix}tok:{token[-24:]}", b"1", nx=True,
                                    ex=st.settings.stream_token_ttl_s + 60)
-    except (RedisError, OSError):
+    except TRANSIENT:
         raise Rejected("redis_error") from None
     if not fresh:
         raise Rejected("token_reused")
     try:
         status: Any = await st.redis.hget(st.keys.call(start.call_sid), "status")
-    except (RedisError, OSError):
+    except TRANSIENT:
         raise Rejected("redis_error") from None
     if status is None:
         raise Rejected("unknown_call")
@@ -185,7 +184,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         floor = epoch_of({b"e": epoch}) if isinstance(epoch, bytes) else None
         fence = OwnerFence(floor or 0)
         queue = await st.hub.attach(out_key, from_id)
-    except (RedisError, OSError):
+    except TRANSIENT:
         await _reject(ws, "redis_error")
         return
     announce = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
@@ -356,7 +355,7 @@ async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo, since:
     key = st.keys.call(info.call_sid)
     try:
         owner = await st.redis.hget(key, "owner")
-    except (RedisError, OSError):
+    except TRANSIENT:
         return
     info.owner_ok_since = since  # decided either way for this window
     if owner:

@@ -8,14 +8,13 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from redis.exceptions import RedisError
 
 from gateway import twiml
 from gateway.records import ENSURE_TTL, ensure_ttl
 from gateway.state import GatewayState
 from shared import metrics
 from shared.logs import call_sid_var, mask_number
-from shared.redisio import retry_for
+from shared.redisio import TRANSIENT, retry_for
 from shared.security import make_stream_token, webhook_signature_ok
 from shared.streams import STATUS_ENDED, STATUS_RINGING, entry
 
@@ -124,7 +123,7 @@ async def voice(request: Request) -> Response:
     try:
         within = CLUSTER_VOICE_RETRY_S if st.settings.redis_cluster else 0.0
         await retry_for(within, lambda: _record_and_queue(st, sid, form))
-    except (RedisError, OSError):
+    except TRANSIENT:
         log.error("redis unavailable while answering a call")
         return _unavailable("voice")
     metrics.WEBHOOKS.labels("voice", "ok").inc()
@@ -141,7 +140,7 @@ async def stream_ended(request: Request) -> Response:
     sid = form["CallSid"]
     try:
         call: Any = await st.redis.hgetall(st.keys.call(sid))
-    except (RedisError, OSError):
+    except TRANSIENT:
         return _unavailable("stream_ended")
     fields = {k.decode(): v.decode() for k, v in call.items()}
     status = fields.get("status")
@@ -158,7 +157,7 @@ async def stream_ended(request: Request) -> Response:
             pipe.hincrby(st.keys.call(sid), "reattaches", 1)
             pipe.eval(ENSURE_TTL, 1, st.keys.call(sid), st.settings.call_ttl_s)  # expired meanwhile?
             attempts, _ = await pipe.execute()
-        except (RedisError, OSError):
+        except TRANSIENT:
             return _unavailable("stream_ended")
         if attempts > st.settings.max_reattaches:
             outcome, body = "hangup", twiml.hangup(st.settings.unavailable_message)

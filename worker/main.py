@@ -23,6 +23,7 @@ from shared import metrics
 from shared.health import readiness
 from shared.logs import error_fields
 from shared.redisio import (
+    TRANSIENT,
     BatchWriter,
     Entries,
     Generation,
@@ -151,7 +152,7 @@ class Worker:
                 self._claiming.discard(sid)
                 return
             record: Any = await self.redis.hgetall(self.keys.call(sid))
-        except (RedisError, OSError) as exc:
+        except TRANSIENT as exc:
             # Not claimed, or claimed but not started: a claimed call stays in our set, and a
             # lease lapse check or our death hands it on; an unclaimed job stays pending.
             log.warning("claim failed", extra={"call_sid": sid, "error": type(exc).__name__})
@@ -195,7 +196,7 @@ class Worker:
                     epoch = await ownership.claim(self.redis, self.keys, sid, self.worker_id, "",
                                                   maxlen=s.stream_maxlen, ttl_s=s.call_ttl_s)
                 return epoch
-            except (RedisError, OSError):
+            except TRANSIENT:
                 if attempt == 4:
                     raise
                 await asyncio.sleep(0.1 * 2**attempt)
@@ -237,7 +238,7 @@ class Worker:
             try:
                 outcome = await ownership.reassert(self.redis, self.keys, session.sid, self.worker_id,
                                                    session.epoch, s.call_ttl_s, session.record_fields())
-            except (RedisError, OSError):
+            except TRANSIENT:
                 continue  # the next lapse check tries again
             if outcome == 0:
                 log.warning("another worker took this call over; letting it go",

@@ -32,6 +32,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from shared.redisio import TRANSIENT
 from shared.streams import Keys
 
 log = logging.getLogger("callbridge.worker.ownership")
@@ -191,7 +192,7 @@ class Lease:
         try:
             had = self._beat(keys=[self._keys.worker(self._worker_id), self._keys.workers],
                              args=[self._worker_id, self._lease_ms])
-        except (RedisError, OSError):
+        except TRANSIENT:
             self.held = False
             return
         was_held = self.held

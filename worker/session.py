@@ -21,7 +21,6 @@ from typing import Any, ParamSpec, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -29,7 +28,7 @@ from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
 from shared.logs import call_sid_var, error_fields
-from shared.redisio import BatchWriter, Entries
+from shared.redisio import TRANSIENT, BatchWriter, Entries
 from shared.settings import Settings
 from shared.streams import Keys
 from worker import ownership
@@ -381,7 +380,7 @@ class CallSession:
         """The final transcripts so far, from `:events` (what a successor hands the new session)."""
         try:
             entries: Any = await self.w.redis.xrange(self.keys.events(self.sid))
-        except (RedisError, OSError):
+        except TRANSIENT:
             entries = []
         out: list[tuple[str, str]] = []
         for _id, f in entries:
