@@ -15,7 +15,7 @@ async def readiness(redis: aioredis.Redis, draining: bool) -> Response:
         return Response('{"status":"draining"}', status_code=503, media_type="application/json")
     try:
         await asyncio.wait_for(redis.ping(), 1.0)
-    except (*TRANSIENT, TimeoutError):
+    except TRANSIENT + (TimeoutError,):
         return Response('{"status":"redis unavailable"}', status_code=503,
                         media_type="application/json")
     return Response('{"status":"ready"}', media_type="application/json")
