@@ -9,7 +9,6 @@ from starlette.responses import Response
 
 from shared.redisio import TRANSIENT
 
-
 # Redis failing, or not answering within the second a probe may take.
 _UNREADY: tuple[type[Exception], ...] = (*TRANSIENT, TimeoutError)
 
