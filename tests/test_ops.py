@@ -1,6 +1,7 @@
 """Run it like production: ops/Dockerfile, compose.yaml, ops/prometheus.yml + ops/alerts.yml and the
 Grafana dashboard, checked against the Compose schema, promtool, the metrics the code exports, a
-real Prometheus scraping real processes, and the gateway/worker started exactly as compose would.
+real Prometheus scraping real processes, and the gateway/worker started exactly as compose would;
+compose.cluster.yaml likewise, with its Redis Cluster nodes and init service run as local processes.
 
 Needs the Debian `prometheus` package (promtool + prometheus) for the Prometheus tests; they skip,
 saying so, only when those binaries are absent.
@@ -32,8 +33,12 @@ import jsonschema
 import pytest
 import redis.asyncio as aioredis
 import yaml
+from redis import Redis as SyncRedis
+from redis import RedisError
 
+from callbridge.redis_cluster import cluster_available, cluster_port
 from callbridge.redis_server import free_port
+from shared.redisio import connect
 from shared.streams import Keys
 from sim import voices
 from sim.twilio import SimCall, TwilioSim
@@ -53,6 +58,8 @@ from tests.conftest import (
 OPS = ROOT / "ops"
 DOCKERFILE = OPS / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_CLUSTER = ROOT / "compose.cluster.yaml"  # opt-in override: the stack on a Redis Cluster
+CLUSTER_INIT = "redis-cluster-init"  # its one-shot service that joins the nodes
 PROM_CONFIG = OPS / "prometheus.yml"
 ALERTS = OPS / "alerts.yml"
 DASHBOARD = OPS / "grafana" / "dashboards" / "callbridge.json"
@@ -206,6 +213,145 @@ def exported_metric_names() -> set[str]:
         if family.name.startswith("callbridge_"):
             names.update(family.name + s for s in suffixes.get(family.type, [""]))
     return names
+
+
+# Helpers: compose.cluster.yaml -------------------------------------------------------------------
+
+# When a later `-f` file sets one of these, compose replaces the earlier sequence whole. Others
+# (ports, volumes, …) it merges element by element; compose.cluster.yaml sets none of those over
+# compose.yaml, so compose_merge refuses them rather than guess.
+REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
+
+
+def compose_merge(base: Any, override: Any, path: str = "") -> Any:
+    """`override` laid over `base` as `docker compose -f base -f override` merges them: mappings
+    key by key at every level (services, environment, depends_on, healthcheck…), `command` and
+    the like replaced, scalars replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = copy.deepcopy(base)
+        for key, value in override.items():
+            merged[key] = (compose_merge(base[key], value, f"{path}.{key}") if key in base
+                           else copy.deepcopy(value))
+        return merged
+    where = path.lstrip(".")
+    if isinstance(base, dict | list) or isinstance(override, dict | list):
+        if type(base) is not type(override):
+            raise NotImplementedError(f"{where}: long and short syntax mixed (compose normalizes first)")
+        if path.rsplit(".", 1)[-1] not in REPLACED_SEQUENCES:
+            raise NotImplementedError(f"{where}: compose merges this sequence element by element")
+    return copy.deepcopy(override)
+
+
+def cluster_compose(env: dict[str, str]) -> dict[str, Any]:
+    """The services of `-f compose.yaml -f compose.cluster.yaml`, interpolated with `env`."""
+    merged = compose_merge(load_yaml(COMPOSE), load_yaml(COMPOSE_CLUSTER))
+    return dict(interpolate(merged, env)["services"])
+
+
+def option(argv: list[str], name: str) -> str | None:
+    """The value after `name` in an argv (`--port 6379`), or None."""
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def cluster_nodes(services: dict[str, Any]) -> list[str]:
+    """The services that run a Redis Cluster node, in file order."""
+    return [name for name, svc in services.items()
+            if isinstance(svc.get("command"), list) and option(svc["command"], "--cluster-enabled") == "yes"]
+
+
+def cluster_create_args(script: str) -> list[str]:
+    """What the init script passes to `redis-cli --cluster create`."""
+    (line,) = [ln for ln in script.splitlines() if "--cluster create" in ln]
+    words = shlex.split(line.split("||")[0])
+    return words[words.index("create") + 1:]
+
+
+def on_loopback(script: str, ports: dict[str, int]) -> str:
+    """The init script with each node's compose address (`redis-2:6379`) replaced by the local
+    one its stand-in listens on (`127.0.0.1:<port>`), and nothing else changed."""
+    names = "|".join(re.escape(name) for name in sorted(ports, key=len, reverse=True))
+    local = re.sub(rf"\b({names}):6379\b", lambda m: f"127.0.0.1:{ports[m[1]]}", script)
+    assert ":6379" not in local, f"a node address was not mapped:\n{local}"
+    return local
+
+
+@contextlib.contextmanager
+def loopback_nodes(services: dict[str, Any], nodes: list[str], tmp_path: Path) -> Iterator[dict[str, int]]:
+    """Each node service's command as a local `redis-server`, with only what one host needs
+    appended: a port of its own (six nodes cannot all have 6379), loopback, and a directory for
+    its nodes.conf. Yields {service: port} once every node answers PING; stops them all after."""
+    ports: dict[str, int] = {}
+    taken: set[int] = set()
+    running: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        for name in nodes:
+            port = cluster_port()
+            while {port, port + 10000} & taken:  # Redis fixes each node's bus port at port + 10000
+                port = cluster_port()
+            taken |= {port, port + 10000}
+            ports[name] = port
+            workdir = tmp_path / name
+            workdir.mkdir()
+            argv = [*services[name]["command"],
+                    "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+            with (workdir / "redis.log").open("wb") as log:
+                running.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+        deadline = time.monotonic() + 10
+        for name, proc in running:
+            with SyncRedis(host="127.0.0.1", port=ports[name], socket_timeout=1,
+                           socket_connect_timeout=0.5) as client:
+                while True:
+                    log_tail = (tmp_path / name / "redis.log").read_text()[-2000:]
+                    assert proc.poll() is None, f"{name} exited:\n{log_tail}"
+                    with contextlib.suppress(RedisError):
+                        if client.ping():
+                            break
+                    assert time.monotonic() < deadline, f"{name} did not answer PING:\n{log_tail}"
+                    time.sleep(0.02)
+        yield ports
+    finally:
+        for _, proc in running:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in running:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def redis_cli(port: int, *args: str) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=5)
+    return out.stdout
+
+
+def cluster_state(port: int) -> str | None:
+    found = re.search(r"^cluster_state:(\w+)", redis_cli(port, "cluster", "info"), re.M)
+    return found[1] if found else None
+
+
+def cluster_table(port: int) -> list[tuple[str, str, str]]:
+    """One node's CLUSTER NODES: (node id, role, id of its primary or -) for every node."""
+    rows = [line.split() for line in redis_cli(port, "cluster", "nodes").splitlines() if line.strip()]
+    return sorted((r[0], "replica" if "slave" in r[2].split(",") else "primary", r[3]) for r in rows)
+
+
+def wait_cluster_formed(ports: dict[str, int], timeout: float = 15.0) -> list[tuple[str, str, str]]:
+    """Until every node says cluster_state:ok and node 1 sees 3 primaries serving slots and 3
+    connected replicas, one per primary; returns node 1's table."""
+    first = next(iter(ports.values()))
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [line.split() for line in redis_cli(first, "cluster", "nodes").splitlines() if line.strip()]
+        healthy = [r for r in rows if r[7] == "connected" and not {"fail", "fail?"} & set(r[2].split(","))]
+        primaries = {r[0] for r in healthy if "master" in r[2].split(",") and r[8:]}
+        replicas = [r[3] for r in healthy if "slave" in r[2].split(",")]
+        if (len(rows) == 6 and len(primaries) == 3 and sorted(replicas) == sorted(primaries)
+                and all(cluster_state(p) == "ok" for p in ports.values())):
+            return cluster_table(first)
+        assert time.monotonic() < deadline, f"no 3 + 3 cluster after {timeout} s:\n{rows}"
+        time.sleep(0.05)
 
 
 # Helpers: async --------------------------------------------------------------------------------
@@ -416,6 +562,66 @@ def test_ports_agree_across_compose_prometheus_and_healthchecks() -> None:
     assert rule_file == ALERTS
     mounted = {v.split(":")[1] for v in services["prometheus"]["volumes"] if v.startswith("./")}
     assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/alerts.yml"} <= mounted
+
+
+def test_compose_cluster_override_matches_schema_and_waits_for_the_cluster() -> None:
+    """compose.cluster.yaml is a valid Compose file, and merged over compose.yaml (as
+    `docker compose -f compose.yaml -f compose.cluster.yaml` merges) it runs six cluster nodes
+    configured like compose.yaml's Redis, one init service that joins them, and both tiers in
+    cluster mode, started only after the init service succeeded."""
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    override = load_yaml(COMPOSE_CLUSTER)
+    merged = compose_merge(load_yaml(COMPOSE), override)
+    for doc in (override, interpolate(override, {}), merged, interpolate(merged, {})):
+        validator.validate(doc)
+    base = interpolate(load_yaml(COMPOSE), {})["services"]
+    services = cluster_compose({})
+    assert not cluster_nodes(base), "compose.yaml alone stays on one Redis"
+
+    nodes = cluster_nodes(services)
+    assert len(nodes) == 6 and nodes[0] == "redis", nodes
+    node_command = services["redis"]["command"]
+    for name in nodes:
+        node = services[name]
+        assert node["image"] == base["redis"]["image"], name
+        assert node["command"] == node_command, f"{name}: every node runs the same command"
+        for opt in ("--maxmemory", "--maxmemory-policy", "--save", "--appendonly"):
+            assert option(node["command"], opt) == option(base["redis"]["command"], opt), \
+                f"{name}: {opt} as compose.yaml's redis has it"
+        assert "redis-cli ping" in " ".join(node["healthcheck"]["test"]), name
+        assert "ports" not in node, f"{name}: outside the compose network the cluster is unusable"
+    assert option(node_command, "--cluster-config-file") == "nodes.conf"
+    assert option(node_command, "--cluster-node-timeout") == "1000", "the README's failover figures"
+
+    init = services[CLUSTER_INIT]
+    assert init["image"] == base["redis"]["image"] and init["restart"] == "no"
+    assert init["depends_on"] == {name: {"condition": "service_healthy"} for name in nodes}
+    assert init["command"][:2] == ["sh", "-c"] and len(init["command"]) == 3
+    assert cluster_create_args(init["command"][2]) == [
+        *(f"{name}:6379" for name in nodes), "--cluster-replicas", "1", "--cluster-yes"]
+
+    for name in PROJECT_SERVICES:
+        svc, env = services[name], services[name]["environment"]
+        assert svc["depends_on"][CLUSTER_INIT] == {"condition": "service_completed_successfully"}
+        assert svc["depends_on"]["redis"] == {"condition": "service_healthy"}, "kept from compose.yaml"
+        assert env["REDIS_CLUSTER"] == "true", name
+        assert urlsplit(env["REDIS_URL"]).hostname in nodes, name
+        assert {k: env[k] for k in base[name]["environment"]} == base[name]["environment"], \
+            f"{name}: the rest of its environment is compose.yaml's"
+        assert svc["command"] == base[name]["command"]
+    lanes = {services[name]["environment"]["REDIS_LANES"] for name in PROJECT_SERVICES}
+    assert len(lanes) == 1, "every process must use the same REDIS_LANES"
+
+    # Whatever else runs from our image either waits for the cluster in cluster mode, or uses a
+    # plain Redis that is no cluster node (a cluster node would answer it with MOVED).
+    for name, svc in services.items():
+        if svc.get("build", {}).get("dockerfile") != "ops/Dockerfile" or name in PROJECT_SERVICES:
+            continue
+        host = urlsplit(svc["environment"]["REDIS_URL"]).hostname
+        assert host not in nodes and "REDIS_CLUSTER" not in svc["environment"], name
+        assert svc["depends_on"][host] == {"condition": "service_healthy"}, name
+        assert set(services[host].get("profiles", [])) <= set(svc.get("profiles", [])), \
+            f"{host} starts only with {name}"
 
 
 # 3. Prometheus config and alerts -------------------------------------------------------------
@@ -689,6 +895,32 @@ def compose_process(name: str, service: dict[str, Any], image_env: dict[str, str
     return Proc(name, list(service["command"]), env, health_url=health), health
 
 
+def stand_in_compose_env(gw_port: int, vapi: VapiSim, twilio: TwilioSim, prefix: str) -> dict[str, str]:
+    """What the shell or .env would give `docker compose`, pointed at the stand-ins."""
+    return {
+        "PUBLIC_URL": f"http://127.0.0.1:{gw_port}",
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "VAPI_API_KEY": VAPI_KEY, "VAPI_ASSISTANT_ID": ASSISTANT_ID,
+        "VAPI_BASE_URL": vapi.base_url, "REDIS_PREFIX": prefix,
+        "TWILIO_API_BASE_URL": twilio.rest_base_url,
+    }
+
+
+def start_compose_services(services: dict[str, Any], image_env: dict[str, str], gw_port: int,
+                           host_map: dict[str, str],
+                           procs: list[Proc]) -> tuple[dict[str, Proc], dict[int, int]]:
+    """The gateway and worker services as local processes (see compose_process); also the map
+    from the ports they listen on in compose to the local ones."""
+    port_map = {int(services["gateway"]["environment"]["PORT"]): gw_port,
+                int(services["worker"]["environment"]["WORKER_HTTP_PORT"]): free_port()}
+    started: dict[str, Proc] = {}
+    for name in PROJECT_SERVICES:
+        proc, _ = compose_process(name, services[name], image_env, port_map, host_map)
+        started[name] = proc.start()
+        procs.append(proc)
+    return started, port_map
+
+
 async def test_compose_services_run_as_declared(redis_url: str, prefix: str, procs: list[Proc],
                                                 redis: aioredis.Redis,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -699,24 +931,10 @@ async def test_compose_services_run_as_declared(redis_url: str, prefix: str, pro
     redis_netloc = urlsplit(redis_url).netloc
 
     async with sims() as (vapi, gw_port):
-        wk_port = free_port()
-        compose_env = {
-            "PUBLIC_URL": f"http://127.0.0.1:{gw_port}",
-            "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "VAPI_API_KEY": VAPI_KEY, "VAPI_ASSISTANT_ID": ASSISTANT_ID,
-            "VAPI_BASE_URL": vapi.base_url, "REDIS_PREFIX": prefix,
-        }
         async with twilio_sim(gw_port) as twilio:
-            compose_env["TWILIO_API_BASE_URL"] = twilio.rest_base_url
-            services = interpolate(raw, compose_env)["services"]
-            port_map = {int(services["gateway"]["environment"]["PORT"]): gw_port,
-                        int(services["worker"]["environment"]["WORKER_HTTP_PORT"]): wk_port}
-            started: dict[str, Proc] = {}
-            for name in PROJECT_SERVICES:
-                proc, _ = compose_process(name, services[name], image_env, port_map,
-                                          {"redis:6379": redis_netloc})
-                started[name] = proc.start()
-                procs.append(proc)
+            services = interpolate(raw, stand_in_compose_env(gw_port, vapi, twilio, prefix))["services"]
+            started, port_map = start_compose_services(services, image_env, gw_port,
+                                                       {"redis:6379": redis_netloc}, procs)
             for name, proc in started.items():
                 await proc.wait_ready()
                 # The service's own compose healthcheck command passes, run as compose would.
@@ -755,3 +973,49 @@ def run_image_healthcheck(code: str, proc: Proc, monkeypatch: pytest.MonkeyPatch
             else:
                 m.delenv(key, raising=False)
         exec(compile(code, "<HEALTHCHECK>", "exec"), {"__builtins__": builtins, "open": fake_open})
+
+
+@pytest.mark.skipif(cluster_available() is not None, reason=str(cluster_available()))
+async def test_compose_cluster_override_runs_as_declared(tmp_path: Path, prefix: str,
+                                                         procs: list[Proc]) -> None:
+    """compose.cluster.yaml's commands, run here: six `redis-server`s with the nodes' command,
+    the init service's script (twice: a re-run must pass and change nothing), then the gateway
+    and worker with exactly the environment the merged file gives them, and a call through them."""
+    image_env = stage_env(dockerfile_stages()[-1])
+    async with sims() as (vapi, gw_port):
+        async with twilio_sim(gw_port) as twilio:
+            services = cluster_compose(stand_in_compose_env(gw_port, vapi, twilio, prefix))
+            with loopback_nodes(services, cluster_nodes(services), tmp_path) as ports:
+                init = services[CLUSTER_INIT]["command"]
+                argv = [*init[:-1], on_loopback(init[-1], ports)]
+
+                first = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                                timeout=60)
+                assert first.returncode == 0, first.stdout + first.stderr
+                assert cluster_state(ports["redis"]) == "ok", "init returns once node 1 says ok"
+                table = await asyncio.to_thread(wait_cluster_formed, ports)
+
+                again = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                                timeout=60)
+                assert again.returncode == 0, again.stdout + again.stderr
+                assert cluster_table(ports["redis"]) == table, "a re-run leaves the cluster as it was"
+
+                host_map = {f"{name}:6379": f"127.0.0.1:{port}" for name, port in ports.items()}
+                started, _ = start_compose_services(services, image_env, gw_port, host_map, procs)
+                try:
+                    for proc in started.values():
+                        await proc.wait_ready()  # the URL of its compose healthcheck (/healthz)
+                        assert proc.health_url is not None
+                        proc.health_url = urlunsplit(urlsplit(proc.health_url)._replace(path="/readyz"))
+                        await proc.wait_ready()  # ready: it reached the cluster
+                    client = connect(started["gateway"].env["REDIS_URL"], cluster=True)
+                    try:
+                        lanes = int(services["gateway"]["environment"]["REDIS_LANES"])
+                        await one_call(twilio, vapi, client, Keys(prefix, lanes))
+                    finally:
+                        await client.aclose()
+                    for proc in started.values():
+                        assert proc.alive(), proc.logs()
+                finally:
+                    for proc in started.values():
+                        proc.stop()  # before the nodes they drain through go away
