@@ -677,7 +677,7 @@ async def test_records_audio_and_ignores_garbage(sim: VapiSim) -> None:
         await ws.send('{"type": "end-call"}')  # still fully working
         await c.wait(lambda: c.done, 3)
     assert session.ended_reason == "customer-ended-call"
-    # a system add-message triggers no answer (the loud garbage audio does start a caller turn)
+    # the silent script has no answer to give (the loud garbage audio does start a caller turn)
     assert not c.of("speech-update", role="assistant")
     assert c.of("speech-update", role="user", status="started")
 
@@ -743,6 +743,64 @@ async def test_keypad_add_message_and_say(sim: VapiSim) -> None:
         assert c.label(c.turn_frames(1)) == "say"
         await c.aclose()
     assert [s.label for s in session.spoken] == ["answer:0", "say"]
+
+
+async def test_say_speaks_its_content_and_can_end_the_call(sim: VapiSim) -> None:
+    sim.assistant = AssistantScript(greeting_s=None, answers=1, say_s=0.4)
+    url, session = await new_call(sim)
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, "pcm_s16le", 16000)
+        await c.wait_msg("status-update", status="in-progress")
+        await ws.send(orjson.dumps({"type": "say", "content": "Please call us back.",
+                                    "endCallAfterSpoken": True}).decode())
+        await c.wait(lambda: c.done, 5)
+    assert c.of("model-output")[0]["output"] == "Please call us back."
+    assert c.of("transcript", role="assistant")[0]["transcript"] == "Please call us back."
+    assert c.label(c.turn_frames(0)) == "say" and len(c.turn_frames(0)) == 20, "all of it first"
+    assert c.of("status-update", status="ended")[0]["endedReason"] == \
+        "assistant-ended-call-after-message-spoken"
+    assert session.ended_reason == "assistant-ended-call-after-message-spoken"
+
+
+async def test_add_message_triggers_a_response_unless_told_not_to(sim: VapiSim) -> None:
+    sim.assistant = AssistantScript(greeting_s=None, answers=2, answer_s=0.3)
+    url, session = await new_call(sim)
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, "pcm_s16le", 16000)
+        await c.wait_msg("status-update", status="in-progress")
+        await ws.send(orjson.dumps({"type": "add-message", "triggerResponseEnabled": False,
+                                    "message": {"role": "system", "content": "quiet"}}).decode())
+        await ws.send(orjson.dumps({"type": "add-message", "triggerResponseEnabled": True,
+                                    "message": {"role": "system", "content": "say hi"}}).decode())
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+        assert c.label(c.turn_frames(0)) == "answer:0"
+        await c.aclose()
+    assert session.added_messages == [("system", "quiet"), ("system", "say hi")]
+    assert [s.label for s in session.spoken] == ["answer:0"], "one answer: the silent one got none"
+    assert not c.of("transcript", role="user"), "a system note is not the caller speaking"
+
+
+async def test_mute_assistant_holds_the_speech_and_unmute_goes_on_from_there(sim: VapiSim) -> None:
+    sim.assistant = greeter(answers=0, greeting_s=0.6)
+    url, session = await new_call(sim)
+    async with connect(url, ping_interval=None) as ws:
+        c = Client(ws, "pcm_s16le", 16000)
+        await c.wait(lambda: len(c.frames) >= 5, 2)
+        await ws.send('{"type": "control", "control": "mute-assistant"}')
+        await session.wait_for(lambda: bool(session.received_control("control")), 2)
+        held = len(c.frames)
+        muted_at = time.monotonic()
+        await asyncio.sleep(0.5)  # the greeting would have ended by now
+        assert len(c.frames) == held and session.speaking, "nothing sent, nothing skipped"
+        assert not c.of("speech-update", role="assistant", status="stopped")
+        await ws.send('{"type": "control", "control": "unmute-assistant"}')
+        await c.wait_msg("speech-update", role="assistant", status="stopped", turn=0)
+        unmuted = [t for t, e in c.events if isinstance(e, bytes)][held:]
+        assert unmuted and unmuted[0] - muted_at >= 0.5
+        await c.aclose()
+    assert len(c.frames) == 30, "the whole greeting, once"
+    assert c.label(c.turn_frames(0)) == "greeting"
+    assert not session.spoken[0].interrupted
 
 
 @pytest.mark.parametrize(("fmt", "rate", "frame_bytes"), FORMATS)

@@ -58,6 +58,12 @@ Inferences about Vapi (``docs/protocols.md``, "Inferred behaviour the stand-in b
   its user/assistant messages after it; a system message replaces the prompt; another provider
   drops it (recorded as ``CallSpec.model_replaced`` / ``system_replaced``).
 - ``model-output`` precedes the utterance's ``speech-update`` started and its audio, whole.
+- ``mute-assistant`` holds the assistant's speech where it is (its playout clock stands still, no
+  frame is sent) and ``unmute-assistant`` goes on from there; Vapi documents only "mute the
+  assistant", not whether speech during a mute is held or skipped.
+- A ``say`` utterance's text is its ``content``; an ``add-message`` with ``triggerResponseEnabled``
+  (default true, as documented) is answered whatever its role (a user message also becomes a
+  final user transcript); with ``false`` it is only recorded (``VapiSession.added_messages``).
 
 Limits: no listenUrl, no server-URL webhooks (end-of-call-report, tool webhooks), no
 conversation-update messages; ``model-output`` is one message per utterance, not per token; caller

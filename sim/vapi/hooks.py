@@ -30,8 +30,8 @@ class VapiObserver:
         """An assistant audio frame was written to the socket; ``at`` is just after the write.
 
         ``turn_id`` is the utterance's (the ``turnId`` a ``user-interrupted`` would name) and
-        ``index`` the frame's position in it (0: its first frame). Frames withheld by
-        ``mute-assistant`` are not sent, so not reported.
+        ``index`` the frame's position in it (0: its first frame). While ``mute-assistant``
+        holds the speech no frame is sent, so none is reported.
         """
 
     def caller_audio_received(self, session: VapiSession, data: bytes, at: float) -> None:

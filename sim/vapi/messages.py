@@ -11,9 +11,6 @@ from typing import Any
 
 import orjson
 
-#: an ``add-message`` whose content starts with this is a keypad entry (Vapi's keypadInputPlan).
-KEYPAD_PREFIX = "User's Keypad Entry:"
-
 
 def status_update(status: str, ended_reason: str | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "status-update", "status": status}
@@ -61,14 +58,17 @@ def tool_calls(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, 
     }
 
 
-def keypad_entry(msg: dict[str, Any]) -> str | None:
-    """The content of an ``add-message`` that is a keypad entry asking for a response, else None."""
+def added_message(msg: dict[str, Any]) -> tuple[str, str, bool] | None:
+    """``(role, content, respond)`` of an ``add-message``, or None when its ``message`` is not a
+    ``{role, content}`` of strings. ``respond`` is ``triggerResponseEnabled``, whose documented
+    default is true (spec ``ClientInboundMessageAddMessage``): only an explicit ``false`` adds the
+    message silently. A keypad entry (Vapi's keypadInputPlan text) is a user message like any."""
     message = msg.get("message")
+    role = message.get("role") if isinstance(message, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
-    trigger = msg.get("triggerResponseEnabled", True) is not False
-    if isinstance(content, str) and content.startswith(KEYPAD_PREFIX) and trigger:
-        return content
-    return None
+    if not isinstance(role, str) or not isinstance(content, str):
+        return None
+    return role, content, msg.get("triggerResponseEnabled", True) is not False
 
 
 def allowed(msg: dict[str, Any], client_messages: frozenset[str] | None) -> bool:

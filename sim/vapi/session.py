@@ -81,6 +81,7 @@ class _Plan:
     seconds: float
     interruptible: bool
     then_end: str | None = None
+    text: str | None = None  # the words (a ``say``'s content); None: made up from the label
 
 
 @dataclass(eq=False)
@@ -130,6 +131,8 @@ class VapiSession:
         self.received_frames: list[int] = []
         self.received_times: list[float] = []
         self.control: list[dict[str, Any]] = []
+        #: (role, content) of every well-formed ``add-message``, in order.
+        self.added_messages: list[tuple[str, str]] = []
         self.sent_control: list[dict[str, Any]] = []
         #: text frames that were not a JSON object with a string "type" (and undecodable text).
         self.invalid: list[str | bytes] = []
@@ -154,6 +157,7 @@ class VapiSession:
         self._answers_given = 0
         self._goodbye_planned = False
         self._assistant_muted = False
+        self._muted_at = 0.0
         self._customer_muted = False
         self._frame_s = voices.frame_samples(self.sample_rate) / self.sample_rate
 
@@ -382,10 +386,14 @@ class VapiSession:
         if kind in ("end-call", "hangup"):
             self._end("customer-ended-call")
         elif kind == "add-message":
-            keypad = M.keypad_entry(msg)
-            if keypad is not None:
-                self._emit(M.transcript("user", keypad))
-                self._respond()
+            added = M.added_message(msg)
+            if added is not None:
+                role, content, respond = added
+                self.added_messages.append((role, content))
+                if respond:
+                    if role == "user":
+                        self._emit(M.transcript("user", content))
+                    self._respond()
         elif kind == "say":
             if msg.get("interruptAssistantEnabled") is True and self._utt is not None:
                 self._finish(self._utt, time.monotonic(), interrupted=True)
@@ -395,13 +403,15 @@ class VapiSession:
                 else None
             )
             interruptible = msg.get("interruptionsEnabled") is True
-            self._enqueue(_Plan("say", 0, self.script.say_s, interruptible, then_end))
+            said = msg.get("content")
+            text = said if isinstance(said, str) and said else None
+            self._enqueue(_Plan("say", 0, self.script.say_s, interruptible, then_end, text))
         elif kind == "control":
             control = msg.get("control")
             if control == "mute-assistant":
-                self._assistant_muted = True
+                self._mute_assistant(time.monotonic())
             elif control == "unmute-assistant":
-                self._assistant_muted = False
+                self._unmute_assistant(time.monotonic())
             elif control == "mute-customer":
                 self._customer_muted = True
             elif control == "unmute-customer":
@@ -411,6 +421,27 @@ class VapiSession:
         # anything else: recorded, ignored
 
     # -- speaking ----------------------------------------------------------------------------
+
+    def _mute_assistant(self, now: float) -> None:
+        """``mute-assistant``: the assistant's speech stops where it is and is held, not
+        skipped: its playout clock stands still (greeting delay included) until unmuted."""
+        if not self._assistant_muted:
+            self._assistant_muted = True
+            self._muted_at = now
+
+    def _unmute_assistant(self, now: float) -> None:
+        """``unmute-assistant``: the held speech goes on from where it stopped."""
+        if not self._assistant_muted:
+            return
+        self._assistant_muted = False
+        held = now - self._muted_at
+        if self._utt is not None:
+            self._utt.start += held
+            self._utt.end += held
+        if self._hold_until > self._muted_at:
+            self._hold_until += held
+        if self._utt is not None or self._queue:
+            self.sim._activate(self)
 
     def _enqueue(self, plan: _Plan, delay: float = 0.0) -> None:
         if not self.live:
@@ -424,8 +455,8 @@ class VapiSession:
 
     def _tick(self, now: float) -> bool:
         """Send due frames, finish/start utterances. Returns True while ticking is needed."""
-        if not self.live:
-            return False
+        if not self.live or self._assistant_muted:
+            return False  # an unmute activates the session again
         self._in_tick = True
         try:
             for _ in range(8):  # bounded: finish -> start next within one tick
@@ -454,7 +485,9 @@ class VapiSession:
         )
         self._turn += 1
         label = voices.label(plan.kind, plan.index)
-        if plan.kind == "resume":
+        if plan.text is not None:
+            text = plan.text
+        elif plan.kind == "resume":
             text = resume_text(self.spec.history)
         else:
             text = utterance_text(label, plan.seconds)
