@@ -121,9 +121,16 @@ def url_with_query(url: str, params: dict[str, str]) -> str:
 
 
 def call_params(
-    *, account_sid: str, call_sid: str, from_: str, to: str, status: str
+    *,
+    account_sid: str,
+    call_sid: str,
+    from_: str,
+    to: str,
+    status: str,
+    direction: str = "inbound",
 ) -> dict[str, str]:
-    """Twilio's standard voice request parameters for an inbound call.
+    """Twilio's standard voice request parameters (`direction`: inbound, or outbound-api for a
+    call placed through the REST API).
 
     Geographic fields Twilio cannot resolve arrive as empty strings; country is "US" here.
     """
@@ -142,7 +149,7 @@ def call_params(
         "CallerCountry": "US",
         "CallerState": "",
         "CallerZip": "",
-        "Direction": "inbound",
+        "Direction": direction,
         "From": from_,
         "FromCity": "",
         "FromCountry": "US",
