@@ -17,6 +17,11 @@ What it does (wire details: docs/protocols.md, section "Twilio Media Streams"):
   a fresh `<Connect><Stream>`), or continues the document, or ends the call;
 * a REST stand-in (`POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`, Basic auth) for
   `Status=completed` hang-ups and `Twiml=`/`Url=` redirects;
+* outbound calls (`POST /2010-04-01/Accounts/{AC}/Calls.json`, what `client.calls.create` sends):
+  validated like Twilio, dialled to a configurable `Callee` (human, answering machine with a
+  greeting and a beep, busy, no-answer, ...), signed status callbacks (initiated, ringing,
+  answered, completed), answering machine detection (blocking or `AsyncAmd`), then `Url`/`Twiml`
+  run like an inbound call's TwiML, so `<Connect><Stream>` opens a Media Stream the same way;
 * observer hooks (`TwilioObserver`) for a bench or test that times audio at the socket.
 
 Clock and recordings (per call): call time t=0 is the moment the first stream's `start` was
@@ -26,7 +31,9 @@ sent; earlier events have negative times. `heard` and `sent` are **μ-law** byte
 Modules, one job each: wire (messages, signatures, URLs), twiml (documents → verbs),
 playout (the outbound buffer), recording (timelines, segments, WAV), stream (one socket and its
 pacing), call (SimCall), webhooks (signed requests to the app), rest (the REST stand-in),
-sim (TwilioSim: server, ticker, place_call), hooks (TwilioObserver).
+outbound (create requests, callees, AMD decisions, callback parameters: pure), dialer (an
+outbound call's lifecycle), sim (TwilioSim: server, ticker, place_call, wait_outbound), hooks
+(TwilioObserver).
 
 Typical use::
 
@@ -35,11 +42,22 @@ Typical use::
         call.say_pcm(pcm16_8k)
         await call.wait_speaking_done()
         reason = await call.wait_ended(timeout=10)
+
+An outbound call, placed by the gateway with `client.calls.create(...)` against
+`sim.rest_base_url`::
+
+    sim.callees["+15550009999"] = Callee(kind="machine", greeting_s=3.0)
+    ...  # the gateway creates the call
+    call = await sim.wait_outbound(timeout=10)
+    await call.wait_streams(1, timeout=10)
+    await call.wait_for(lambda: call.answered_by is not None, timeout=10)
+    call.heard_after_beep  # what the machine recorded
 """
 
 from .call import SimCall
 from .errors import TwilioSimError
 from .hooks import TwilioObserver
+from .outbound import Callee
 from .sim import TwilioSim
 
-__all__ = ["SimCall", "TwilioObserver", "TwilioSim", "TwilioSimError"]
+__all__ = ["Callee", "SimCall", "TwilioObserver", "TwilioSim", "TwilioSimError"]

@@ -9,6 +9,10 @@ Meanwhile the caller talks (`say`, `send_dtmf`, `hangup`) and listens: what the 
 goes through Twilio's playout buffer (playout.py) and is recorded on the call clock with what the
 caller sent (recording.py). Call time 0 is the moment the first stream's `start` was sent;
 earlier events have negative times.
+
+An outbound call (placed through `POST /Calls.json`) is the same object driven by dialer.py
+instead of a voice webhook: the remote party is the callee (`call.outbound.callee`), which talks
+through the same `say` queue, so a test talks and listens on it exactly as on an inbound call.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from . import dialer
 from . import twiml as tw
 from . import wire as w
 from .errors import TwilioSimError
@@ -59,6 +64,9 @@ class SimCall:
         self._t0_fixed = False
         self.answered_wall: float | None = None
         self.ended_wall: float | None = None
+        self.direction = "inbound"  # "outbound-api" for calls placed through the REST API
+        self.answered_by: str | None = None  # AMD's AnsweredBy, once it decided
+        self.outbound: dialer.Outbound | None = None  # request, callee and state of an outbound call
 
         self.ended = asyncio.Event()
         self.end_reason: str | None = None
@@ -123,6 +131,52 @@ class SimCall:
     def heard(self) -> bytes:
         """μ-law 8 kHz timeline of what the caller has heard so far (index = call time × 8000)."""
         return self._playout.heard_until(self._pos(_mono()))
+
+    @property
+    def status(self) -> str:
+        """The call resource's `status`. Inbound: ringing until the first stream started, then
+        in-progress; once ended, Twilio's final status for how it ended. Outbound: queued,
+        ringing, in-progress, then completed / busy / no-answer / failed / canceled."""
+        if self.outbound is not None:
+            return self.outbound.resource_status(self)
+        if self.end_reason is None:
+            return "in-progress" if self._started.is_set() else "ringing"
+        return {"rejected": "busy", "error": "failed"}.get(self.end_reason, "completed")
+
+    @property
+    def answered(self) -> bool:
+        """Whether the call was answered (inbound: its first stream started)."""
+        if self.outbound is not None:
+            return self.outbound.answered_mono is not None
+        return self._started.is_set()
+
+    @property
+    def answered_at(self) -> float | None:
+        """Call time at which the callee answered an outbound call (negative when the first
+        stream started later)."""
+        ob = self.outbound
+        if ob is None or ob.answered_mono is None:
+            return None
+        return ob.answered_mono - self._t0
+
+    @property
+    def beep_at(self) -> float | None:
+        """Call time at which a machine callee's beep started (None: no beep, not answered).
+        On `sent`, the beep's first byte sits at `int(beep_at * 8000)` when it was streamed."""
+        return self._script_time("beep_start")
+
+    @property
+    def beep_end(self) -> float | None:
+        """Call time at which a machine callee's beep ended; it records from here."""
+        return self._script_time("beep_end")
+
+    @property
+    def heard_after_beep(self) -> bytes:
+        """μ-law 8 kHz of what a machine callee heard after its beep (what it recorded)."""
+        end = self.beep_end
+        if end is None:
+            return b""
+        return self.heard[max(0, int(end * w.SAMPLE_RATE)) :]
 
     @property
     def sent(self) -> bytes:
@@ -198,8 +252,9 @@ class SimCall:
         st.pending_dtmf.append(digit)
 
     async def hangup(self) -> None:
-        """The caller hangs up: `stop` on the live socket, close it, end the call."""
-        await self._finish("caller-hangup")
+        """The caller (of an outbound call: the callee) hangs up: `stop` on the live socket,
+        close it, end the call ("caller-hangup" / "callee-hangup")."""
+        await self._finish("caller-hangup" if self.outbound is None else "callee-hangup")
 
     async def wait_speaking_done(self, timeout: float | None = None) -> None:
         """Wait until all queued caller audio has been sent (or the call ended)."""
@@ -252,6 +307,26 @@ class SimCall:
     def _pos(self, now: float) -> int:
         return int((now - self._t0) * w.SAMPLE_RATE)
 
+    def _script_time(self, name: str) -> float | None:
+        ob = self.outbound
+        if ob is None or ob.answered_mono is None:
+            return None
+        offset: float | None = getattr(ob.script, name)
+        return None if offset is None else ob.answered_mono + offset - self._t0
+
+    def _say_first(self, ulaw: bytes) -> None:
+        """Queue audio ahead of anything already queued (the callee's own script)."""
+        fb = w.FRAME_BYTES
+        rem = len(ulaw) % fb
+        if rem:
+            ulaw = bytes(ulaw) + w.SILENCE_FRAME[: fb - rem]
+        frames = [bytes(ulaw[i : i + fb]) for i in range(0, len(ulaw), fb)]
+        if not frames:
+            return
+        self._say_q.extendleft(reversed(frames))
+        self._say_idle.clear()
+        self._event("say", seconds=len(ulaw) / w.SAMPLE_RATE, queued_frames=len(self._say_q))
+
     def _event(self, kind: str, **data: Any) -> None:
         self.events.append((_mono() - self._t0, kind, data))
 
@@ -274,7 +349,8 @@ class SimCall:
         self.events[:] = [(t - delta, k, d) for (t, k, d) in self.events]
         self._t0 = now
         self._t0_fixed = True
-        self.answered_wall = time.time()
+        if self.answered_wall is None:  # an outbound call was answered before it streamed
+            self.answered_wall = time.time()
 
     def _next_caller_frame(self) -> tuple[bytes, str]:
         q = self._say_q
@@ -392,6 +468,8 @@ class SimCall:
         self.streams.append(sid)
         self.custom_parameters = params
         self._stream = st
+        if self.outbound is not None:
+            dialer.stream_started(self, now)
         self._event("stream-started", stream=sid, url=url, custom_parameters=params)
         st.reader = self._spawn(st.read(), f"read:{sid}")
         sim._live[st] = None
@@ -433,11 +511,13 @@ class SimCall:
 
     # ------------------------------------------------------------------ internals: TwiML driver
 
-    async def _drive(self) -> None:
+    async def _drive(self, body: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run the call (`body`, by default: the voice webhook and its documents) within the
+        sim's time limit, ending it on any failure."""
         limit = asyncio.timeout(self._sim.max_call_duration)
         try:
             async with limit:
-                await self._drive_documents()
+                await (body() if body is not None else self._drive_documents())
         except TimeoutError as exc:
             if not limit.expired():
                 self.error = f"timeout: {exc!r}"
@@ -456,9 +536,13 @@ class SimCall:
             self.error = f"simulator error: {exc!r}"
             await self._finish("error")
 
-    async def _drive_documents(self) -> None:
-        voice_url = self._sim.voice_url
-        doc: tuple[str, str] | None = (await self._fetch(voice_url, "POST", "ringing"), voice_url)
+    async def _drive_documents(self, first: tuple[str, str] | None = None) -> None:
+        """Run TwiML documents from `first` (document, its URL), by default the voice webhook's,
+        until the call ends or they run out."""
+        doc = first
+        if doc is None:
+            voice_url = self._sim.voice_url
+            doc = (await self._fetch(voice_url, "POST", "ringing"), voice_url)
         count = 0
         while doc is not None and self.end_reason is None:
             count += 1
@@ -468,14 +552,19 @@ class SimCall:
         if self.end_reason is None:
             await self._finish("completed")
 
-    async def _fetch(self, url: str, method: str, status: str) -> str:
+    async def _fetch(
+        self, url: str, method: str, status: str, extra: dict[str, str] | None = None
+    ) -> str:
         params = w.call_params(
             account_sid=self.account_sid,
             call_sid=self.call_sid,
             from_=self.from_,
             to=self.to,
             status=status,
+            direction=self.direction,
         )
+        if extra:
+            params.update(extra)
         self._event("webhook", url=url, method=method, status=status)
         try:
             resp = await self._sim._webhooks.request(url, method, params)
@@ -592,6 +681,8 @@ class SimCall:
                     task.cancel()
             self.ended_wall = time.time()
             self._event("ended", reason=reason)
+            if self.outbound is not None:
+                dialer.call_ended(self)
             self._say_idle.set()
             self.ended.set()
             self._notify()

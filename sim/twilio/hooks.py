@@ -42,3 +42,8 @@ class TwilioObserver:
         """A `clear` from the gateway was read; it dropped ``dropped`` samples (μ-law bytes at
         8 kHz) of queued audio that had not played. The marks it releases follow, each reported
         by :meth:`mark_echoed` with cause "clear"."""
+
+    def outbound_call_created(self, call: SimCall, at: float) -> None:
+        """`POST /Calls.json` created an outbound call (status queued); ``at`` is its creation.
+        The call has not been dialled yet: watch it with ``call.wait_for`` / ``wait_streams``
+        (or take it with ``TwilioSim.wait_outbound``)."""

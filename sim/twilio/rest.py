@@ -1,11 +1,16 @@
 """Twilio's REST call resource, as far as a gateway or worker uses it.
 
-`POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json` with Basic auth (account SID : auth token):
-`Status=completed` hangs up, `Twiml=` / `Url=` (+ `Method=`) redirect the live call (which tears
-down its `<Connect><Stream>`); `GET` returns the resource. Errors are Twilio's JSON error
-documents (20003 auth, 20404 unknown or ended call, 21218 / 21205 bad parameters, 12100 TwiML).
+Basic auth (account SID : auth token) on every request.
+`POST /2010-04-01/Accounts/{AC}/Calls.json` places an outbound call (validated by
+outbound.parse_create_call; answered 201 with the resource, `queued`; dialer.py runs it).
+`POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`: `Status=completed` hangs up, `Status=canceled`
+cancels a call not yet answered, `Twiml=` / `Url=` (+ `Method=`) redirect the live call (which
+tears down its `<Connect><Stream>`); `GET` returns the resource. Errors are Twilio's JSON error
+documents (20003 auth, 20404 unknown or ended call, 21218 / 21205 bad parameters, 12100 TwiML,
+212xx / 21626 a refused create).
 
-Docs: docs/protocols.md, section "Twilio Media Streams", "Call control".
+Docs: docs/protocols.md, section "Twilio Media Streams", "Call control" and "Outbound calls and
+answering machine detection".
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .outbound import CreateCallError, parse_create_call
 from .twiml import TwimlError, parse_twiml
 
 if TYPE_CHECKING:
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from .sim import TwilioSim
 
 CALL_PATH = "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
+CALLS_PATH = "/2010-04-01/Accounts/{account_sid}/Calls.json"
 
 
 def rest_app(sim: TwilioSim) -> Starlette:
@@ -36,7 +43,15 @@ def rest_app(sim: TwilioSim) -> Starlette:
     async def call_endpoint(request: Request) -> JSONResponse:
         return await _call_request(sim, request)
 
-    return Starlette(routes=[Route(CALL_PATH, call_endpoint, methods=["GET", "POST"])])
+    async def calls_endpoint(request: Request) -> JSONResponse:
+        return await _create_call(sim, request)
+
+    return Starlette(
+        routes=[
+            Route(CALLS_PATH, calls_endpoint, methods=["POST"]),
+            Route(CALL_PATH, call_endpoint, methods=["GET", "POST"]),
+        ]
+    )
 
 
 def _auth_ok(sim: TwilioSim, request: Request) -> bool:
@@ -57,6 +72,37 @@ def _error(code: int, message: str, status: int) -> JSONResponse:
     return JSONResponse(error_doc(code, message, status), status_code=status)
 
 
+def _unauthorized() -> JSONResponse:
+    return JSONResponse(
+        error_doc(20003, "Authenticate", 401),
+        status_code=401,
+        headers={"WWW-Authenticate": 'Basic realm="Twilio API"'},
+    )
+
+
+async def _create_call(sim: TwilioSim, request: Request) -> JSONResponse:
+    """`POST …/Calls.json`: place an outbound call."""
+    account = request.path_params["account_sid"]
+    pairs = [(k, str(v)) for k, v in (await request.form()).multi_items()]
+    # The log keeps one value per name (the last, like the update log); the call keeps all.
+    sim.rest_requests.append((time.monotonic(), request.method, request.url.path, dict(pairs)))
+    if not _auth_ok(sim, request):
+        return _unauthorized()
+    if account != sim.account_sid:
+        return _error(20404, f"The requested resource {request.url.path} was not found", 404)
+    try:
+        req = parse_create_call(
+            pairs,
+            invalid_numbers=sim.invalid_numbers,
+            verified_caller_ids=sim.verified_caller_ids,
+            reject_url_with_twiml=sim.reject_url_with_twiml,
+        )
+    except CreateCallError as exc:
+        return _error(exc.code, exc.message, exc.status)
+    call = sim._create_outbound(req)
+    return JSONResponse(call_resource(call), status_code=201)
+
+
 async def _call_request(sim: TwilioSim, request: Request) -> JSONResponse:
     account = request.path_params["account_sid"]
     call_sid = request.path_params["call_sid"]
@@ -65,11 +111,7 @@ async def _call_request(sim: TwilioSim, request: Request) -> JSONResponse:
         form = {k: str(v) for k, v in (await request.form()).items()}
     sim.rest_requests.append((time.monotonic(), request.method, request.url.path, form))
     if not _auth_ok(sim, request):
-        return JSONResponse(
-            error_doc(20003, "Authenticate", 401),
-            status_code=401,
-            headers={"WWW-Authenticate": 'Basic realm="Twilio API"'},
-        )
+        return _unauthorized()
     call = sim.calls.get(call_sid)
     if account != sim.account_sid or call is None or (
         request.method == "POST" and call.end_reason is not None
@@ -90,7 +132,7 @@ async def _call_request(sim: TwilioSim, request: Request) -> JSONResponse:
         await call._finish("rest-completed")
     elif status == "canceled":
         # `canceled` only affects queued/ringing calls; an in-progress call is unchanged.
-        if not call._started.is_set():
+        if not call.answered:
             await call._finish("canceled")
     elif twiml is not None:
         try:
@@ -108,11 +150,8 @@ async def _call_request(sim: TwilioSim, request: Request) -> JSONResponse:
 
 
 def call_status(call: SimCall) -> str:
-    """The call resource's `status`: ringing until the first stream started, then in-progress;
-    once ended, Twilio's final status for how it ended."""
-    if call.end_reason is None:
-        return "in-progress" if call._started.is_set() else "ringing"
-    return {"rejected": "busy", "error": "failed"}.get(call.end_reason, "completed")
+    """The call resource's `status` (`SimCall.status`)."""
+    return call.status
 
 
 def rfc2822(ts: float | None) -> str | None:
@@ -135,9 +174,9 @@ def call_resource(call: SimCall) -> dict[str, Any]:
         "to": call.to,
         "to_formatted": call.to,
         "status": call_status(call),
-        "direction": "inbound",
+        "direction": call.direction,
         "api_version": "2010-04-01",
-        "answered_by": None,
+        "answered_by": call.answered_by,
         "caller_name": None,
         "forwarded_from": None,
         "group_sid": None,

@@ -1,5 +1,9 @@
 """TwilioSim: places calls against a gateway and serves the REST stand-in.
 
+Inbound calls are placed by the test (`place_call`); outbound ones by whoever POSTs to the REST
+stand-in's `Calls.json` (the gateway, through the `twilio` library), and dialled to the callee
+configured for the number (`callees`, `default_callee`); a test takes them with `wait_outbound`.
+
 It owns what all calls share: the webhook client, the REST server (uvicorn in-process) and ONE
 media ticker task that sends every live stream's due frames each 20 ms. The ticker is deadline
 based (frame k of a stream is due at a fixed time, never `sleep(0.02)` drift), so 100+ calls
@@ -24,8 +28,10 @@ from shared.serving import QuietServer, quiet_server
 
 from . import wire as w
 from .call import SimCall
+from .dialer import Outbound, dial
 from .errors import TwilioSimError
 from .hooks import TwilioObserver
+from .outbound import Callee, CreateCall
 from .rest import rest_app
 from .stream import MediaStream
 from .webhooks import Webhooks
@@ -50,6 +56,15 @@ class TwilioSim:
             (hooks.py); may also be set later as `TwilioSim.observer`.
         idle_frame: 160 μ-law bytes a caller sends while it has nothing to say (default digital
             silence); e.g. a quiet line, so every frame can be told apart from silence.
+
+    Outbound calls (`POST /Calls.json`), set as attributes at any time:
+        callees: destination number → the `Callee` that answers it; others get `default_callee`
+            (a human that answers after a short ring).
+        invalid_numbers: `To` numbers refused with 21211 although well formed.
+        verified_caller_ids: when set, a `From` outside it is refused with 21210.
+        reject_url_with_twiml: both `Url` and `Twiml` is a 400 (21205); False follows the
+            create docstring instead (`Twiml` ignored).
+        outbound_calls: every outbound SimCall, in creation order (also in `calls`).
     """
 
     def __init__(
@@ -82,6 +97,14 @@ class TwilioSim:
             self._idle_frame = (frame, binascii.b2a_base64(frame, newline=False).decode("ascii"))
         self.calls: dict[str, SimCall] = {}
         self.rest_requests: list[tuple[float, str, str, dict[str, str]]] = []
+        self.callees: dict[str, Callee] = {}
+        self.default_callee = Callee()
+        self.invalid_numbers: set[str] = set()
+        self.verified_caller_ids: set[str] | None = None
+        self.reject_url_with_twiml = True
+        self.outbound_calls: list[SimCall] = []
+        self._outbound_taken: set[str] = set()
+        self._outbound_changed = asyncio.Event()
         self._live: dict[MediaStream, None] = {}
         self._epoch = _mono()
         self._ticker: asyncio.Task[None] | None = None
@@ -235,6 +258,43 @@ class TwilioSim:
             f"TwiML: {call.twiml_log[-1] if call.twiml_log else None!r}",
             call,
         )
+
+    def callee_for(self, number: str) -> Callee:
+        """Who answers `number` when an outbound call dials it."""
+        return self.callees.get(number, self.default_callee)
+
+    async def wait_outbound(self, timeout: float = 10.0, *, to: str | None = None) -> SimCall:
+        """The oldest outbound call (to `to`, if given) not yet returned by this method; waits
+        for one to be created (TimeoutError after `timeout` s). The call may still be ringing:
+        `await call.wait_streams(1, timeout)` waits for its Media Stream."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for call in self.outbound_calls:
+                if call.call_sid not in self._outbound_taken and to in (None, call.to):
+                    self._outbound_taken.add(call.call_sid)
+                    return call
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no outbound call{' to ' + to if to else ''} within {timeout}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbound_changed.wait(), remaining)
+
+    def _create_outbound(self, req: CreateCall) -> SimCall:
+        """A validated `POST /Calls.json`: the call (queued) and its dialer task."""
+        self._webhooks.open()
+        sid = w.new_sid("CA")
+        call = SimCall(self, sid, req.from_, req.to)
+        call.direction = "outbound-api"
+        call.outbound = Outbound(req, self.callee_for(req.to))
+        call._event("created", to=req.to, from_=req.from_)
+        self.calls[sid] = call
+        self.outbound_calls.append(call)
+        call._driver = asyncio.create_task(call._drive(lambda: dial(call)), name=f"{sid}:dialer")
+        if self.observer is not None:
+            self.observer.outbound_call_created(call, call.created)
+        self._outbound_changed.set()
+        self._outbound_changed = asyncio.Event()
+        return call
 
     # ------------------------------------------------------------------ the media ticker
 

@@ -1,4 +1,5 @@
-"""Twilio's HTTP requests to the application: signed webhooks and stream status callbacks.
+"""Twilio's HTTP requests to the application: signed webhooks, stream status callbacks, and an
+outbound call's status and AMD callbacks.
 
 Every request is signed over the public URL (what the gateway was configured with) and sent to
 where the gateway really listens; GET parameters go into the signed URL, POST parameters into
@@ -60,6 +61,37 @@ class Webhooks:
         headers["X-Twilio-Signature"] = w.sign(self.auth_token, w.signing_url(url), params)
         target = w.map_to_gateway(url, self.public_url, self.gateway_url)
         return await self._http.post(target, data=params, headers=headers)
+
+    def fire(
+        self,
+        call: SimCall,
+        url: str,
+        method: str,
+        params: dict[str, str],
+        *,
+        kind: str,
+        after: asyncio.Task[None] | None = None,
+        **note: Any,
+    ) -> asyncio.Task[None] | None:
+        """Fire-and-forget signed request (a call status or AMD callback). `after`: send once
+        that earlier request has finished (bounded), so one call's callbacks arrive in order.
+        The outcome is recorded as a call event `kind` with `note`."""
+        if self._http is None:
+            return None
+
+        async def send() -> None:
+            if after is not None and not after.done():
+                await asyncio.wait({after}, timeout=15.0)
+            try:
+                resp = await asyncio.wait_for(self.request(url, method, params), 15.0)
+                call._event(kind, url=url, http=resp.status_code, **note)
+            except Exception as exc:
+                call._event(kind, url=url, error=repr(exc), **note)
+
+        task = asyncio.ensure_future(send())
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return task
 
     def stream_status(self, call: SimCall, st: MediaStream, event: str) -> None:
         """Fire-and-forget `<Stream statusCallback>` request (stream-started/stopped)."""
