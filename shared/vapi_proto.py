@@ -4,6 +4,8 @@ docs/protocols.md, "Vapi websocket transport"."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,18 +56,21 @@ TRANSFER_TOOLS = frozenset({"transferCall", "transfer_call", "transfer", "transf
 
 def create_call_body(
     *, assistant_id: str, audio_format: str, sample_rate: int, call_sid: str, from_: str, to: str,
-    resume: Resume | None = None,
+    resume: Resume | None = None, variables: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`POST /call` body for a websocket-transport call (CreateCallDTO). A resumed call (taken
     over mid-conversation) must not greet the caller a second time: with RESUME_SPEAK the model
     speaks first from the history given in `model.messages` (Vapi's
     assistant-speaks-first-with-model-generated-message); with RESUME_WAIT it waits for the
-    caller."""
+    caller. `variables`/`metadata` are the call's own (`call_options`); ours win on a clash, so
+    the prompt's phone numbers and our correlation ids cannot be spoofed through them."""
     body: dict[str, Any] = {
         "assistantId": assistant_id,
         "assistantOverrides": {
-            "variableValues": {"callerNumber": from_, "calledNumber": to, "twilioCallSid": call_sid},
-            "metadata": {"twilioCallSid": call_sid, "from": from_, "to": to},
+            "variableValues": {**(variables or {}), "callerNumber": from_, "calledNumber": to,
+                               "twilioCallSid": call_sid},
+            "metadata": {**(metadata or {}), "twilioCallSid": call_sid, "from": from_, "to": to},
             "clientMessages": CLIENT_MESSAGES,
         },
         "transport": {
@@ -93,8 +98,7 @@ def conversation_so_far(messages: list[dict[str, str]], limit: int = 6000) -> st
     content = ("This phone call moved to a new session in the middle of the conversation. "
                "Do not greet the caller again; continue from here. The conversation so far:\n"
                + history)
-    return orjson.dumps({"type": "add-message", "message": {"role": "system", "content": content},
-                         "triggerResponseEnabled": False}).decode()
+    return add_message("system", content, respond=False)
 
 def assistant_model(data: Any) -> AssistantModel | None:
     """`model.provider` and `model.model` from a GET /assistant/{id} response, if both are there."""
@@ -110,14 +114,97 @@ def assistant_model(data: Any) -> AssistantModel | None:
 END_CALL = orjson.dumps({"type": "end-call"}).decode()
 
 
+def add_message(role: str, content: str, *, respond: bool) -> str:
+    """Live Call Control `add-message` (spec `ClientInboundMessageAddMessage`): the message joins
+    the conversation; with `respond` (`triggerResponseEnabled`, Vapi's default true) the
+    assistant answers it, without it is added silently."""
+    return orjson.dumps({"type": "add-message", "message": {"role": role, "content": content},
+                         "triggerResponseEnabled": respond}).decode()
+
+
+def say(content: str, *, end_call_after: bool = False, interrupt_assistant: bool = False) -> str:
+    """Live Call Control `say` (spec `ClientInboundMessageSay`): the assistant speaks `content`
+    as is, no model involved; `endCallAfterSpoken` makes Vapi end the call once it is spoken;
+    `interruptAssistantEnabled` replaces what the assistant is saying (default: queued after)."""
+    msg: dict[str, Any] = {"type": "say", "content": content, "endCallAfterSpoken": end_call_after}
+    if interrupt_assistant:
+        msg["interruptAssistantEnabled"] = True
+    return orjson.dumps(msg).decode()
+
+
+def control(action: str) -> str:
+    """Live Call Control `control` (spec `ClientInboundMessageControl`): `mute-assistant`,
+    `unmute-assistant`, `mute-customer`, `unmute-customer`, `say-first-message`."""
+    return orjson.dumps({"type": "control", "control": action}).decode()
+
+
+MUTE_ASSISTANT = control("mute-assistant")
+UNMUTE_ASSISTANT = control("unmute-assistant")
+
+
 def keypad_entry(digits: str) -> str:
     """The exact user message Vapi's own keypadInputPlan produces (docs/protocols.md, "Transfer
     and keypad")."""
-    return orjson.dumps({
-        "type": "add-message",
-        "message": {"role": "user", "content": f"User's Keypad Entry: {digits}"},
-        "triggerResponseEnabled": True,
-    }).decode()
+    return add_message("user", f"User's Keypad Entry: {digits}", respond=True)
+
+
+# A call's own assistant and template data, from the call record (written by the call API,
+# so untrusted): what does not fit is left out, and the call goes on with the defaults.
+MAX_ASSISTANT_ID = 100
+_ASSISTANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")  # UUIDs and slugs, nothing to escape
+MAX_RECORD_JSON = 4096  # bytes of `variables` / `metadata` as stored
+MAX_VARIABLE_NAME = 100
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """The call's own Vapi settings: `assistant_id` (None: VAPI_ASSISTANT_ID), `variables` for
+    `assistantOverrides.variableValues`, `metadata` for `assistantOverrides.metadata`;
+    `ignored` names the record fields (or variables) left out, for a warning."""
+
+    assistant_id: str | None = None
+    variables: dict[str, str | int | float | bool] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+
+def _json_object(raw: str | None) -> dict[str, Any] | None:
+    if raw is None or len(raw.encode()) > MAX_RECORD_JSON:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def call_options(record: Mapping[str, str]) -> CallOptions:
+    """Read `assistant_id`, `variables` (a JSON object of strings, numbers and booleans) and
+    `metadata` (a JSON object) from the call record. Both live in the hash, so a worker taking
+    the call over creates its Vapi call with the same ones."""
+    ignored: list[str] = []
+    assistant_id = record.get("assistant_id") or None
+    if assistant_id is not None and not _ASSISTANT_ID.fullmatch(assistant_id):
+        ignored.append("assistant_id")
+        assistant_id = None
+    variables: dict[str, str | int | float | bool] = {}
+    if "variables" in record:
+        raw_vars = _json_object(record["variables"])
+        if raw_vars is None:
+            ignored.append("variables")
+        for name, value in (raw_vars or {}).items():
+            if len(name) <= MAX_VARIABLE_NAME and isinstance(value, str | int | float | bool):
+                variables[name] = value
+            else:
+                ignored.append(f"variables.{name[:MAX_VARIABLE_NAME]}")
+    metadata: dict[str, Any] = {}
+    if "metadata" in record:
+        raw_meta = _json_object(record["metadata"])
+        if raw_meta is None:
+            ignored.append("metadata")
+        metadata = raw_meta or {}
+    return CallOptions(assistant_id=assistant_id, variables=variables, metadata=metadata,
+                       ignored=tuple(ignored))
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,61 @@ def test_keypad_entry_matches_vapi_text() -> None:
     assert msg["message"] == {"role": "user", "content": "User's Keypad Entry: 1234#"}
 
 
+def test_live_call_control_messages_match_vapis_wire_format() -> None:
+    # docs.vapi.ai/calls/call-features; spec ClientInboundMessageSay / AddMessage / Control.
+    assert orjson.loads(V.say("Hello")) == {"type": "say", "content": "Hello",
+                                            "endCallAfterSpoken": False}
+    assert orjson.loads(V.say("Bye", end_call_after=True, interrupt_assistant=True)) == {
+        "type": "say", "content": "Bye", "endCallAfterSpoken": True, "interruptAssistantEnabled": True}
+    assert orjson.loads(V.add_message("system", "VIP caller", respond=True)) == {
+        "type": "add-message", "message": {"role": "system", "content": "VIP caller"},
+        "triggerResponseEnabled": True}
+    assert orjson.loads(V.MUTE_ASSISTANT) == {"type": "control", "control": "mute-assistant"}
+    assert orjson.loads(V.UNMUTE_ASSISTANT) == {"type": "control", "control": "unmute-assistant"}
+
+
+def test_a_calls_own_assistant_variables_and_metadata_go_into_the_body() -> None:
+    opts = V.call_options({"assistant_id": "5b0a4a08-133c-4146-9315-0984f8c6be80",
+                           "variables": '{"name": "Ada", "vip": true, "visits": 3, "score": 1.5}',
+                           "metadata": '{"crm": {"id": 42}}'})
+    assert opts == V.CallOptions("5b0a4a08-133c-4146-9315-0984f8c6be80",
+                                 {"name": "Ada", "vip": True, "visits": 3, "score": 1.5},
+                                 {"crm": {"id": 42}})
+    spoofed = V.call_options({"variables": '{"callerNumber": "+1999", "twilioCallSid": "CAX"}',
+                              "metadata": '{"twilioCallSid": "CAX", "note": "n"}'})
+    body = V.create_call_body(assistant_id="a", audio_format="mulaw", sample_rate=8000,
+                              call_sid="CA1", from_="+1555", to="+1666",
+                              variables=spoofed.variables, metadata=spoofed.metadata)
+    over = body["assistantOverrides"]
+    assert over["variableValues"] == {"callerNumber": "+1555", "calledNumber": "+1666",
+                                      "twilioCallSid": "CA1"}, "ours win"
+    assert over["metadata"] == {"note": "n", "twilioCallSid": "CA1", "from": "+1555", "to": "+1666"}
+    assert set(body) == {"assistantId", "assistantOverrides", "transport"}, "never a top-level metadata"
+
+
+@pytest.mark.parametrize(("record", "ignored"), [
+    ({}, ()),
+    ({"assistant_id": ""}, ()),
+    ({"assistant_id": "a" * 101}, ("assistant_id",)),
+    ({"assistant_id": "asst/../x"}, ("assistant_id",)),
+    ({"assistant_id": "a b"}, ("assistant_id",)),
+    ({"variables": "not json"}, ("variables",)),
+    ({"variables": "[1, 2]"}, ("variables",)),
+    ({"variables": '{"a": "' + "x" * 5000 + '"}'}, ("variables",)),
+    ({"variables": '{"a": [1], "b": {"c": 1}, "c": null, "ok": "y"}'},
+     ("variables.a", "variables.b", "variables.c")),
+    ({"metadata": "3"}, ("metadata",)),
+    ({"metadata": '{"a": "' + "x" * 5000 + '"}'}, ("metadata",)),
+])
+def test_call_options_from_an_untrusted_record_keep_only_what_fits(
+        record: dict[str, str], ignored: tuple[str, ...]) -> None:
+    opts = V.call_options(record)
+    assert opts.ignored == ignored
+    assert opts.assistant_id is None
+    assert all(isinstance(v, str | int | float | bool) for v in opts.variables.values())
+    assert len(orjson.dumps(opts.metadata)) <= V.MAX_RECORD_JSON
+
+
 def test_garbage_raises_value_error() -> None:
     for text in ("nope", "[]", '{"type": 5}', "{}"):
         try:
