@@ -14,8 +14,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from gateway import media, webhooks
+from gateway import api, media, webhooks
 from gateway.hub import OutboundHub
+from gateway.outbound import Dialer
 from gateway.state import GatewayState
 from shared import metrics
 from shared.health import readiness
@@ -121,12 +122,17 @@ def create_app(settings: Settings) -> FastAPI:
             await state.writer.close()
             await state.redis.aclose()
             await state.reader_redis.aclose()
+            await app.state.dialer.aclose()
             metrics.process_exit(os.getpid())
 
-    app = FastAPI(title="callbridge gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="callbridge gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="The call API: place, watch, steer calls. Every /v1 request needs "
+                              "`Authorization: Bearer <one of API_KEYS>`.")
     app.state.gw = state
-    app.include_router(webhooks.router)
-    app.include_router(media.router)
+    app.state.dialer = Dialer(settings)
+    app.include_router(webhooks.router, include_in_schema=False)
+    app.include_router(media.router, include_in_schema=False)
+    app.include_router(api.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

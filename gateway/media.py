@@ -223,6 +223,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
             st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
         metrics.MEDIA_CLOSED.labels(cause).inc()
+        if cause in ("stop", "hangup", "no_worker"):  # the call is over: its place is free
+            st.writer.command("zrem", st.keys.active, sid)
         if ws.client_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close(code=NORMAL)
@@ -292,7 +294,7 @@ async def _receive_loop(
             xadd(in_key, S.entry(S.IN_STOP, stream=stream_sid), maxlen)
             # Recorded here too, so a worker taking the call over later knows it is over.
             st.writer.command("hset", call_key, mapping={
-                "status": S.STATUS_ENDED, "end_reason": "caller-hangup"})
+                "status": S.STATUS_ENDED, "end_reason": "caller-hangup", "ended_at": str(time.time())})
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key, call_key)
             return "stop"
         elif isinstance(event, Unknown):
@@ -363,6 +365,7 @@ async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo, since:
     log.error("no worker took the call; ending it", extra={"call_sid": info.call_sid})
     info.closed_by = "no_worker"
     st.writer.command("hset", key, mapping={"status": S.STATUS_ENDED, "end_reason": "no-worker",
+                                            "ended_at": str(time.time()),
                                             "say": st.settings.unavailable_message})
     ensure_ttl(st.writer, st.settings.call_ttl_s, key)
     await st.writer.flush()

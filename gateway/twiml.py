@@ -38,3 +38,14 @@ def dial(target: str, caller_id: str | None = None) -> str:
     else:
         d.number(target)
     return str(resp)
+
+
+def hold(message: str | None, pause_s: int, redirect_url: str) -> str:
+    """Admission: keep a caller waiting for a free place (a message the first time, then quiet
+    pauses), asking us again after each pause."""
+    resp = VoiceResponse()
+    if message:
+        resp.say(message)
+    resp.pause(length=pause_s)
+    resp.redirect(redirect_url, method="POST")
+    return str(resp)

@@ -50,6 +50,18 @@ def end_reason_label(reason: str) -> str:
 
 
 # Gateway -------------------------------------------------------------------------------------
+API_REQUESTS = Counter(
+    "callbridge_api_requests_total",
+    "Call API (/v1) requests by outcome: call_created, hangup, say, transfer, unauthorized, "
+    "over_limit (429), twilio_refused.",
+    ["outcome"],
+)
+ADMISSIONS = Counter(
+    "callbridge_admissions_total",
+    "Inbound calls at admission (MAX_ACTIVE_CALLS) by outcome: admitted, held (waiting for a "
+    "free place), turned_away.",
+    ["outcome"],
+)
 WEBHOOKS = Counter(
     "callbridge_gateway_webhooks_total",
     "Twilio webhook requests by route and outcome.",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
 import socket
 import uuid
 from typing import Literal
@@ -42,6 +44,17 @@ class Settings(BaseSettings):
     vapi_audio_format: Literal["pcm_s16le", "mulaw"] = Field(
         default="pcm_s16le", alias="VAPI_AUDIO_FORMAT"
     )
+
+    # The call API (gateway/api.py).
+    api_keys: SecretStr | None = Field(default=None, alias="API_KEYS")
+    twilio_from_number: str | None = Field(default=None, alias="TWILIO_FROM_NUMBER")
+    assistant_routes: str = Field(default="", alias="ASSISTANT_ROUTES")
+    max_active_calls: int = Field(default=0, ge=0, alias="MAX_ACTIVE_CALLS")
+    outbound_cps: float = Field(default=1.0, gt=0, alias="OUTBOUND_CPS")
+    admission_wait_s: float = Field(default=30.0, ge=0, alias="ADMISSION_WAIT_S")
+    admission_message: str = Field(
+        default="All our lines are busy. Please hold.", alias="ADMISSION_MESSAGE")
+    call_record_ttl_s: int = Field(default=86400, ge=60, alias="CALL_RECORD_TTL_S")
 
     # Tuning knobs, all with safe defaults.
     redis_prefix: str = Field(default="cb:", alias="REDIS_PREFIX")
@@ -90,6 +103,19 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", alias="LOG_LEVEL")
     log_format: Literal["json", "text"] = Field(default="json", alias="LOG_FORMAT")
+
+    @field_validator("assistant_routes")
+    @classmethod
+    def _routes_parse(cls, v: str) -> str:
+        parse_routes(v)  # fail at start, naming the setting, not at the first call
+        return v
+
+    @field_validator("twilio_from_number")
+    @classmethod
+    def _from_e164(cls, v: str | None) -> str | None:
+        if v is not None and not E164.fullmatch(v):
+            raise ValueError("TWILIO_FROM_NUMBER must be an E.164 number, e.g. +15550001111")
+        return v
 
     @field_validator("public_url")
     @classmethod
@@ -142,11 +168,41 @@ class Settings(BaseSettings):
     def audio_sample_rate(self) -> int:
         return 16000 if self.vapi_audio_format == "pcm_s16le" else 8000
 
+    def api_key_list(self) -> list[bytes]:
+        """The bearer keys the call API accepts (none: every /v1 request is refused)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [k.strip().encode() for k in raw.split(",") if k.strip()]
+
+    def routes(self) -> dict[str, str]:
+        return parse_routes(self.assistant_routes)
+
     def transfer_allowed(self, target: str) -> bool:
         return transfer_allowed(self.transfer_allow, target)
 
     def effective_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+ASSISTANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+
+
+def parse_routes(raw: str) -> dict[str, str]:
+    """ASSISTANT_ROUTES: a JSON object, called number (E.164) -> Vapi assistant id."""
+    if not raw.strip():
+        return {}
+    try:
+        routes = json.loads(raw)
+    except ValueError:
+        raise ValueError("ASSISTANT_ROUTES must be a JSON object: number -> assistant id") from None
+    if not isinstance(routes, dict):
+        raise ValueError("ASSISTANT_ROUTES must be a JSON object: number -> assistant id")
+    for number, assistant in routes.items():
+        if not E164.fullmatch(str(number)) or not isinstance(assistant, str) \
+                or not ASSISTANT_ID.fullmatch(assistant):
+            raise ValueError(f"ASSISTANT_ROUTES: {number!r} must be an E.164 number mapped to an "
+                             "assistant id")
+    return dict(routes)
 
 
 def transfer_allowed(rules: str, target: str) -> bool:

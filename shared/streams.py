@@ -22,6 +22,9 @@ IN_MARK = b"mark"
 IN_STOP = b"stop"
 IN_DETACH = b"detach"  # the Twilio socket closed without `stop` (gateway drain or network)
 IN_SILENCE = b"silence"  # worker-local only: caller audio stalled, keep Vapi fed
+# The call API steers a live call: `v` = JSON {"op": "hangup" | "say" | "transfer" |
+# "answered_by", ...}; untrusted, parsed by worker/call.py `parse_control`.
+IN_CONTROL = b"ctl"
 
 # Entry kinds on call:{sid}:out (worker -> gateway).
 OUT_MEDIA = b"m"
@@ -133,6 +136,25 @@ class Keys:
     def worker_calls(self, worker_id: str) -> str:
         """Set of the CallSids a worker owns, for survivors to find when it dies."""
         return f"{self._c()}worker:{worker_id}:calls"
+
+    @property
+    def active(self) -> str:
+        """Sorted set: CallSid -> when its admission lapses (s); MAX_ACTIVE_CALLS counts it."""
+        return f"{self._c()}active"
+
+    @property
+    def index(self) -> str:
+        """Sorted set: CallSid -> created (s), for listing calls newest first."""
+        return f"{self._c()}index"
+
+    def dial(self, request_id: str) -> str:
+        """An outbound call's parameters, from the API request until Twilio fetches its TwiML."""
+        return f"{self._c()}dial:{request_id}"
+
+    @property
+    def outbound_bucket(self) -> str:
+        """The token bucket that paces outbound calls (OUTBOUND_CPS)."""
+        return f"{self._c()}outbound-bucket"
 
     def all_call_keys(self, sid: str) -> tuple[str, str, str, str]:
         return (self.call(sid), self.inbound(sid), self.outbound(sid), self.events(sid))
