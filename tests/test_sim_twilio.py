@@ -20,6 +20,7 @@ import time
 import warnings
 import wave
 from collections.abc import AsyncIterator, Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,16 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
+from twilio.rest import Client
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from shared.serving import quiet_server
-from sim.twilio import SimCall, TwilioObserver, TwilioSim, TwilioSimError
+from sim import voices
+from sim.twilio import Callee, SimCall, TwilioObserver, TwilioSim, TwilioSimError
+from sim.twilio.outbound import BEEP_HZ
 from sim.twilio.playout import Playout
 
 with warnings.catch_warnings():
@@ -146,6 +152,9 @@ class FakeGateway(Waitable):
         self.action_replies: list[str] = []  # consumed per action request; default hangup
         self.webhooks: list[tuple[str, dict[str, str], bool]] = []  # (path, params, sig ok)
         self.stream_status: list[dict[str, str]] = []
+        # outbound calls: (method, params, signature ok) of each status / AMD callback
+        self.call_status: list[tuple[str, dict[str, str], bool]] = []
+        self.amd: list[tuple[str, dict[str, str], bool]] = []
         self.conns: list[Conn] = []
         self.app = self._build()
         self._server: uvicorn.Server | None = None
@@ -180,8 +189,43 @@ class FakeGateway(Waitable):
         self.changed()
         return form, ok
 
+    async def _params(self, request: Request) -> tuple[dict[str, str], bool]:
+        """A signed request's parameters, GET (signed over the URL with its query) or POST."""
+        sig = request.headers.get("x-twilio-signature", "")
+        if request.method == "GET":
+            params = dict(request.query_params)
+            url = self.public + request.url.path + "?" + request.url.query
+            ok = self.validator.validate(url, {}, sig)
+        else:
+            params = {k: str(v) for k, v in (await request.form()).items()}
+            ok = self.validator.validate(self.public + request.url.path, params, sig)
+        self.webhooks.append((request.url.path, params, ok))
+        self.changed()
+        return params, ok
+
     def _build(self) -> FastAPI:
         app = FastAPI()
+
+        @app.api_route("/twilio/outbound", methods=["GET", "POST"])
+        async def outbound(request: Request) -> Response:
+            params, ok = await self._params(request)
+            if not ok:
+                return Response("bad signature", status_code=403)
+            return Response(self._connect_twiml(params["CallSid"]), media_type="application/xml")
+
+        @app.api_route("/twilio/call-status", methods=["GET", "POST"])
+        async def call_status(request: Request) -> Response:
+            params, ok = await self._params(request)
+            self.call_status.append((request.method, params, ok))
+            self.changed()
+            return Response(status_code=204)
+
+        @app.post("/twilio/amd")
+        async def amd(request: Request) -> Response:
+            params, ok = await self._params(request)
+            self.amd.append((request.method, params, ok))
+            self.changed()
+            return Response(status_code=204)
 
         @app.post("/twilio/voice")
         async def voice(request: Request) -> Response:
@@ -904,3 +948,428 @@ async def test_idle_frame_replaces_digital_silence() -> None:
     with pytest.raises(ValueError, match="160 bytes"):
         TwilioSim(gateway_url="http://127.0.0.1:9", public_url="http://127.0.0.1:9",
                   account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, idle_frame=b"\xff" * 100)
+
+
+# ----------------------------------------------------------------------------- outbound calls
+
+CALLER = "+15550001111"  # our Twilio number
+CALLEE = "+15550009999"
+ALL_EVENTS = ["initiated", "ringing", "answered", "completed"]
+
+
+def calls_url(sim: TwilioSim) -> str:
+    return f"{sim.rest_base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json"
+
+
+def call_url(sim: TwilioSim, sid: str) -> str:
+    return f"{sim.rest_base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{sid}.json"
+
+
+@contextlib.asynccontextmanager
+async def rest_client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=5, trust_env=False, auth=(ACCOUNT_SID, AUTH_TOKEN)) as http:
+        yield http
+
+
+async def create_call(
+    http: httpx.AsyncClient, sim: TwilioSim, gw: FakeGateway, **fields: Any
+) -> httpx.Response:
+    """POST /Calls.json (list values become repeated fields, as the twilio library sends them)."""
+    data: dict[str, Any] = {"From": CALLER, "To": CALLEE, "Url": gw.public + "/twilio/outbound"}
+    data.update({k: v for k, v in fields.items() if v is not None})
+    for k in [k for k, v in fields.items() if v is None]:
+        data.pop(k, None)
+    return await http.post(calls_url(sim), data=data)
+
+
+def callbacks_for(gw: FakeGateway, sid: str) -> list[dict[str, str]]:
+    return [p for _, p, _ in gw.call_status if p["CallSid"] == sid]
+
+
+def event_time(call: SimCall, kind: str, **match: Any) -> float:
+    """Call time of the first event `kind` whose data has `match`."""
+    return next(
+        t for t, k, d in call.events if k == kind and all(d.get(n) == v for n, v in match.items())
+    )
+
+
+def amd_time(call: SimCall) -> float:
+    return event_time(call, "amd")
+
+
+async def test_outbound_create_callbacks_and_stream(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    sim.callees[CALLEE] = Callee(ring_s=0.1, hello_s=1.0)  # outlasts the fetch and the handshake
+    async with rest_client() as http:
+        r = await create_call(
+            http, sim, gw, StatusCallback=gw.public + "/twilio/call-status",
+            StatusCallbackEvent=ALL_EVENTS,
+        )
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["status"] == "queued" and body["direction"] == "outbound-api"
+        assert (body["to"], body["from"], body["account_sid"]) == (CALLEE, CALLER, ACCOUNT_SID)
+        assert SID_RE.match(body["sid"]) and body["answered_by"] is None
+        assert body["start_time"] is None and body["uri"].endswith(f"/Calls/{body['sid']}.json")
+
+        call = await sim.wait_outbound(timeout=3)
+        assert call is sim.calls[body["sid"]] and call.direction == "outbound-api"
+        assert call.outbound is not None and call.outbound.request.status_callback_events == (
+            "initiated", "ringing", "answered", "completed")
+        await call.wait_streams(1, timeout=3)
+        conn = await gw.next_conn()
+        assert call.status == "in-progress" and call.answered
+        # The Url was fetched once, signed, with the outbound call's parameters.
+        (fetch,) = [(p, ok) for path, p, ok in gw.webhooks if path == "/twilio/outbound"]
+        params, ok = fetch
+        assert ok and params["CallSid"] == call.call_sid and params["AccountSid"] == ACCOUNT_SID
+        assert params["CallStatus"] == "in-progress" and params["Direction"] == "outbound-api"
+        assert (params["From"], params["To"]) == (CALLER, CALLEE) and "AnsweredBy" not in params
+        assert conn.start["start"]["callSid"] == call.call_sid
+        assert conn.start["start"]["customParameters"]["token"] == "tok-" + call.call_sid
+
+        # The callee said hello on answering: the part after the stream opened reached the gateway.
+        await call.wait_speaking_done(timeout=3)
+        await conn.wait_for(lambda: len(conn.of("media")) >= len(call.sent_frames))
+        assert call.answered_at is not None and call.answered_at < 0
+        ((start, end),) = call.sent_segments()
+        assert start < 0.03 and abs(end - (call.answered_at + 1.0)) < 0.01
+        assert bytes(conn.inbound).replace(b"\xff", b"")
+
+        # Talk and listen exactly as on an inbound call.
+        await conn.send_media(TONE_400MS)
+        await conn.send_mark("reply")
+        await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+        assert len(call.heard_segments()) == 1
+
+        r = await http.post(call_url(sim, call.call_sid), data={"Status": "completed"})
+        assert r.status_code == 200 and r.json()["status"] == "completed"
+        assert await call.wait_ended(timeout=3) == "rest-completed"
+        await asyncio.wait_for(conn.closed.wait(), 3)
+        assert conn.messages[-1][1]["event"] == "stop"
+
+        await gw.wait_for(lambda: len(gw.call_status) == 4)
+        assert all(method == "POST" and ok for method, _, ok in gw.call_status)
+        cbs = callbacks_for(gw, call.call_sid)
+        assert [p["CallStatus"] for p in cbs] == ["initiated", "ringing", "in-progress", "completed"]
+        assert [p["SequenceNumber"] for p in cbs] == ["0", "1", "2", "3"]
+        validator = RequestValidator(AUTH_TOKEN)
+        for p in cbs:
+            assert p["Direction"] == "outbound-api" and p["CallbackSource"] == "call-progress-events"
+            assert (p["From"], p["To"], p["AccountSid"]) == (CALLER, CALLEE, ACCOUNT_SID)
+            assert parsedate_to_datetime(p["Timestamp"]).tzinfo is not None
+            sig = validator.compute_signature(gw.public + "/twilio/call-status", p)
+            assert validator.validate(gw.public + "/twilio/call-status", p, sig)
+        assert "CallDuration" not in cbs[2] and cbs[3]["CallDuration"].isdigit()
+
+        r = await http.get(call_url(sim, call.call_sid))
+        got = r.json()
+        assert got["status"] == "completed" and got["direction"] == "outbound-api"
+        assert got["start_time"] is not None and got["end_time"] is not None
+        assert got["answered_by"] is None
+
+
+async def test_outbound_async_amd(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    human, machine, voicemail = "+15550000001", "+15550000002", "+15550000003"
+    sim.callees[human] = Callee(ring_s=0.05, hello_s=0.3)
+    sim.callees[machine] = Callee(kind="machine", ring_s=0.05, greeting_s=1.5)
+    sim.callees[voicemail] = Callee(kind="machine", ring_s=0.05, greeting_s=0.8, beep_s=0.3)
+    amd = {
+        "AsyncAmd": "true",
+        "AsyncAmdStatusCallback": gw.public + "/twilio/amd",
+        "MachineDetectionSpeechThreshold": "1000",
+        "MachineDetectionSpeechEndThreshold": "500",
+    }
+    async with rest_client() as http:
+        for to, mode in ((human, "Enable"), (machine, "Enable"), (voicemail, "DetectMessageEnd")):
+            r = await create_call(http, sim, gw, To=to, MachineDetection=mode, **amd)
+            assert r.status_code == 201, r.text
+        calls = {to: await sim.wait_outbound(timeout=3, to=to) for to in (human, machine, voicemail)}
+        for call in calls.values():
+            await call.wait_streams(1, timeout=3)  # async AMD: the TwiML runs at once
+        await gw.wait_for(lambda: len(gw.amd) == 3, timeout=5)
+
+        got = {p["CallSid"]: p for _, p, ok in gw.amd if ok}
+        assert len(got) == 3
+        # human: hello 0.3 s + end threshold 0.5 s; machine: speech threshold 1 s of its 1.5 s
+        # greeting; voicemail: greeting 0.8 s, 0.1 s pause, beep 0.3 s.
+        expect = {human: ("human", 800), machine: ("machine_start", 1000),
+                  voicemail: ("machine_end_beep", 1200)}
+        for to, (answered_by, ms) in expect.items():
+            call = calls[to]
+            p = got[call.call_sid]
+            assert p == {"AccountSid": ACCOUNT_SID, "AnsweredBy": answered_by,
+                         "CallSid": call.call_sid, "MachineDetectionDuration": str(ms)}
+            assert call.answered_by == answered_by
+            assert call.answered_at is not None
+            assert amd_time(call) - call.answered_at >= ms / 1000 - 0.002
+            assert event_time(call, "webhook") < amd_time(call)  # the TwiML did not wait
+            (fetch,) = [p for path, p, _ in gw.webhooks
+                        if path == "/twilio/outbound" and p["CallSid"] == call.call_sid]
+            assert "AnsweredBy" not in fetch
+            r = await http.get(call_url(sim, call.call_sid))
+            assert r.json()["answered_by"] == answered_by and r.json()["status"] == "in-progress"
+        for call in calls.values():
+            await call.hangup()
+            assert call.status == "completed" and call.end_reason == "callee-hangup"
+
+
+async def test_machine_greeting_beep_and_recording(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    sim.callees[CALLEE] = Callee(kind="machine", ring_s=0.05, greeting_s=1.0, beep_s=0.3)
+    async with rest_client() as http:
+        r = await create_call(http, sim, gw, MachineDetection="DetectMessageEnd", AsyncAmd="true",
+                              AsyncAmdStatusCallback=gw.public + "/twilio/amd")
+        assert r.status_code == 201
+    call = await sim.wait_outbound(timeout=3)
+    await call.wait_streams(1, timeout=3)
+    conn = await gw.next_conn()
+    # Speaking over the greeting: the machine does not record it.
+    await conn.send_media(TONE_400MS[:800])
+    beep_at, beep_end = call.beep_at, call.beep_end
+    assert beep_at is not None and beep_end is not None and call.answered_at is not None
+    assert abs(beep_at - (call.answered_at + 1.1)) < 0.001  # greeting, 0.1 s pause, beep
+    assert abs(beep_end - beep_at - 0.3) < 0.001
+    # The greeting, then the beep, went out on the stream.
+    await conn.wait_for(lambda: conn.media_since(call.t0 + beep_end + 0.05), timeout=4)
+    greeting, beep = call.sent_segments()
+    assert abs(greeting[1] - (call.answered_at + 1.0)) < 0.01
+    assert abs(beep[0] - beep_at) < 0.01 and abs(beep[1] - beep_end) < 0.01
+    i, j = int(beep_at * 8000), int(beep_end * 8000)
+    freq = voices.dominant_frequency(audioop.ulaw2lin(call.sent[i:j], 2), 8000)
+    assert freq is not None and abs(freq - BEEP_HZ) < 5
+    assert call.sent[i:j] in bytes(conn.inbound)
+    assert await wait_amd(gw) == "machine_end_beep"
+
+    # After the beep the machine records what it hears.
+    message = tone_ulaw(0.3, freq=700.0)
+    await conn.send_media(message)
+    await conn.send_mark("left-message")
+    await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+    recorded = call.heard_after_beep
+    assert recorded.replace(b"\xff", b"") == message.replace(b"\xff", b"")
+    (first, _), (second, _) = call.heard_segments()
+    assert first < beep_at < beep_end <= second
+    await call.hangup()
+
+
+async def wait_amd(gw: FakeGateway) -> str:
+    await gw.wait_for(lambda: bool(gw.amd), timeout=5)
+    (_, p, ok), = gw.amd
+    assert ok
+    return p["AnsweredBy"]
+
+
+async def test_outbound_blocking_amd(env: tuple[FakeGateway, TwilioSim]) -> None:
+    """Without AsyncAmd the TwiML waits for the decision, which comes with the Url request."""
+    gw, sim = env
+    human = "+15550000001"
+    sim.callees[CALLEE] = Callee(kind="machine", ring_s=0.05, greeting_s=0.6, beep_s=0.2)
+    sim.callees[human] = Callee(ring_s=0.05, hello_s=0.2, detect_s=0.3)
+    say_hangup = "<Response><Say>Hello from the bot</Say><Hangup/></Response>"
+    async with rest_client() as http:
+        r = await create_call(http, sim, gw, MachineDetection="DetectMessageEnd", Method="GET")
+        assert r.status_code == 201
+        r = await create_call(http, sim, gw, To=human, Url=None, Twiml=say_hangup,
+                              MachineDetection="Enable",
+                              StatusCallback=gw.public + "/twilio/call-status")
+        assert r.status_code == 201
+
+        call = await sim.wait_outbound(timeout=3, to=CALLEE)
+        await call.wait_streams(1, timeout=3)
+        conn = await gw.next_conn()
+        (fetch,) = [(p, ok) for path, p, ok in gw.webhooks if path == "/twilio/outbound"]
+        params, ok = fetch
+        assert ok and params["AnsweredBy"] == "machine_end_beep"  # signed GET, AnsweredBy in it
+        assert call.answered_by == "machine_end_beep" and call.answered_at is not None
+        first_stream = event_time(call, "stream-started")
+        assert first_stream >= call.answered_at + 0.9 - 0.002  # after greeting, pause and beep
+        assert call.beep_end is not None and call.beep_end < 0  # all before the stream
+        await conn.wait_for(lambda: len(conn.of("media")) >= 10)
+        assert set(conn.inbound) == {0xFF}  # the stream carried none of the greeting
+        await conn.send_media(TONE_400MS[:800])
+        await conn.send_mark("m")
+        await call.wait_for(lambda: len(call.marks_echoed) == 1, timeout=3)
+        assert call.heard_after_beep == call.heard  # everything it heard came after the beep
+        await call.hangup()
+
+        call2 = await sim.wait_outbound(timeout=3, to=human)
+        assert await call2.wait_ended(timeout=3) == "hangup"
+        assert call2.say_texts == ["Hello from the bot"] and call2.answered_by == "human"
+        assert call2.answered_at is not None
+        assert event_time(call2, "ended") - call2.answered_at >= 0.3 - 0.002
+        assert call2.streams == [] and call2.status == "completed"
+        await gw.wait_for(lambda: bool(callbacks_for(gw, call2.call_sid)))
+        (cb,) = callbacks_for(gw, call2.call_sid)  # StatusCallback without events: completed only
+        assert cb["CallStatus"] == "completed" and cb["AnsweredBy"] == "human"
+        r = await http.get(call_url(sim, call2.call_sid))
+        assert r.json()["answered_by"] == "human"
+
+
+async def test_outbound_unanswered_calls(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    busy, no_answer, long_ring, failed, cancel = (f"+1555000000{i}" for i in range(1, 6))
+    sim.callees[busy] = Callee(kind="busy", ring_s=0.05)
+    sim.callees[no_answer] = Callee(kind="no-answer")
+    sim.callees[long_ring] = Callee(ring_s=30.0)  # rings longer than the Timeout
+    sim.callees[failed] = Callee(kind="failed")
+    sim.callees[cancel] = Callee(ring_s=30.0)
+    status = {"StatusCallback": gw.public + "/twilio/call-status", "StatusCallbackEvent": ALL_EVENTS,
+              "Timeout": "1"}
+    async with rest_client() as http:
+        r = await create_call(http, sim, gw, To=busy, StatusCallbackMethod="GET", **status)
+        assert r.status_code == 201
+        for to in (no_answer, long_ring, failed, cancel):
+            assert (await create_call(http, sim, gw, To=to, **status)).status_code == 201
+        calls = {to: await sim.wait_outbound(timeout=3, to=to)
+                 for to in (busy, no_answer, long_ring, failed, cancel)}
+        await calls[cancel].wait_for(lambda: calls[cancel].status == "ringing", timeout=3)
+        r = await http.post(call_url(sim, calls[cancel].call_sid), data={"Status": "canceled"})
+        assert r.status_code == 200 and r.json()["status"] == "canceled"
+
+        expect = {
+            busy: ("busy", ["initiated", "busy"]),
+            no_answer: ("no-answer", ["initiated", "ringing", "no-answer"]),
+            long_ring: ("no-answer", ["initiated", "ringing", "no-answer"]),
+            failed: ("failed", ["initiated", "failed"]),
+            cancel: ("canceled", ["initiated", "ringing", "canceled"]),
+        }
+        for to, (final, statuses) in expect.items():
+            call = calls[to]
+            await call.wait_ended(timeout=4)
+            assert call.status == final and not call.answered and call.streams == []
+            n = len(statuses)
+            await gw.wait_for(lambda c=call, n=n: len(callbacks_for(gw, c.call_sid)) == n)
+            cbs = callbacks_for(gw, call.call_sid)
+            assert [p["CallStatus"] for p in cbs] == statuses
+            assert cbs[-1]["CallDuration"] == "0"
+            r = await http.get(call_url(sim, call.call_sid))
+            assert r.json()["status"] == final and r.json()["start_time"] is None
+        na = calls[no_answer]
+        ring = event_time(na, "ended") - event_time(na, "call-status", status="ringing")
+        assert ring >= 1.0 - 0.002  # rang for the whole Timeout
+        assert all(m == "GET" and ok for m, p, ok in gw.call_status if p["To"] == busy)
+        assert not [p for p, _, _ in gw.webhooks if p == "/twilio/outbound"]  # no TwiML fetched
+
+
+async def test_outbound_create_validation(env: tuple[FakeGateway, TwilioSim]) -> None:
+    gw, sim = env
+    sim.invalid_numbers.add("+15550000404")
+    async with rest_client() as http:
+        r = await http.post(calls_url(sim), data={"To": CALLEE, "From": CALLER, "Url": gw.public},
+                            auth=(ACCOUNT_SID, "wrong"))
+        assert r.status_code == 401 and r.json()["code"] == 20003
+        assert r.headers["www-authenticate"].startswith("Basic")
+
+        cases: list[tuple[dict[str, Any], int, int, str]] = [
+            ({"To": None}, 400, 21201, "'To'"),
+            ({"From": None}, 400, 21213, "'From'"),
+            ({"To": "5551234567"}, 400, 21211, "The 'To' number 5551234567 is not a valid"),
+            ({"To": "+1 555 123 4567"}, 400, 21211, "not a valid phone number"),
+            ({"To": "+15550000404"}, 400, 21211, "not a valid phone number"),
+            ({"Url": None}, 400, 21205, "Url"),
+            ({"Twiml": "<Response/>"}, 400, 21205, "mutually exclusive"),
+            ({"Url": "/relative/path"}, 400, 21205, "not a valid URL"),
+            ({"StatusCallbackEvent": ["initiated", "bogus"]}, 400, 21626, "StatusCallbackEvent"),
+            ({"Method": "PUT"}, 400, 21200, "Method"),
+            ({"MachineDetection": "Sometimes"}, 400, 21200, "MachineDetection"),
+            ({"AsyncAmd": "maybe"}, 400, 21200, "AsyncAmd"),
+        ]
+        for fields, status, code, needle in cases:
+            r = await create_call(http, sim, gw, **fields)
+            body = r.json()
+            assert (r.status_code, body["code"], body["status"]) == (status, code, status), fields
+            assert needle in body["message"], (fields, body)
+            assert body["more_info"] == f"https://www.twilio.com/docs/errors/{code}"
+        r = await http.post(
+            f"{sim.rest_base_url}/2010-04-01/Accounts/AC{'2' * 32}/Calls.json",
+            data={"To": CALLEE, "From": CALLER, "Url": gw.public + "/twilio/outbound"},
+        )
+        assert r.status_code == 404 and r.json()["code"] == 20404
+        sim.verified_caller_ids = {"+15550007777"}
+        r = await create_call(http, sim, gw)
+        assert r.status_code == 400 and r.json()["code"] == 21210
+
+    assert sim.outbound_calls == [] and sim.calls == {} and gw.webhooks == []
+    creates = [r for r in sim.rest_requests if r[2].endswith("/Calls.json")]
+    assert len(creates) == len(cases) + 3  # every request is logged, refused or not
+    assert creates[0][1:3] == ("POST", f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json")
+    with pytest.raises(TimeoutError):
+        await sim.wait_outbound(timeout=0.05)
+
+
+class OutboundTap(TwilioObserver):
+    def __init__(self) -> None:
+        self.created: list[tuple[SimCall, float]] = []
+
+    def outbound_call_created(self, call: SimCall, at: float) -> None:
+        self.created.append((call, at))
+
+
+@pytest.mark.filterwarnings("ignore:BasicAuth is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The 'auth' parameter is deprecated:DeprecationWarning")
+async def test_outbound_with_the_twilio_library() -> None:
+    """What the gateway will run: the official library, its base URL pointed at the stand-in
+    (as worker/twilio_rest.py does with TWILIO_API_BASE_URL)."""
+    tap = OutboundTap()
+    async with environment(observer=tap) as (gw, sim):
+        sim.callees[CALLEE] = Callee(ring_s=0.05, hello_s=0.2)
+        http_client = AsyncTwilioHttpClient(timeout=5)
+        client = Client(ACCOUNT_SID, AUTH_TOKEN, http_client=http_client)
+        client.api.base_url = sim.rest_base_url
+        try:
+            created = await client.calls.create_async(
+                to=CALLEE,
+                from_=CALLER,
+                url=gw.public + "/twilio/outbound",
+                status_callback=gw.public + "/twilio/call-status",
+                status_callback_event=["initiated", "answered", "completed"],
+                machine_detection="Enable",
+                machine_detection_speech_end_threshold=500,
+                async_amd="true",
+                async_amd_status_callback=gw.public + "/twilio/amd",
+                timeout=20,
+                record=False,
+            )
+            assert created.status == "queued" and created.direction == "outbound-api"
+            assert created.to == CALLEE and created._from == CALLER and created.sid
+            call = await sim.wait_outbound(timeout=3)
+            assert call.call_sid == created.sid and [c for c, _ in tap.created] == [call]
+            assert tap.created[0][1] == call.created
+            assert call.outbound is not None
+            req = call.outbound.request
+            assert req.status_callback_events == ("initiated", "answered", "completed")
+            assert (req.machine_detection, req.async_amd, req.timeout_s) == ("Enable", True, 20)
+            assert ("Record", "false") in req.params
+            await call.wait_streams(1, timeout=3)
+            await call.wait_for(lambda: call.answered_by is not None, timeout=5)
+            fetched = await client.calls(created.sid).fetch_async()
+            assert fetched.answered_by == "human" and fetched.status == "in-progress"
+            assert fetched.start_time is not None
+
+            with pytest.raises(TwilioRestException) as info:
+                await client.calls.create_async(to="12345", from_=CALLER, url=gw.public + "/x")
+            assert (info.value.status, info.value.code) == (400, 21211)
+
+            await client.calls(created.sid).update_async(status="completed")
+            assert await call.wait_ended(timeout=3) == "rest-completed"
+            await gw.wait_for(lambda: len(callbacks_for(gw, call.call_sid)) == 3)
+            assert [p["CallStatus"] for p in callbacks_for(gw, call.call_sid)] == [
+                "initiated", "in-progress", "completed"]
+        finally:
+            session = getattr(http_client, "session", None)
+            if session is not None:
+                await session.close()
+
+        # The synchronous client too (the create most examples show), with inline TwiML.
+        sync_client = Client(ACCOUNT_SID, AUTH_TOKEN)
+        sync_client.api.base_url = sim.rest_base_url
+        created2 = await asyncio.to_thread(
+            sync_client.calls.create, to=CALLEE, from_=CALLER,
+            twiml="<Response><Say>Short one</Say><Hangup/></Response>",
+        )
+        call2 = await sim.wait_outbound(timeout=3)
+        assert call2.call_sid == created2.sid
+        assert await call2.wait_ended(timeout=3) == "hangup"
+        assert call2.say_texts == ["Short one"]
