@@ -8,7 +8,9 @@ the caller hears can be compared with the bytes Vapi sent.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 import warnings
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,7 +21,15 @@ import pytest
 from shared import streams as S
 from shared import vapi_proto as V
 from worker.call import (
+    AMD_VERDICT_WAIT_S,
     MAX_BACKLOG_FRAMES,
+    MESSAGE_END_WAIT_S,
+    VOICEMAIL_MAX_S,
+    AnsweredBy,
+    ApiHangup,
+    ApiSay,
+    ApiTransfer,
+    BadControl,
     CallConfig,
     CallCore,
     CloseVapi,
@@ -33,6 +43,7 @@ from worker.call import (
     SendVapiText,
     UpdateCall,
     WriteOut,
+    parse_control,
 )
 from worker.playback import FRAME_BYTES
 from worker.vad import FastBargeIn
@@ -138,6 +149,11 @@ class Call:
     def detach(self, why: str = "lost", stream_sid: str = "MZ1") -> list[Command]:
         return self.do(self.core.stream_detach(self._id(), stream_sid, why, self.t))
 
+    def ctl(self, op: dict[str, Any] | bytes) -> list[Command]:
+        """A `ctl` entry of the call API, parsed as the adapter does."""
+        raw = op if isinstance(op, bytes) else orjson.dumps(op)
+        return self.do(self.core.control(self._id(), parse_control(raw), self.t))
+
     def _id(self) -> str:
         self._seq += 1
         return f"{self._seq}-0"
@@ -160,6 +176,10 @@ class Call:
 
     def kinds(self) -> list[str]:
         return [c.kind for c in self.of(Event)]
+
+    def texts(self, since: float = -1.0) -> list[dict[str, Any]]:
+        """The control messages sent to Vapi, parsed."""
+        return [orjson.loads(c.text) for c in self.of(SendVapiText, since)]
 
     def updates(self) -> dict[str, str]:
         merged: dict[str, str] = {}
@@ -736,3 +756,273 @@ def test_ticking_follows_the_deadlines_and_every_phase_is_reached() -> None:
     assert call.core.phase is Phase.REST
     call.do(call.core.rest_hangup_done("already-ended", call.t))
     assert call.core.phase is Phase.DONE and call.core.next_deadline() is None
+
+
+# The call API (`ctl` entries) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [
+    (b'{"op": "hangup"}', ApiHangup()),
+    (b'{"op": "say", "text": "One moment"}', ApiSay("One moment", False)),
+    (b'{"op": "say", "text": "Greet", "respond": true}', ApiSay("Greet", True)),
+    (b'{"op": "transfer", "to": " +14155550100 "}', ApiTransfer("+14155550100")),
+    (b'{"op": "answered_by", "value": "human"}', AnsweredBy("human")),
+    (b'{"op": "answered_by", "value": "machine_end_beep", "policy": "message", "message": "Hi"}',
+     AnsweredBy("machine_end_beep", "message", "Hi")),
+    (b'{"op": "answered_by", "value": "fax", "message": ""}', AnsweredBy("fax")),
+    (b'{"op": "answered_by", "value": "fax", "policy": "off"}', AnsweredBy("fax", "off")),
+    (b"not json", BadControl("not_json")),
+    (b"\xff\xfe", BadControl("not_json")),
+    (b"[1]", BadControl("not_object")),
+    (b'{"op": 1}', BadControl("no_op")),
+    (b"{}", BadControl("no_op")),
+    (b'{"op": "reboot"}', BadControl("unknown_op", "reboot")),
+    (b'{"op": "' + b"x" * 100 + b'"}', BadControl("unknown_op", "x" * 32)),
+    (b'{"op": "say"}', BadControl("bad_field", "say")),
+    (b'{"op": "say", "text": "  "}', BadControl("bad_field", "say")),
+    (b'{"op": "say", "text": 5}', BadControl("bad_field", "say")),
+    (b'{"op": "say", "text": "hi", "respond": "yes"}', BadControl("bad_field", "say")),
+    (orjson.dumps({"op": "say", "text": "x" * 2001}), BadControl("bad_field", "say")),
+    (orjson.dumps({"op": "say", "text": "x" * 20_000}), BadControl("oversized")),
+    (b'{"op": "transfer", "to": ["+1"]}', BadControl("bad_field", "transfer")),
+    (orjson.dumps({"op": "transfer", "to": "+1" * 200}), BadControl("bad_field", "transfer")),
+    (b'{"op": "answered_by", "value": ["human"]}', BadControl("bad_field", "answered_by")),
+    (b'{"op": "answered_by", "value": "robot"}', BadControl("bad_field", "answered_by")),
+    (b'{"op": "answered_by", "value": "human", "policy": "shout"}', BadControl("bad_field", "answered_by")),
+    (b'{"op": "answered_by", "value": "human", "message": 7}', BadControl("bad_field", "answered_by")),
+])
+def test_control_entries_are_parsed_field_by_field(raw: bytes, parsed: object) -> None:
+    assert parse_control(raw) == parsed
+
+
+def test_control_parsing_never_raises() -> None:
+    rng = random.Random(7)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(40))) for _ in range(500)]
+    values: tuple[Any, ...] = (None, 1, 1.5, True, [], {}, "", "x", {"a": [1]})
+    samples += [orjson.dumps({"op": op, k: v}) for op in ("say", "transfer", "answered_by")
+                for k in ("text", "to", "value", "respond", "policy", "message") for v in values]
+    for raw in samples:
+        assert isinstance(parse_control(raw), ApiHangup | ApiSay | ApiTransfer | AnsweredBy | BadControl)
+
+
+def test_a_bad_control_entry_is_counted_and_changes_nothing() -> None:
+    call, audio = playing_call(1.0)
+    before = len(call.out)
+    call.ctl(b'{"op": "say", "text": 5}')
+    assert [c for _t, c in call.out[before:]] == [Metric("dropped", "bad_control")]
+    assert call.core.in_pos == f"{call._seq}-0", "handled: a successor does not read it again"
+    call.wait(1.5)
+    assert call.heard() == audio and call.core.ending is None
+
+
+def test_api_hangup_stops_vapi_at_once_and_hangs_up_within_a_second_of_queued_audio() -> None:
+    call, _audio = playing_call(3.0)  # 2.5 s still queued
+    asked = call.t
+    call.ctl({"op": "hangup"})
+    assert call.events("api-hangup") == [{}]
+    assert call.of(CloseVapi, since=asked) == [CloseVapi(send_end=True)], "Vapi told end-call at once"
+    call.wait(2.0)
+    (hung,) = [t for t, c in call.out if isinstance(c, WriteOut) and c.kind == S.OUT_HANGUP]
+    assert hung - asked <= 1.0 + 1e-6
+    assert call.updates()["end_reason"] == "api-hangup" and "say" not in call.updates()
+    call.detach("hangup")
+    assert call.of(Done) == [Done(completed=True)]
+    assert call.events("call-ended")[0]["reason"] == "api-hangup"
+    assert call.ctl({"op": "hangup"}) == [], "the session is over"
+
+
+def test_api_hangup_before_vapi_is_connected_ends_the_call_at_once() -> None:
+    call = Call()
+    call.start()
+    call.stream_start()
+    call.ctl({"op": "hangup"})
+    assert call.writes(S.OUT_HANGUP) and call.updates()["end_reason"] == "api-hangup"
+    assert call.of(CloseVapi) == [CloseVapi(send_end=True)], "a setup under way is given up"
+
+
+def test_api_say_speaks_the_text_or_has_the_assistant_answer_it() -> None:
+    call = Call()
+    call.start()
+    call.ctl({"op": "say", "text": "Early words"})  # before Vapi is there: sent once it is
+    assert call.of(SendVapiText) == []
+    call.connect()
+    assert call.texts() == [{"type": "say", "content": "Early words", "endCallAfterSpoken": False}]
+    call.ctl({"op": "say", "text": "The caller is a VIP", "respond": True})
+    assert call.texts()[-1] == {"type": "add-message", "triggerResponseEnabled": True,
+                                "message": {"role": "system", "content": "The caller is a VIP"}}
+    assert call.events("api-say") == [{"text": "Early words", "respond": False},
+                                      {"text": "The caller is a VIP", "respond": True}]
+
+
+def test_api_transfer_takes_the_assistants_transfer_path_and_its_allow_list() -> None:
+    call = Call()
+    call.live()
+    call.ctl({"op": "transfer", "to": "+19005550199"})
+    assert call.events("api-transfer") == [{"target": "+19005550199"}]
+    assert call.events("transfer-refused") == [{"target": "+19005550199"}]
+    assert call.core.ending is None and call.of(CloseVapi) == []
+    call.ctl({"op": "transfer", "to": "+14155550100"})
+    assert call.events("transfer-requested") == [{"target": "+14155550100"}]
+    assert call.of(CloseVapi) == [CloseVapi(send_end=True)]
+    call.wait(0.1)
+    assert call.updates()["end_reason"] == "transfer" and call.updates()["transfer_to"] == "+14155550100"
+    assert call.writes(S.OUT_HANGUP)
+    call.ctl({"op": "say", "text": "late"})
+    assert call.events("api-say") == [], "nothing is acted on once the call is ending"
+
+
+AMD = {"status": "ringing", "amd_pending": "1", "amd_policy": "message",
+       "voicemail_message": "Please call us back."}
+
+
+def amd_call(record: dict[str, str] | None = None, epoch: int = 1, cfg: CallConfig = CFG) -> Call:
+    call = Call(cfg, record=record or AMD, epoch=epoch)
+    call.live()
+    return call
+
+
+def test_waiting_for_the_verdict_the_assistant_starts_muted_and_a_human_hears_it_after() -> None:
+    call = amd_call()
+    assert call.texts()[0] == {"type": "control", "control": "mute-assistant"}, "first thing"
+    greeting = numbered(50)
+    call.say(greeting)  # what Vapi sends anyway (before the mute landed) is held here
+    call.wait(2.0)
+    assert call.heard() == b"" and not call.core.playing
+    call.ctl({"op": "answered_by", "value": "human"})
+    assert call.events("answered-by") == [{"value": "human", "policy": "message", "action": "unmute"}]
+    assert call.texts()[-1] == {"type": "control", "control": "unmute-assistant"}
+    assert call.updates()["answered_by"] == "human"
+    call.wait(1.5)
+    assert call.heard() == greeting, "held, not lost: the human hears all of it"
+
+
+def test_with_the_hangup_policy_nothing_waits_and_a_machine_is_hung_up_on() -> None:
+    call = amd_call(dict(AMD, amd_policy="hangup"))
+    assert call.texts() == [], "not muted: a human hears the greeting at once"
+    call.say(numbered(100))
+    call.wait(0.5)
+    heard = len(call.heard())
+    call.ctl({"op": "answered_by", "value": "machine_start"})
+    assert call.events("answered-by")[0]["action"] == "hangup"
+    assert call.of(CloseVapi) == [CloseVapi(send_end=True)]
+    assert call.writes(S.OUT_HANGUP), "no goodbye, no drain"
+    assert call.updates()["end_reason"] == "machine" and len(call.heard()) == heard
+
+
+@pytest.mark.parametrize(("op", "reason"), [
+    ({"value": "fax"}, "machine"),
+    ({"value": "machine_end_beep", "policy": "hangup"}, "machine"),
+    ({"value": "machine_end_silence", "message": ""}, None),  # the record's message is used
+])
+def test_fax_or_a_machine_under_hangup_ends_the_call(op: dict[str, str], reason: str | None) -> None:
+    call = amd_call()
+    call.ctl({"op": "answered_by", **op})
+    if reason is None:
+        assert call.events("answered-by")[0]["action"] == "voicemail"
+    else:
+        assert call.updates()["end_reason"] == reason and call.writes(S.OUT_HANGUP)
+
+
+@pytest.mark.parametrize("op", [{"value": "fax"}, {"value": "machine_end_beep", "policy": "off"}])
+def test_without_a_policy_or_with_off_a_verdict_changes_nothing(op: dict[str, str]) -> None:
+    call, audio = playing_call(1.0)
+    call.ctl({"op": "answered_by", **op})
+    (verdict,) = call.events("answered-by")
+    assert verdict["action"] == "none" and verdict["policy"] == "off"
+    call.wait(1.5)
+    assert call.heard() == audio and call.core.ending is None and call.of(SendVapiText) == []
+
+
+def test_a_machine_under_the_message_policy_without_a_message_is_hung_up_on() -> None:
+    call = amd_call(dict(AMD, voicemail_message=""))
+    call.ctl({"op": "answered_by", "value": "machine_end_beep"})
+    assert call.updates()["end_reason"] == "machine"
+
+
+def test_the_message_policy_mutes_at_machine_start_and_leaves_the_message_at_the_beep() -> None:
+    call = amd_call(dict(AMD, amd_pending="0"))  # not muted from the start
+    assert call.texts() == []
+    greeting = numbered(100)
+    call.say(greeting)
+    call.wait(0.5)
+    call.ctl({"op": "answered_by", "value": "machine_start"})
+    assert call.events("answered-by")[-1]["action"] == "wait"
+    assert call.texts() == [{"type": "control", "control": "mute-assistant"}]
+    assert call.writes(S.OUT_CLEAR), "what Twilio had not played is taken back"
+    muted_at = call.t
+    call.wait(3.0)
+    assert call.heard(since=muted_at + 0.01) == b""
+    beep = call.t
+    call.ctl({"op": "answered_by", "value": "machine_end_beep"})
+    assert call.events("answered-by")[-1] == {"value": "machine_end_beep", "policy": "message",
+                                               "action": "voicemail"}
+    assert call.texts(since=beep) == [
+        {"type": "say", "content": "Please call us back.", "endCallAfterSpoken": True,
+         "interruptAssistantEnabled": True},
+        {"type": "control", "control": "unmute-assistant"}], "the say first: no greeting plays on"
+    call.say(numbered(10, start=500))  # the greeting's tail, before Vapi took the say: dropped
+    call.wait(0.2)
+    assert call.heard(since=beep) == b""
+    call.msg({"type": "speech-update", "role": "assistant", "status": "started"})
+    message = numbered(50, start=1000)
+    call.say(message)
+    call.msg({"type": "speech-update", "role": "user", "status": "started"})  # the machine hums
+    assert call.events("hold") == [], "a voicemail message plays whole"
+    call.msg({"type": "status-update", "status": "ended",
+              "endedReason": "assistant-ended-call-after-message-spoken"})
+    assert call.writes(S.OUT_HANGUP) == [], "the message plays out first"
+    call.wait(1.2)
+    call.echo_marks()
+    call.wait(0.1)
+    assert call.heard(since=beep) == message
+    assert call.updates()["end_reason"] == "voicemail" and "say" not in call.updates()
+    assert call.writes(S.OUT_HANGUP)
+    call.detach("hangup")
+    assert call.events("call-ended")[0]["reason"] == "voicemail"
+
+
+def test_vapi_closing_while_the_message_is_left_ends_as_voicemail_without_an_apology() -> None:
+    call = amd_call()
+    call.ctl({"op": "answered_by", "value": "machine_end_other"})
+    call.do(call.core.vapi_closed(call.t))
+    call.wait(0.1)
+    assert call.updates()["end_reason"] == "voicemail" and "say" not in call.updates()
+
+
+def test_a_vapi_that_never_ends_after_the_message_is_ended_by_us() -> None:
+    # (a caller that sends nothing would end as stream-lost first: not what is under test here)
+    call = amd_call(cfg=dataclasses.replace(CFG, reattach_timeout_s=1000.0))
+    call.ctl({"op": "answered_by", "value": "machine_end_other"})
+    call.wait(VOICEMAIL_MAX_S - 1)
+    assert call.core.ending is None
+    call.wait(1.1)
+    assert call.updates()["end_reason"] == "voicemail" and call.of(CloseVapi)
+
+
+def test_no_verdict_in_time_unmutes_and_no_beep_in_time_leaves_the_message_anyway() -> None:
+    call = amd_call(cfg=dataclasses.replace(CFG, reattach_timeout_s=1000.0))
+    call.wait(AMD_VERDICT_WAIT_S + 0.1)
+    assert call.events("amd-timeout") == [{"waited": "verdict"}]
+    assert call.texts()[-1] == {"type": "control", "control": "unmute-assistant"}
+    call = amd_call(cfg=dataclasses.replace(CFG, reattach_timeout_s=1000.0))
+    call.ctl({"op": "answered_by", "value": "machine_start"})
+    call.wait(MESSAGE_END_WAIT_S + 0.1)
+    assert call.events("amd-timeout") == [{"waited": "message-end"}]
+    assert call.texts()[-2]["type"] == "say" and call.core.ending is None
+
+
+def test_a_takeover_keeps_waiting_for_the_beep_or_leaves_the_message_again() -> None:
+    waiting = amd_call(dict(AMD, answered_by="machine_start", stream_sid="MZ1"), epoch=2)
+    assert waiting.texts()[0] == {"type": "control", "control": "mute-assistant"}
+    leaving = amd_call(dict(AMD, answered_by="machine_end_beep", stream_sid="MZ1"), epoch=2)
+    assert leaving.texts()[0]["type"] == "say" and leaving.texts()[0]["endCallAfterSpoken"] is True
+    human = amd_call(dict(AMD, answered_by="human"), epoch=2)
+    assert human.texts() == []
+
+
+def test_an_api_hangup_while_muted_drops_the_held_audio() -> None:
+    call = amd_call()
+    call.say(numbered(100))
+    call.ctl({"op": "hangup"})
+    call.wait(0.1)
+    assert call.heard() == b"" and call.writes(S.OUT_HANGUP)

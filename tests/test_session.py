@@ -7,10 +7,12 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from shared import streams as S
+from shared import vapi_proto as V
 from shared.logs import call_sid_var
 from shared.redisio import BatchWriter
 from shared.settings import Settings
@@ -108,6 +110,98 @@ async def test_caller_audio_queued_for_a_stalled_vapi_is_bounded_and_control_ent
     assert session.ending is not None and session.ending.reason == "caller-hangup", \
         "the hang-up is never dropped"
     assert host.done == [True] and host.vapi.socket.closed.is_set()
+
+
+class RecordingSocket:
+    """A Vapi socket that keeps what it is sent; nothing arrives until it is closed."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.closed = asyncio.Event()
+
+    async def send(self, data: object) -> None:
+        self.sent.append(data)
+
+    def __aiter__(self) -> RecordingSocket:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await self.closed.wait()
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+class RecordingVapi:
+    def __init__(self) -> None:
+        self.socket = RecordingSocket()
+        self.bodies: list[dict[str, Any]] = []
+        self.model_asked = 0
+
+    async def create_call(self, body: dict[str, Any]) -> VapiCall:
+        self.bodies.append(body)
+        return VapiCall(id="v1", websocket_url="wss://vapi.invalid/x")
+
+    async def connect(self, _call: VapiCall) -> RecordingSocket:
+        return self.socket
+
+    async def assistant_model(self) -> V.AssistantModel:
+        self.model_asked += 1
+        return V.AssistantModel("openai", "gpt-4o-mini")
+
+
+async def _until(pred: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+OWN = {"status": "ringing", "assistant_id": "asst-own",
+       "variables": '{"name": "Ada", "callerNumber": "+1999"}', "metadata": '{"crm": 1}'}
+
+
+async def test_control_entries_reach_the_call_and_bad_ones_never_escape_the_reader(host: Host) -> None:
+    host.vapi = RecordingVapi()
+    session = CallSession(host, "CA1", {b"sid": b"CA1", b"from": b"+1555", b"to": b"+1666"},
+                          epoch=1, record=OWN)
+    run = asyncio.create_task(session.run())
+    await _until(lambda: session.core.vapi_up, "vapi")
+    (body,) = host.vapi.bodies
+    assert body["assistantId"] == "asst-own", "the call's own assistant, not VAPI_ASSISTANT_ID"
+    assert body["assistantOverrides"]["variableValues"] == {
+        "name": "Ada", "callerNumber": "+1555", "calledNumber": "+1666", "twilioCallSid": "CA1"}
+    assert body["assistantOverrides"]["metadata"]["crm"] == 1
+    session.on_inbound([  # none of these may raise into the worker's shared reader
+        (b"1-0", {b"k": S.IN_CONTROL, b"v": b"{not json"}),
+        (b"2-0", {b"k": S.IN_CONTROL}),
+        (b"3-0", {b"k": S.IN_CONTROL, b"v": orjson.dumps({"op": "say", "text": "x" * 100_000})}),
+        (b"4-0", {b"k": S.IN_CONTROL, b"v": b'{"op": "say", "text": "Hold on"}'}),
+    ])
+    await _until(lambda: V.say("Hold on") in host.vapi.socket.sent, "the say")
+    assert session.core.in_pos == "4-0" and session.ending is None
+    session.on_inbound([(b"5-0", {b"k": S.IN_CONTROL, b"v": b'{"op": "hangup"}'})])
+    await _until(lambda: host.vapi.socket.closed.is_set(), "vapi closed")
+    assert V.END_CALL in host.vapi.socket.sent
+    assert session.ending is not None and session.ending.reason == "api-hangup"
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_a_takeover_keeps_the_calls_own_assistant_and_never_overrides_its_model(
+        host: Host) -> None:
+    host.vapi = RecordingVapi()
+    session = CallSession(host, "CA1", {b"sid": b"CA1"}, epoch=2, record=OWN)
+    run = asyncio.create_task(session.run())
+    await _until(lambda: session.core.vapi_up, "vapi")
+    (body,) = host.vapi.bodies
+    assert body["assistantId"] == "asst-own" and body["assistantOverrides"]["variableValues"]["name"] == "Ada"
+    # The model the worker knows is VAPI_ASSISTANT_ID's; naming it would replace asst-own's.
+    assert "model" not in body["assistantOverrides"] and host.vapi.model_asked == 0
+    assert body["assistantOverrides"]["firstMessageMode"] == V.FIRST_MESSAGE_WAIT
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
 
 
 class BrokenSocket:

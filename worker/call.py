@@ -2,7 +2,8 @@
 
 Everything that decides how a call behaves lives here: forwarding the caller's audio (and holding
 it while Vapi sets up), pacing the assistant's audio, the three barge-in policies, keypad
-gathering, transfers, turn latency, what a successor needs to resume, and every way a call ends.
+gathering, transfers, turn latency, what a successor needs to resume, what the call API asks
+(`ctl` entries: hang up, say, transfer, the answering-machine verdict), and every way a call ends.
 Nothing here waits, sleeps, reads a clock or touches Redis or a socket, the way `Playout` works:
 each input is a method call with `now` (monotonic seconds) and returns the commands the adapter
 (worker/session.py) carries out, in order; `next_deadline()` says when to call `tick()`. So every
@@ -17,6 +18,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from shared import streams as S
 from shared import vapi_proto as V
@@ -38,6 +41,129 @@ PROGRESS_EVERY_S = 0.25
 STALE_AFTER_BARGE_IN_S = 2.0  # bound on dropping the cut turn's audio if no new turn is announced
 DRAIN_MARGIN_S = 2.0  # an ending waits for what is queued plus this, then hangs up anyway
 FILL_MAX_LAG_S = 0.1  # silence fill catches up at most this much after a stall of our own
+# An ending the call API asked for stops Vapi at once and lets at most this much of what is
+# already queued play (the caller's call is closed well within 2 s).
+API_DRAIN_S = 1.0
+# Answering-machine detection: Twilio's verdict comes within its MachineDetectionTimeout (at most
+# 59 s); a call muted for it that hears nothing by then goes on as `unknown` (unmuted). After
+# `machine_start` (MachineDetection=Enable never sends a `machine_end_*`) the message is left
+# anyway after MESSAGE_END_WAIT_S.
+AMD_VERDICT_WAIT_S = 60.0
+MESSAGE_END_WAIT_S = 30.0
+# A voicemail message is at most MAX_CONTROL_TEXT characters (about 2 min of speech); a Vapi that
+# has not ended the call this long after it was asked to say it is ended by us.
+VOICEMAIL_MAX_S = 180.0
+MAX_PENDING_TEXT = 16  # control messages for Vapi held until its socket opens
+
+
+# The call API's entries (`ctl` on call:{sid}:in) ----------------------------------------------
+# Written by another process from API requests, so untrusted: `parse_control` checks every field
+# and bounds every size, and never raises (a bad entry must not take the worker's shared reader
+# down with it). The decision is CallCore.control's.
+
+MAX_CONTROL_BYTES = 16 * 1024  # MAX_CONTROL_TEXT characters, each escaped at worst, and the rest
+MAX_CONTROL_TEXT = 2000
+MAX_OP = 32
+# Twilio's AnsweredBy values (answering-machine detection; the `machine_end_*` ones only with
+# MachineDetection=DetectMessageEnd).
+ANSWERED_BY = frozenset({"human", "machine_start", "machine_end_beep", "machine_end_silence",
+                         "machine_end_other", "fax", "unknown"})
+# What to do when a machine answers (the call API's `machine_detection`): nothing, hang up, or
+# leave the voicemail message.
+AMD_OFF, AMD_HANGUP, AMD_MESSAGE = "off", "hangup", "message"
+AMD_POLICIES = (AMD_OFF, AMD_HANGUP, AMD_MESSAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiHangup:
+    """`{"op": "hangup"}`: end the call as the assistant would, `end_reason` api-hangup."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSay:
+    """`{"op": "say", "text": str, "respond": bool}`: the assistant speaks `text` as is (Vapi
+    `say`), or with `respond` gets it as a system note and answers it (`add-message`)."""
+
+    text: str
+    respond: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTransfer:
+    """`{"op": "transfer", "to": str}`: transfer as the assistant's transfer tool would."""
+
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredBy:
+    """`{"op": "answered_by", "value": AnsweredBy, "policy": "off"|"hangup"|"message",
+    "message": str}`: Twilio's answering-machine verdict; `policy`/`message` None fall back to
+    the call record's `amd_policy`/`voicemail_message` (and `off`, acting on nothing)."""
+
+    value: str
+    policy: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadControl:
+    """An entry with nothing to act on; `cause` is a bounded label, `op` the op if it had one."""
+
+    cause: str
+    op: str = ""
+
+
+Control = ApiHangup | ApiSay | ApiTransfer | AnsweredBy
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() and len(value) <= MAX_CONTROL_TEXT else None
+
+
+def _parse_control(raw: bytes) -> Control | BadControl:
+    if len(raw) > MAX_CONTROL_BYTES:
+        return BadControl("oversized")
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return BadControl("not_json")
+    if not isinstance(msg, dict):
+        return BadControl("not_object")
+    op = msg.get("op")
+    if not isinstance(op, str):
+        return BadControl("no_op")
+    op = op[:MAX_OP]
+    if op == "hangup":
+        return ApiHangup()
+    if op == "say":
+        text, respond = _text(msg.get("text")), msg.get("respond", False)
+        if text is None or not isinstance(respond, bool):
+            return BadControl("bad_field", op)
+        return ApiSay(text, respond)
+    if op == "transfer":
+        to = msg.get("to")
+        if not isinstance(to, str) or not to.strip() or len(to) > V.MAX_TARGET:
+            return BadControl("bad_field", op)
+        return ApiTransfer(to.strip())
+    if op == "answered_by":
+        value, policy, message = msg.get("value"), msg.get("policy"), msg.get("message")
+        if not isinstance(value, str) or value not in ANSWERED_BY:
+            return BadControl("bad_field", op)
+        if policy is not None and policy not in AMD_POLICIES:
+            return BadControl("bad_field", op)
+        if message is not None and message != "" and _text(message) is None:
+            return BadControl("bad_field", op)
+        return AnsweredBy(value, policy, message or None)
+    return BadControl("unknown_op", op)
+
+
+def parse_control(raw: bytes) -> Control | BadControl:
+    """The op of a `ctl` entry's `v`, or why there is none. Total: never raises."""
+    try:
+        return _parse_control(raw)
+    except Exception:  # a bug here must cost one entry, never the reader
+        return BadControl("error")
 
 
 # Outputs ------------------------------------------------------------------------------------
@@ -125,6 +251,9 @@ class Ending:
     say: str | None = None
     transfer_to: str | None = None
     detail: str = ""
+    # At most this much queued assistant audio plays before the hang-up (None: all of it, and
+    # what Vapi still sends within DRAIN_MARGIN_S).
+    drain_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +355,23 @@ class CallCore:
         self._reattach_at: float | None = None
         self._drain_until: float | None = None
         self._grace_until: float | None = None
+        # The call API and answering-machine detection (see `control`).
+        policy = self.record.get("amd_policy")
+        self._amd_policy = policy if policy in AMD_POLICIES else None
+        self._voicemail_message = _text(self.record.get("voicemail_message")) or ""
+        self._answered_by = self.record.get("answered_by", "")  # a verdict an owner acted on
+        # Waiting for the verdict (or, after `machine_start`, for the beep) with a message to
+        # leave: the assistant starts muted, so a machine never records its greeting (a human
+        # hears it once the verdict is in).
+        self._muted = (self.record.get("amd_pending") == "1" and self._amd_policy == AMD_MESSAGE
+                       and self._answered_by in ("", "machine_start"))
+        self._vapi_muted = False  # Vapi was told mute-assistant (and not unmute since)
+        self._amd_wait_until: float | None = None
+        if self._muted:
+            self._amd_wait_until = now + (MESSAGE_END_WAIT_S if self._answered_by else AMD_VERDICT_WAIT_S)
+        self._voicemail = False  # the message is being left: Vapi ends the call after it
+        self._voicemail_until: float | None = None
+        self._pending_text: list[str] = []  # for Vapi, once its socket is open
         self._now = now
         self._out: list[Command] = []
 
@@ -234,8 +380,8 @@ class CallCore:
     @property
     def playing(self) -> bool:
         """Assistant audio is waiting to be paced out to a live stream."""
-        return (self.phase in _TALKING and self.stream_live and not self.playout.idle
-                and not self.playout.paused)
+        return (self.phase in _TALKING and self.stream_live and not self._muted
+                and not self.playout.idle and not self.playout.paused)
 
     def next_deadline(self) -> float | None:
         """The earliest time `tick()` has something to do (None: only an input can change
@@ -243,14 +389,15 @@ class CallCore:
         if self.phase is Phase.DONE:
             return None
         times = [self._next_progress]
-        for t in (self._hold_until, self._keypad_at, self._reattach_at):
+        for t in (self._hold_until, self._keypad_at, self._reattach_at, self._amd_wait_until,
+                  self._voicemail_until):
             if t is not None:
                 times.append(t)
         if self.fast is not None and (t := self.fast.deadline()) is not None:
             times.append(t)
         if self.vapi_up:
             times.append(self.last_media_at + self.cfg.silence_fill_after_s + 1e-6)
-        if self.phase in _TALKING and self.stream_live:
+        if self.phase in _TALKING and self.stream_live and not self._muted:
             if (t := self.playout.next_due(self._now)) is not None:
                 times.append(t)
         if self.phase is Phase.DRAINING and self._drain_until is not None:
@@ -296,6 +443,9 @@ class CallCore:
             self.stream_sid = stream_sid
             self.stream_live = self._seen_start = True
             self.playout.stream_reset(now)
+        if (self.takeover and self._answered_by.startswith("machine_end")
+                and self._amd_policy == AMD_MESSAGE and self._voicemail_message):
+            self._leave_voicemail(self._voicemail_message, now)  # the old session was leaving it
         return self._flush(now)
 
     def takeover_context(self, transcripts: list[tuple[str, str]],
@@ -319,9 +469,14 @@ class CallCore:
             return [CloseVapi(send_end=True)]
         self.phase = Phase.CONNECTED
         self.vapi_up = True
+        if self._muted:  # first, so as little of the greeting as possible is spoken
+            self._out.append(SendVapiText(V.MUTE_ASSISTANT))
+            self._vapi_muted = True
         r = self._resume
         if r is not None and r.mode == V.RESUME_WAIT and r.messages:
             self._out.append(SendVapiText(V.conversation_so_far(r.messages)))
+        self._out.extend(SendVapiText(t) for t in self._pending_text)
+        self._pending_text.clear()
         if r is not None:
             self._event("history-handed-over", turns=len(r.messages), mode=r.mode, heard_ms=r.heard_ms)
         setup_ms = round(setup_s * 1000, 1)
@@ -345,7 +500,10 @@ class CallCore:
         self.vapi_up = False
         if not self._vapi_closed_by_us:
             reason = "error" if error else "vapi-socket-closed"
-            self._end(Ending(reason, ASSISTANT, say=self.cfg.unavailable_message), now)
+            if self._voicemail:  # most likely the end after the message: never apologise to a machine
+                self._end(Ending("voicemail", ASSISTANT, detail=reason), now)
+            else:
+                self._end(Ending(reason, ASSISTANT, say=self.cfg.unavailable_message), now)
         return self._flush(now)
 
     def fail(self, now: float, detail: str = "") -> list[Command]:
@@ -463,6 +621,33 @@ class CallCore:
             self._keypad_at = self.keypad.deadline
         return self._flush(now)
 
+    def control(self, entry_id: str, ctl: Control | BadControl, now: float) -> list[Command]:
+        """The call API steers the call (a `ctl` entry, parsed by `parse_control`). Each op is
+        written to `:events` (`api-hangup`, `api-say`, `api-transfer`, `answered-by`); a bad
+        entry is counted and logged, and the call goes on untouched; once the call is ending
+        nothing more is acted on."""
+        if self.phase is Phase.DONE:
+            return []
+        self._seen(entry_id, now)
+        if isinstance(ctl, BadControl):
+            self._out.append(Metric("dropped", "bad_control"))
+            log.warning("call control entry ignored", extra={"cause": ctl.cause, "op": ctl.op})
+        elif self.ending is not None:
+            log.info("call control entry ignored: the call is ending", extra={"op": type(ctl).__name__})
+        elif isinstance(ctl, ApiHangup):
+            self._event("api-hangup")
+            self._end_now(Ending("api-hangup", ASSISTANT, drain_s=API_DRAIN_S), now)
+        elif isinstance(ctl, ApiSay):
+            self._event("api-say", text=ctl.text, respond=ctl.respond)
+            self._send_text(V.add_message("system", ctl.text, respond=True) if ctl.respond
+                            else V.say(ctl.text))
+        elif isinstance(ctl, ApiTransfer):
+            self._event("api-transfer", target=ctl.to[:64])
+            self._transfer(ctl.to, now, api=True)
+        else:
+            self._on_answered_by(ctl, now)
+        return self._flush(now)
+
     # Vapi inputs -------------------------------------------------------------------------------
 
     def vapi_audio(self, data: bytes, now: float) -> list[Command]:
@@ -494,7 +679,8 @@ class CallCore:
         elif isinstance(msg, V.StatusUpdate):
             if msg.status == "ended":
                 self._event("vapi-ended", ended_reason=msg.ended_reason or "")
-                self._end(Ending("assistant-ended", ASSISTANT, detail=msg.ended_reason or ""), now)
+                reason = "voicemail" if self._voicemail else "assistant-ended"
+                self._end(Ending(reason, ASSISTANT, detail=msg.ended_reason or ""), now)
         elif isinstance(msg, V.Transcript):
             if msg.final:
                 self._event("transcript", role=msg.role, text=msg.text[:2000])
@@ -528,6 +714,13 @@ class CallCore:
         if self._reattach_at is not None and now >= self._reattach_at:
             self._reattach_at = None
             self._end(Ending("stream-lost", ASSISTANT), now)
+        if self._amd_wait_until is not None and now >= self._amd_wait_until:
+            self._amd_wait_until = None
+            self._amd_timeout(now)
+        if self._voicemail_until is not None and now >= self._voicemail_until:
+            self._voicemail_until = None
+            self._end_now(Ending("voicemail", ASSISTANT, detail="not ended after the message",
+                                 drain_s=0.0), now)
         self._fill_silence(now)
         self._emit_due(now)
         if now >= self._next_progress:
@@ -594,8 +787,8 @@ class CallCore:
             self._detach("lost", now)  # no frame, no stop, no detach: the gateway died
 
     def _emit_due(self, now: float) -> None:
-        if not self.stream_live or self.phase not in _TALKING:
-            return  # hold the audio until Twilio's socket is there
+        if not self.stream_live or self.phase not in _TALKING or self._muted:
+            return  # hold the audio until Twilio's socket is there (and the assistant unmuted)
         for frame in self.playout.due(now):
             if frame.first:
                 self._turn_started(now)
@@ -627,6 +820,113 @@ class CallCore:
         if fields:
             self._update(fields)
 
+    def _send_text(self, text: str) -> None:
+        """A control message for Vapi: now, or first thing once its socket opens (bounded)."""
+        if self.vapi_up:
+            self._out.append(SendVapiText(text))
+        elif self.phase in (Phase.NEW, Phase.SETUP) and len(self._pending_text) < MAX_PENDING_TEXT:
+            self._pending_text.append(text)
+        else:  # Vapi is gone (the call is ending) or the backlog is full
+            self._out.append(Metric("dropped", "bad_control"))
+
+    # Answering-machine detection. Outbound calls may carry `amd_pending: "1"` in their record until
+    # Twilio's verdict comes as an `answered_by` entry. With the `message` policy the assistant
+    # starts muted (Vapi `mute-assistant`, and what it sends anyway is held here), so a machine
+    # never records a greeting; the cost is that a human hears the greeting only once the
+    # verdict is in (a few seconds of silence after they answer), held audio first. Human or
+    # unknown (or policy `off`): unmuted. Fax, or a machine under `hangup`: ended as `machine`,
+    # no goodbye.
+    # `machine_start` under `message`: muted until `machine_end_*` (the beep), then the message is
+    # said with `endCallAfterSpoken` and Vapi ends the call, which we record as `voicemail`.
+
+    def _on_answered_by(self, a: AnsweredBy, now: float) -> None:
+        policy = a.policy or self._amd_policy or AMD_OFF
+        message = a.message or self._voicemail_message
+        self._amd_wait_until = None
+        self._answered_by = a.value
+        if self._voicemail:
+            action = "none"  # the message is being left: a late or repeated verdict changes nothing
+        elif a.value in ("human", "unknown") or policy == AMD_OFF:
+            action = "unmute" if self._muted else "none"
+        elif a.value == "fax" or policy == AMD_HANGUP or not message:
+            action = "hangup"
+        elif a.value == "machine_start":
+            action = "wait"
+        else:
+            action = "voicemail"
+        self._event("answered-by", value=a.value, policy=policy, action=action)
+        self._update({"answered_by": a.value})  # a successor must not wait for it again
+        if action == "unmute":
+            self._unmute(now)
+        elif action == "hangup":
+            self._end_now(Ending("machine", ASSISTANT, detail=a.value, drain_s=0.0), now)
+        elif action == "wait":
+            self._mute(now)
+            self._amd_wait_until = now + MESSAGE_END_WAIT_S
+        elif action == "voicemail":
+            self._leave_voicemail(message, now)
+
+    def _amd_timeout(self, now: float) -> None:
+        """No verdict in time (go on as `unknown`), or no message end after `machine_start`
+        (leave the message anyway: the greeting is most likely over)."""
+        if self._answered_by == "machine_start":
+            self._event("amd-timeout", waited="message-end")
+            message = self._voicemail_message
+            if message:
+                self._leave_voicemail(message, now)
+            else:
+                self._end_now(Ending("machine", ASSISTANT, detail="machine_start", drain_s=0.0), now)
+        else:
+            self._event("amd-timeout", waited="verdict")
+            self._unmute(now)
+
+    def _leave_voicemail(self, message: str, now: float) -> None:
+        """Say the message over whatever the assistant was saying, then let Vapi end the call.
+        The say goes before the unmute, so a Vapi that held its greeting never plays it on; what
+        was held here is dropped, and so is audio Vapi still sends until the message starts
+        (its `speech-update` assistant started)."""
+        self._voicemail = True
+        self._voicemail_until = now + VOICEMAIL_MAX_S
+        self._send_text(V.say(message, end_call_after=True, interrupt_assistant=True))
+        self._discard_held(now)
+        self._stale_until = now + STALE_AFTER_BARGE_IN_S
+        self._unmute(now)
+
+    def _mute(self, now: float) -> None:
+        """Nothing of the assistant reaches the line: Vapi is told, and what it sends anyway is
+        held here (taken back from Twilio's buffer if it was already playing)."""
+        if not self._muted:
+            self._muted = True
+            if self.playout.active(now) and not self.playout.paused:
+                self.playout.pause(now)
+                self._write(WriteOut(S.OUT_CLEAR))
+        if not self._vapi_muted and self.vapi_up:
+            self._out.append(SendVapiText(V.MUTE_ASSISTANT))
+            self._vapi_muted = True
+
+    def _unmute(self, now: float) -> None:
+        """The assistant may be heard again; what was held plays first."""
+        if self._vapi_muted:
+            self._send_text(V.UNMUTE_ASSISTANT)
+            self._vapi_muted = False
+        if not self._muted:
+            return
+        self._muted = False
+        self._amd_wait_until = None
+        if self.playout.paused and not (self.fast is not None and self.fast.holding):
+            self.playout.resume(now)
+        self._emit_due(now)
+
+    def _discard_held(self, now: float) -> None:
+        """Drop the assistant audio queued here (and in Twilio's buffer: `clear`)."""
+        if self.playout.idle and not self.playout.paused and not self.playout.active(now):
+            return
+        in_twilio = self.playout.play_end > now
+        self.playout.interrupt(now)
+        self._downlink.reset()
+        if in_twilio:
+            self._write(WriteOut(S.OUT_CLEAR))
+
     def _send_keypad(self, entry: str) -> None:
         self._event("keypad-entry", digits=entry)
         if self.vapi_up:
@@ -634,16 +934,25 @@ class CallCore:
 
     def _tool_calls(self, msg: V.ToolCalls, now: float) -> None:
         for call in msg.calls:
-            if target := V.transfer_target(call):
-                if not transfer_allowed(self.cfg.transfer_allow, target):
-                    self._out.append(Metric("dropped", "transfer_refused"))
-                    log.warning("transfer refused: target not in TRANSFER_ALLOW",
-                                extra={"target": mask_number(target)})
-                    self._event("transfer-refused", target=target[:64])
-                    continue
-                self._event("transfer-requested", target=target)
-                self._end(Ending("transfer", ASSISTANT, transfer_to=target), now)
+            if (target := V.transfer_target(call)) and self._transfer(target, now):
                 break
+
+    def _transfer(self, target: str, now: float, *, api: bool = False) -> bool:
+        """A transfer the assistant (or the call API) asked for: refused unless TRANSFER_ALLOW
+        lets the target in (the call goes on), else the call ends with `transfer_to`, which
+        `<Connect action>` turns into `<Dial>`."""
+        if not transfer_allowed(self.cfg.transfer_allow, target):
+            self._out.append(Metric("dropped", "transfer_refused"))
+            log.warning("transfer refused: target not in TRANSFER_ALLOW",
+                        extra={"target": mask_number(target)})
+            self._event("transfer-refused", target=target[:64])
+            return False
+        self._event("transfer-requested", target=target)
+        if api:
+            self._end_now(Ending("transfer", ASSISTANT, transfer_to=target, drain_s=API_DRAIN_S), now)
+        else:
+            self._end(Ending("transfer", ASSISTANT, transfer_to=target), now)
+        return True
 
     # Barge-in: three policies on one pacer.
 
@@ -651,8 +960,8 @@ class CallCore:
         """Vapi heard the caller start talking over the assistant. Whether that interrupts is
         Vapi's call (its stopSpeakingPlan; a backchannel does not), so stop the audio at once but
         only hold it: `user-interrupted` drops it, silence from Vapi plays it on."""
-        if not self.playout.active(now) or self.playout.paused:
-            return
+        if not self.playout.active(now) or self.playout.paused or self._muted or self._voicemail:
+            return  # nothing playing, or nothing to hold for (a voicemail message plays whole)
         self.playout.pause(now)
         self._write(WriteOut(S.OUT_CLEAR))
         self._event("hold", turn=self.playout.turn)
@@ -702,14 +1011,28 @@ class CallCore:
         if self.ending is not None or self.phase is Phase.DONE:
             return
         self.ending = ending
+        self._amd_wait_until = self._voicemail_until = None
+        if self._muted:  # held back for a verdict: never meant for whoever answered
+            self._discard_held(now)
         if ending.side == CALLER:  # Twilio's side is gone: tell Vapi, nothing to play out
             self._close_vapi()
             self._complete()
         elif self.phase is Phase.CONNECTED:  # let the caller hear the assistant's last words
             self.phase = Phase.DRAINING
-            self._drain_until = now + self.playout.queued_s(now) + DRAIN_MARGIN_S
+            queued = self.playout.queued_s(now)
+            if ending.drain_s is None:
+                self._drain_until = now + queued + DRAIN_MARGIN_S
+            else:
+                self._drain_until = now + min(queued, ending.drain_s)
         else:
             self._finish(now)
+
+    def _end_now(self, ending: Ending, now: float) -> None:
+        """An ending nobody on the call asked for (the call API, a machine): Vapi is told at once
+        so it says nothing more; at most `drain_s` of what is queued still plays."""
+        self._end(ending, now)
+        if self.ending is ending and self.phase is not Phase.DONE:
+            self._close_vapi()
 
     def _finish(self, now: float) -> None:
         """Record the end, ask the gateway to close the stream; REST if no gateway will."""

@@ -47,6 +47,7 @@ from worker.call import (
     SendVapiText,
     UpdateCall,
     WriteOut,
+    parse_control,
 )
 from worker.twilio_rest import TwilioRest
 from worker.vapi_client import VapiClient, VapiError
@@ -163,6 +164,8 @@ class CallSession:
             elif kind == S.IN_DETACH:
                 self._feed(core.stream_detach, eid, f.get(b"s", b"").decode(errors="replace"),
                            f.get(b"v", b"").decode(errors="replace"), now)
+            elif kind == S.IN_CONTROL:  # the call API; parse_control never raises
+                self._feed(core.control, eid, parse_control(f.get(b"v", b"")), now)
 
     def on_tick(self, now: float) -> None:
         """The worker's shared playout ticker (every 10 ms while `playing`)."""
@@ -344,20 +347,27 @@ class CallSession:
     async def _setup(self) -> None:
         s, t0 = self.w.settings, time.monotonic()
         resume = None
+        opts = V.call_options(self.core.record)
+        if opts.ignored:
+            log.warning("call record fields ignored for the vapi call",
+                        extra={"fields": list(opts.ignored[:10])})
         try:
             if self.core.takeover:
                 transcripts = await self._transcripts()
                 model = None
-                if s.takeover_resume == V.RESUME_SPEAK:
+                # The model the worker knows is VAPI_ASSISTANT_ID's: overriding another
+                # assistant's model with it would replace that one's, so such a call waits instead.
+                if s.takeover_resume == V.RESUME_SPEAK and opts.assistant_id in (None, s.vapi_assistant_id):
                     # Normally known since the worker started; if Vapi did not say then, ask briefly,
                     # and resume the older way rather than keep the caller waiting.
                     with contextlib.suppress(TimeoutError):
                         model = await asyncio.wait_for(self.w.vapi.assistant_model(), 0.5)
                 resume = self.core.takeover_context(transcripts, model)
             body = V.create_call_body(
-                assistant_id=s.vapi_assistant_id or "", audio_format=s.vapi_audio_format,
-                sample_rate=s.audio_sample_rate, call_sid=self.sid, from_=self.core.call_from,
-                to=self.core.call_to, resume=resume)
+                assistant_id=opts.assistant_id or s.vapi_assistant_id or "",
+                audio_format=s.vapi_audio_format, sample_rate=s.audio_sample_rate,
+                call_sid=self.sid, from_=self.core.call_from, to=self.core.call_to, resume=resume,
+                variables=opts.variables, metadata=opts.metadata)
             call = await self.w.vapi.create_call(body)
             self._setup_call = call
             self._feed(self.core.vapi_call_created, call.id, time.monotonic())
