@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from starlette.requests import ClientDisconnect
 
 from gateway import admission, twiml
 from gateway.records import ENSURE_TTL, ensure_ttl
@@ -34,7 +35,11 @@ def _state(request: Request) -> GatewayState:
 async def _signed_form(request: Request, route: str) -> dict[str, str] | Response:
     """The form if Twilio signed it for our public URL + path (+ query), else a 403."""
     st = _state(request)
-    form = await request.form()
+    try:
+        form = await request.form()
+    except ClientDisconnect:  # Twilio (or a probe) went away mid-request: nothing to answer
+        metrics.WEBHOOKS.labels(route, "client_gone").inc()
+        return Response(status_code=499)
     params = {k: str(v) for k, v in form.multi_items()}
     url = f"{st.settings.public_url}{request.url.path}"
     if request.url.query:
