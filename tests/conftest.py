@@ -126,8 +126,9 @@ TIERS = {
              "test_playback", "test_readme", "test_redisio", "test_resume", "test_security",
              "test_session", "test_sim_twilio", "test_sim_vapi", "test_socket_state",
              "test_standalone", "test_twilio_proto", "test_vad", "test_vapi_proto"},
-    "e2e": {"test_bench", "test_cli", "test_cluster", "test_conversation", "test_demo", "test_e2e",
-            "test_failover", "test_lifecycle", "test_multiprocess", "test_redis_outage"},
+    "e2e": {"test_api", "test_bench", "test_call_control", "test_cli", "test_cluster", "test_conversation",
+            "test_demo", "test_e2e", "test_failover", "test_lifecycle", "test_multiprocess",
+            "test_redis_outage"},
     "ops": {"test_ops"},
 }
 
