@@ -33,6 +33,10 @@ caller, split into lease, claim, setup and first audio; caller speech lost in th
 speech frame is unique, so it is followed frame by frame into each session); audio heard twice or
 from a replaced session; second greetings; calls lost; Vapi sessions left open.
 
+`--redis-cluster [--kill-primary]` (callbridge/bench_cluster.py): the duplex scenario on a private
+single redis-server and then on a private 3+3-node Redis Cluster, side by side, through RunHooks;
+REDIS_URL is not used.
+
 Figures of the duplex scenario (all for the measurement window):
 1. One-way latency the bridge adds, seen from outside on one monotonic clock:
    inbound  = Twilio sim send of caller frame k -> Vapi stand-in receive of frame k;
@@ -428,6 +432,8 @@ class _Config:
     as_json: bool
     scenario: str = "duplex"
     events: int = 10  # failover: signals to workers
+    redis_cluster: bool = False  # duplex on one Redis and on a cluster, side by side (bench_cluster)
+    kill_primary: bool = False  # ... and then kill a primary (bench_cluster)
 
 
 @dataclass
@@ -547,7 +553,29 @@ def _cancel_on_signals() -> Callable[[], None]:
     return undo
 
 
-async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: list[ManagedProcess]) -> int:
+@dataclass
+class RunHooks:
+    """What a wrapper of one duplex run adds to it (callbridge.bench_cluster runs two side by
+    side); with none, `_bench` runs and prints as always. The methods are no-ops here."""
+
+    env: dict[str, object] = field(default_factory=dict)  # more settings for gateway and workers
+    call_sids: list[str] | None = None  # CallSid of call i (default: the Twilio sim's random one)
+    extra_s: float = 0.0  # the assistant talks this much longer: room for after_window
+    result: dict[str, Any] | None = None  # the run's figures, handed here instead of printed
+
+    async def window_start(self) -> None:
+        """Right before the window's CPU readings."""
+
+    async def window_end(self) -> None:
+        """Right after the window's CPU readings."""
+
+    async def after_window(self, prefix: str, pairs: list[tuple[SimCall, VapiSession]],
+                           rec: _Recorder) -> None:
+        """After the window's grace period, every call still live; the hang-ups follow."""
+
+
+async def _bench(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None],
+                 procs: list[ManagedProcess], hooks: RunHooks | None = None) -> int:
     from sim import voices
     from sim.twilio import TwilioSim
     from sim.vapi import AssistantScript, VapiSim, interrupter
@@ -557,7 +585,8 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
     n = cfg.calls
     conversation = cfg.scenario == "conversation"
     ramp_s = n / RAMP_PER_S
-    greeting_s = float(round(ramp_s + CONNECT_TIMEOUT_S + WARMUP_S + cfg.seconds + GRACE_S + 10))
+    greeting_s = float(round(ramp_s + CONNECT_TIMEOUT_S + WARMUP_S + cfg.seconds + GRACE_S + 10
+                             + (hooks.extra_s if hooks else 0.0)))
     rate = 16000 if cfg.fmt == "pcm_s16le" else 8000
     speech: list[bytes] = []
     if conversation:
@@ -590,7 +619,8 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         prefix = f"bench{os.getpid()}-{int(time.time()) % 100000}:"
         common = {"PUBLIC_URL": public, "VAPI_BASE_URL": vapi.base_url,
                   "TWILIO_API_BASE_URL": twilio.rest_base_url, "VAPI_AUDIO_FORMAT": cfg.fmt,
-                  "WORKER_MAX_CALLS": max(n, 1), "WORKER_HTTP_HOST": "127.0.0.1"}
+                  "WORKER_MAX_CALLS": max(n, 1), "WORKER_HTTP_HOST": "127.0.0.1",
+                  **(hooks.env if hooks else {})}
         env = _child_env(redis_url, prefix, **common)
         gw = _proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env, port)
         procs.append(gw)
@@ -612,7 +642,8 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         async def place(i: int) -> None:
             await asyncio.sleep(max(0.0, t_place + i / RAMP_PER_S - _mono()))
             try:
-                call = await twilio.place_call(from_=f"+1555{i:07d}", to="+15550000000")
+                sid = hooks.call_sids[i] if hooks and hooks.call_sids else None
+                call = await twilio.place_call(from_=f"+1555{i:07d}", to="+15550000000", call_sid=sid)
                 if not conversation:
                     call.say(tone_run)
                 placed.append(call)
@@ -660,9 +691,11 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         metric_urls = [_base_url(p) + "/metrics" for p in procs]
         scrape0 = await _scrape(metric_urls)
         pids = {p.name: p.pid for p in procs}
-        pids["redis-server"] = redis_pid
+        pids.update(redis_pids)
         pids["bench (sims)"] = os.getpid()
         win = _Window()
+        if hooks:
+            await hooks.window_start()
         win.busy0 = _machine_jiffies()
         win.wait0 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
         win.cpu0 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
@@ -672,13 +705,17 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
         win.cpu1 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
         win.wait1 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
         win.busy1 = _machine_jiffies()
+        if hooks:
+            await hooks.window_end()
         early = [c for c, s in pairs if c.ended.is_set() or not s.is_open]
         scraped = _delta(await _scrape(metric_urls), scrape0)
         await asyncio.sleep(GRACE_S)
-
-        # Tear the calls down (bounded), then compute.
         early_ids = {c.call_sid for c in early}
         early_ids |= {c.call_sid for c, s in pairs if c.ended.is_set() or not s.is_open}
+        if hooks:
+            await hooks.after_window(prefix, pairs, rec)
+
+        # Tear the calls down (bounded), then compute.
         for task in drivers.values():
             task.cancel()
         await _gather_bounded(drivers.values(), 2.0)
@@ -696,9 +733,12 @@ async def _bench(cfg: _Config, redis_url: str, redis_pid: int | None, procs: lis
                 print(json.dumps(result))
             return 0 if len(pairs) == n else 1
         result = _compute(cfg, pairs, rec, win, scraped, pids, failures, len(early_ids), not_ended)
-        print(_render(result))
-        if cfg.as_json:
-            print(json.dumps(result))
+        if hooks:
+            hooks.result = result
+        else:
+            print(_render(result))
+            if cfg.as_json:
+                print(json.dumps(result))
         return 0 if len(pairs) == n else 1
     finally:
         for task in drivers.values():
@@ -2257,17 +2297,26 @@ def run_bench(args: argparse.Namespace) -> int:
         as_json=bool(getattr(args, "json", False)),
         scenario=str(getattr(args, "scenario", "duplex") or "duplex"),
         events=int(getattr(args, "events", 10) or 10),
+        redis_cluster=bool(getattr(args, "redis_cluster", False)),
+        kill_primary=bool(getattr(args, "kill_primary", False)),
     )
     failover = cfg.scenario == "failover"
     if (cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw")
-            or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))):
+            or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))
+            or (cfg.redis_cluster and cfg.scenario != "duplex")
+            or (cfg.kill_primary and not cfg.redis_cluster)):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
               "--format pcm_s16le|mulaw, --scenario duplex|conversation|failover "
-              "(failover: --workers >= 2, --events >= 1)", file=sys.stderr)
+              "(failover: --workers >= 2, --events >= 1; --redis-cluster: duplex only; "
+              "--kill-primary: with --redis-cluster)", file=sys.stderr)
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None
     try:
+        if cfg.redis_cluster:  # its own two Redis deployments; REDIS_URL is not used
+            from callbridge.bench_cluster import bench_cluster
+
+            return _run(bench_cluster(cfg, procs))
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
             try:
@@ -2278,7 +2327,7 @@ def run_bench(args: argparse.Namespace) -> int:
             redis_url = private.url
         if failover:
             return _run(_bench_failover(cfg, redis_url, procs))
-        return _run(_bench(cfg, redis_url, _redis_pid(redis_url, private), procs))
+        return _run(_bench(cfg, redis_url, {"redis-server": _redis_pid(redis_url, private)}, procs))
     except KeyboardInterrupt:
         print("callbridge bench: interrupted", file=sys.stderr)
         return 130
@@ -2286,12 +2335,19 @@ def run_bench(args: argparse.Namespace) -> int:
         print("callbridge bench: terminated", file=sys.stderr)
         return 143
     finally:
-        for p in procs:  # all at once, then wait for each (by its own pid)
-            p.signal(signal.SIGCONT)  # failover: a frozen worker must be able to drain
-            p.signal(signal.SIGTERM)
-        deadline = _mono() + STOP_TIMEOUT_S
-        for p in procs:
-            p.stop(deadline - _mono())
-            p.discard_log()
+        stop_procs(procs)
         if private is not None:
             private.stop()
+
+
+def stop_procs(procs: list[ManagedProcess]) -> None:
+    """Stop the bench's gateway and workers: SIGTERM to all at once, then wait for each (by its
+    own pid); the list is emptied."""
+    for p in procs:
+        p.signal(signal.SIGCONT)  # failover: a frozen worker must be able to drain
+        p.signal(signal.SIGTERM)
+    deadline = _mono() + STOP_TIMEOUT_S
+    for p in procs:
+        p.stop(deadline - _mono())
+        p.discard_log()
+    procs.clear()

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "and again (--events; needs --workers >= 2): gap, words lost, duplicates")
     b.add_argument("--events", type=int, default=10,
                    help="failover: worker kills and 6 s stalls, alternating (default 10)")
+    b.add_argument("--redis-cluster", action="store_true",
+                   help="duplex on one private redis-server and on a private 3+3-node Redis Cluster, "
+                        "one after the other, side by side: latency, CPU per tier and per node, "
+                        "commands/s per node (REDIS_URL is ignored)")
+    b.add_argument("--kill-primary", action="store_true",
+                   help="with --redis-cluster: after the cluster's window, SIGKILL the primary serving "
+                        "the most calls' lanes (not the {ctl} one): promotion, audio again after it")
     b.add_argument("--json", action="store_true", help="print the figures as JSON too")
     b.set_defaults(func=cmd_bench)
     return p
