@@ -1004,11 +1004,11 @@ def test_no_verdict_in_time_unmutes_and_no_beep_in_time_leaves_the_message_anywa
     call.wait(AMD_VERDICT_WAIT_S + 0.1)
     assert call.events("amd-timeout") == [{"waited": "verdict"}]
     assert call.texts()[-1] == {"type": "control", "control": "unmute-assistant"}
-    call = amd_call(cfg=dataclasses.replace(CFG, reattach_timeout_s=1000.0))
-    call.ctl({"op": "answered_by", "value": "machine_start"})
+    call = amd_call(dict(AMD, voicemail_message=""), cfg=dataclasses.replace(CFG, reattach_timeout_s=1000.0))
+    call.ctl({"op": "answered_by", "value": "machine_start", "message": "From the verdict."})
     call.wait(MESSAGE_END_WAIT_S + 0.1)
     assert call.events("amd-timeout") == [{"waited": "message-end"}]
-    assert call.texts()[-2]["type"] == "say" and call.core.ending is None
+    assert call.texts()[-2]["content"] == "From the verdict." and call.core.ending is None
 
 
 def test_a_takeover_keeps_waiting_for_the_beep_or_leaves_the_message_again() -> None:

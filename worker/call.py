@@ -824,10 +824,12 @@ class CallCore:
         """A control message for Vapi: now, or first thing once its socket opens (bounded)."""
         if self.vapi_up:
             self._out.append(SendVapiText(text))
-        elif self.phase in (Phase.NEW, Phase.SETUP) and len(self._pending_text) < MAX_PENDING_TEXT:
-            self._pending_text.append(text)
-        else:  # Vapi is gone (the call is ending) or the backlog is full
-            self._out.append(Metric("dropped", "bad_control"))
+        elif self.phase in (Phase.NEW, Phase.SETUP):
+            if len(self._pending_text) < MAX_PENDING_TEXT:
+                self._pending_text.append(text)
+            else:
+                log.warning("control message for vapi dropped: too many before it connected")
+        # else Vapi is gone (the call is ending): there is no one to tell
 
     # Answering-machine detection. Outbound calls may carry `amd_pending: "1"` in their record until
     # Twilio's verdict comes as an `answered_by` entry. With the `message` policy the assistant
@@ -841,7 +843,7 @@ class CallCore:
 
     def _on_answered_by(self, a: AnsweredBy, now: float) -> None:
         policy = a.policy or self._amd_policy or AMD_OFF
-        message = a.message or self._voicemail_message
+        message = self._voicemail_message = a.message or self._voicemail_message
         self._amd_wait_until = None
         self._answered_by = a.value
         if self._voicemail:
@@ -919,7 +921,7 @@ class CallCore:
 
     def _discard_held(self, now: float) -> None:
         """Drop the assistant audio queued here (and in Twilio's buffer: `clear`)."""
-        if self.playout.idle and not self.playout.paused and not self.playout.active(now):
+        if not self.playout.active(now) and not self.playout.paused:
             return
         in_twilio = self.playout.play_end > now
         self.playout.interrupt(now)
@@ -1012,7 +1014,7 @@ class CallCore:
             return
         self.ending = ending
         self._amd_wait_until = self._voicemail_until = None
-        if self._muted:  # held back for a verdict: never meant for whoever answered
+        if self._muted and ending.side == ASSISTANT:  # held for a verdict: meant for nobody now
             self._discard_held(now)
         if ending.side == CALLER:  # Twilio's side is gone: tell Vapi, nothing to play out
             self._close_vapi()
