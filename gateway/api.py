@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from gateway import admission
 from gateway import calls as views
@@ -30,6 +32,16 @@ from shared.redisio import TRANSIENT
 
 log = logging.getLogger("callbridge.gateway.api")
 
+def _utf8(v: str) -> str:
+    """JSON can carry lone surrogates, which no UTF-8 store or socket takes: refuse them here."""
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{6,14}$")]
 SID = Annotated[str, Path(pattern=r"^CA[0-9a-fA-F]{32}$", description="Twilio CallSid")]
 MAX_JSON_BYTES = 4096
@@ -55,11 +67,35 @@ def require_key(request: Request,
         raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-router = APIRouter(prefix="/v1", tags=["calls"], dependencies=[Depends(require_key)])
+class Problem(BaseModel):
+    detail: Any
+
+
+def _clean(v: Any) -> Any:
+    return v.encode(errors="replace").decode() if isinstance(v, str) else v
+
+
+async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field, without echoing the input back: the input may not be
+    encodable (a lone surrogate), and need not be repeated to the sender anyway."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": [_clean(p) for p in e.get("loc", ())], "msg": _clean(e.get("msg", "")),
+               "type": _clean(e.get("type", ""))} for e in errors[:50]]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+router = APIRouter(prefix="/v1", tags=["calls"], dependencies=[Depends(require_key)],
+                   responses={400: {"model": Problem, "description": "a body that is not JSON"},
+                              401: {"model": Problem, "description": "missing or wrong API key"},
+                              503: {"model": Problem, "description": "Redis unavailable"}})
 
 
 def _small_json(v: dict[str, Any], name: str) -> dict[str, Any]:
-    if len(orjson.dumps(v)) > MAX_JSON_BYTES:
+    try:
+        size = len(orjson.dumps(v))
+    except orjson.JSONEncodeError:  # a lone surrogate, nesting too deep
+        raise ValueError(f"{name} must be plain JSON of valid Unicode text") from None
+    if size > MAX_JSON_BYTES:
         raise ValueError(f"{name} must be at most {MAX_JSON_BYTES} bytes as JSON")
     return v
 
@@ -72,11 +108,11 @@ class CallCreate(BaseModel):
                                description="caller id; default TWILIO_FROM_NUMBER")
     assistant_id: Annotated[str, StringConstraints(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")] | None = None
-    variables: dict[Annotated[str, StringConstraints(max_length=64)],
-                    Annotated[str, StringConstraints(max_length=1000)] | int | float | bool] = {}
-    metadata: dict[Annotated[str, StringConstraints(max_length=64)], Any] = {}
+    variables: dict[Annotated[Text, StringConstraints(max_length=64)],
+                    Annotated[Text, StringConstraints(max_length=1000)] | int | float | bool] = {}
+    metadata: dict[Annotated[Text, StringConstraints(max_length=64)], Any] = {}
     machine_detection: Literal["off", "hangup", "message"] = "off"
-    voicemail_message: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None
+    voicemail_message: Annotated[Text, StringConstraints(min_length=1, max_length=1000)] | None = None
 
     @field_validator("variables", "metadata")
     @classmethod
@@ -91,7 +127,7 @@ class CallCreated(BaseModel):
 
 class Say(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    text: Annotated[Text, StringConstraints(min_length=1, max_length=2000)]
     respond: bool = Field(default=False, description="true: the assistant responds to the text "
                           "(Vapi add-message) instead of saying it verbatim (Vapi say)")
 
@@ -150,10 +186,6 @@ class CallView(CallSummary):
 class CallList(BaseModel):
     calls: list[CallSummary]
     next_before: float | None = Field(description="pass as `before` for the next page")
-
-
-class Problem(BaseModel):
-    detail: Any
 
 
 async def _record(st: GatewayState, sid: str) -> dict[bytes, bytes]:

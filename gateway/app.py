@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 
 from gateway import api, media, webhooks
 from gateway.hub import OutboundHub
@@ -133,16 +134,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks.router, include_in_schema=False)
     app.include_router(media.router, include_in_schema=False)
     app.include_router(api.router)
+    app.add_exception_handler(RequestValidationError, api.validation_error)
 
-    @app.get("/healthz")
+    @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
         return await readiness(state.redis, state.draining)
 
-    @app.get("/metrics")
+    @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(_: Request) -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
