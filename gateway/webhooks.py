@@ -246,7 +246,8 @@ async def status(request: Request) -> Response:
     if "StreamEvent" not in form and kind in CALL_OVER:
         # The call is over at Twilio. One never answered (busy, no-answer…) has no worker to
         # record its end; one answered has, and its reason (caller-hangup…) is kept.
-        st.writer.command("eval", CALL_OVER_SCRIPT, 1, st.keys.call(sid), kind, str(time.time()))
+        st.writer.command("eval", CALL_OVER_SCRIPT, 1, st.keys.call(sid), kind, str(time.time()),
+                          st.settings.call_record_ttl_s)
         st.writer.command("zrem", st.keys.active, sid)
     elif kind == "ringing":
         st.writer.command("eval", RINGING_SCRIPT, 1, st.keys.call(sid))
@@ -255,13 +256,15 @@ async def status(request: Request) -> Response:
 
 
 CALL_OVER = ("completed", "busy", "no-answer", "failed", "canceled")
-# KEYS: call hash. ARGV: Twilio's final CallStatus, now. Only an existing record, not ended yet.
+# KEYS: call hash. ARGV: Twilio's final CallStatus, now, record TTL. Only an existing record, not
+# ended yet; kept for CALL_RECORD_TTL_S from now.
 CALL_OVER_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'ended' then return 0 end
 local reason = ARGV[1]
 if reason == 'completed' then reason = 'twilio-completed' end
 redis.call('HSET', KEYS[1], 'status', 'ended', 'end_reason', reason, 'ended_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 RINGING_SCRIPT = """

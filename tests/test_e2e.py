@@ -157,11 +157,16 @@ def assert_every_frame_delivered(call: SimCall, session: VapiSession, fmt: str) 
 
 
 async def assert_keys_expire(stack: Stack, sid: str) -> None:
-    keys = stack.keys.all_call_keys(sid)
+    """The call's audio streams expire after ENDED_TTL_S; its record and events are kept for
+    CALL_RECORD_TTL_S (the call API reads them), and not a second longer."""
+    streams = (stack.keys.inbound(sid), stack.keys.outbound(sid))
     deadline = time.monotonic() + 10
-    while await stack.redis.exists(*keys):
-        assert time.monotonic() < deadline, "call keys did not expire"
+    while await stack.redis.exists(*streams):
+        assert time.monotonic() < deadline, "call streams did not expire"
         await asyncio.sleep(0.1)
+    keep = int(stack.gateway.env.get("CALL_RECORD_TTL_S", "86400"))
+    for key in (stack.keys.call(sid), stack.keys.events(sid)):
+        assert 0 < await stack.redis.ttl(key) <= keep, key
 
 
 async def test_call_with_greeting_two_turns_and_hangup(stack: Stack) -> None:

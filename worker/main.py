@@ -271,8 +271,13 @@ class Worker:
         reason = ending.reason if ending else "skipped"
         if ending:
             metrics.CALLS_ENDED.labels(metrics.end_reason_label(reason)).inc()
-        for key in self.keys.all_call_keys(sid):
-            self.writer.command("expire", key, self.settings.ended_ttl_s)
+        # The audio streams go soon; the record and its events stay readable (the call API) for
+        # CALL_RECORD_TTL_S.
+        s = self.settings
+        for key in (self.keys.inbound(sid), self.keys.outbound(sid)):
+            self.writer.command("expire", key, s.ended_ttl_s)
+        for key in (self.keys.call(sid), self.keys.events(sid)):
+            self.writer.command("expire", key, max(s.ended_ttl_s, s.call_record_ttl_s))
         self.writer.command("srem", self.keys.worker_calls(self.worker_id), sid)
         log.info("call finished", extra={"call_sid": sid, "reason": reason})
 
