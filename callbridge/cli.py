@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="dev + Twilio and Vapi stand-ins + one simulated call")
     demo.add_argument("--wav", default="callbridge-demo.wav", help="stereo WAV of the call")
     demo.add_argument("--format", choices=["pcm_s16le", "mulaw"], default=None)
+    demo.add_argument("--outbound", action="store_true",
+                      help="place the call through the call API (POST /v1/calls) instead of dialling in")
     demo.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="N concurrent simulated calls through gateway + worker processes")

@@ -1,7 +1,8 @@
 """`callbridge demo`: the whole product on one machine, no phone and no accounts.
 
 Runs the gateway and a worker (as `dev` does), the Vapi stand-in with a greeter assistant and the
-Twilio simulator, places one call with two caller turns, prints a report and writes the call as
+Twilio simulator, places one call with two caller turns (with `--outbound`, through the call
+API: the simulator dials it and the callee talks), prints a report and writes the call as
 a stereo WAV (caller left, assistant right). Always uses the stand-ins, never real services.
 """
 
@@ -13,15 +14,21 @@ import contextlib
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from callbridge.dev import embedded_redis
 from callbridge.redis_server import free_port
 from shared.logs import setup_logging
 from shared.settings import Settings
 
+if TYPE_CHECKING:
+    from sim.twilio import SimCall, TwilioSim
+
 DEMO_ACCOUNT = "AC" + "d" * 32
 DEMO_TOKEN = "demo-auth-token"
 DEMO_KEY = "demo-vapi-key"
+DEMO_API_KEY = "demo-api-key"
+DEMO_FROM, DEMO_TO = "+15550001111", "+15550002222"
 
 
 async def _until(pred: object, timeout: float) -> bool:
@@ -52,7 +59,10 @@ async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
     try:
         await asyncio.wait_for(ready.wait(), 15)
         print(f"gateway + worker up on {public}; Vapi stand-in {vapi.base_url}; placing a call…")
-        call = await twilio.place_call(from_="+15550001111", to="+15550002222")
+        if args.outbound:
+            call = await _dial(public, twilio)
+        else:
+            call = await twilio.place_call(from_=DEMO_FROM, to=DEMO_TO)
 
         def heard_done(n: int) -> object:
             def check() -> bool:
@@ -98,6 +108,11 @@ async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
             delivered = got >= due
             print(f"  vapi received   {got} caller frames; {due} were sent while its session was open")
         print(f"  marks echoed    {len(call.marks_echoed)}; protocol errors: {len(call.protocol_errors)}")
+        if args.outbound:
+            view = await _view(public, call.call_sid)
+            print(f"  call API        {view.get('direction')} {view.get('status')} "
+                  f"end_reason={view.get('end_reason')}; transcript: {len(view.get('transcript', []))} "
+                  f"lines; turns: {len(view.get('turns', []))}")
         print(f"  wav             {args.wav} (left: caller, right: assistant)")
         success = (call.end_reason == "hangup" and len(segs) >= 3 and not call.protocol_errors
                    and delivered)
@@ -111,11 +126,37 @@ async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
         await vapi.stop()
 
 
+async def _dial(public: str, twilio: TwilioSim) -> SimCall:
+    """Place the call as an operator would: `POST /v1/calls`; the Twilio stand-in dials it."""
+    import httpx
+
+    from sim.twilio import Callee
+
+    # The callee answers and listens (a callee saying hello would talk over the greeting).
+    twilio.callees[DEMO_TO] = Callee(kind="human", hello_s=0.0)
+    async with httpx.AsyncClient(base_url=public, timeout=10,
+                                 headers={"Authorization": f"Bearer {DEMO_API_KEY}"}) as client:
+        r = await client.post("/v1/calls", json={"to": DEMO_TO, "variables": {"demo": True}})
+        r.raise_for_status()
+        print(f"POST /v1/calls → {r.status_code} {r.json()}")
+    return await twilio.wait_outbound(10)
+
+
+async def _view(public: str, sid: str) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=public, timeout=10,
+                                 headers={"Authorization": f"Bearer {DEMO_API_KEY}"}) as client:
+        r = await client.get(f"/v1/calls/{sid}")
+        return dict(r.json()) if r.status_code == 200 else {"status": f"HTTP {r.status_code}"}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     settings = Settings.model_validate({
         "REDIS_PREFIX": f"demo-{uuid.uuid4().hex[:6]}:",
         "TWILIO_ACCOUNT_SID": DEMO_ACCOUNT, "TWILIO_AUTH_TOKEN": DEMO_TOKEN,
         "VAPI_API_KEY": DEMO_KEY, "VAPI_ASSISTANT_ID": "demo-assistant",
+        "API_KEYS": DEMO_API_KEY, "TWILIO_FROM_NUMBER": DEMO_FROM,
     })
     env = Settings()
     settings.redis_url = env.redis_url
@@ -136,4 +177,4 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_demo(argparse.Namespace(wav="callbridge-demo.wav", format=None)))
+    sys.exit(run_demo(argparse.Namespace(wav="callbridge-demo.wav", format=None, outbound=False)))
