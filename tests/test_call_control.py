@@ -59,6 +59,8 @@ def labels(call: SimCall) -> list[str | None]:
 
 async def one_stack(redis_url: str, prefix: str, procs: list[Proc], redis: aioredis.Redis,
                     **env: object) -> AsyncIterator[Stack]:
+    """One stack in μ-law: control entries take the same path in either audio format, and this
+    one needs no resampler, so it is the lighter load next to other suites."""
     async for stack in make_stack(redis_url, prefix, procs, redis, fmt="mulaw", **env):
         yield stack
 
