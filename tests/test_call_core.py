@@ -809,8 +809,10 @@ def test_a_bad_control_entry_is_counted_and_changes_nothing() -> None:
     call, audio = playing_call(1.0)
     before = len(call.out)
     call.ctl(b'{"op": "say", "text": 5}')
-    assert [c for _t, c in call.out[before:]] == [Metric("dropped", "bad_control")]
-    assert call.core.in_pos == f"{call._seq}-0", "handled: a successor does not read it again"
+    pos = f"{call._seq}-0"
+    assert [c for _t, c in call.out[before:]] == [
+        Metric("dropped", "bad_control"),
+        UpdateCall({"in_pos": pos})], "handled, and saved: a successor does not read it again"
     call.wait(1.5)
     assert call.heard() == audio and call.core.ending is None
 
@@ -848,6 +850,7 @@ def test_api_say_speaks_the_text_or_has_the_assistant_answer_it() -> None:
     call.connect()
     assert call.texts() == [{"type": "say", "content": "Early words", "endCallAfterSpoken": False}]
     call.ctl({"op": "say", "text": "The caller is a VIP", "respond": True})
+    assert call.of(UpdateCall)[-1].fields["in_pos"] == call.core.in_pos, "saved at once"
     assert call.texts()[-1] == {"type": "add-message", "triggerResponseEnabled": True,
                                 "message": {"role": "system", "content": "The caller is a VIP"}}
     assert call.events("api-say") == [{"text": "Early words", "respond": False},

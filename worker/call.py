@@ -646,6 +646,9 @@ class CallCore:
             self._transfer(ctl.to, now, api=True)
         else:
             self._on_answered_by(ctl, now)
+        # Saved now rather than within PROGRESS_EVERY_S: a successor reads `:in` from `in_pos`,
+        # and an op acted on twice (a second say) is not as harmless as caller audio sent twice.
+        self._persist()
         return self._flush(now)
 
     # Vapi inputs -------------------------------------------------------------------------------
