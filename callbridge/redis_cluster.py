@@ -143,6 +143,9 @@ def _node_args(server: str, port: int, workdir: str, node_timeout_ms: int) -> li
     return [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
             "--cluster-config-file", f"nodes-{port}.conf",
             "--cluster-node-timeout", str(node_timeout_ms),
+            # Only the dead primary's slots stop while its replica takes over (the default, yes,
+            # refuses every slot meanwhile): see README, "Redis Cluster".
+            "--cluster-require-full-coverage", "no",
             "--save", "", "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"]
 
 

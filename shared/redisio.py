@@ -56,9 +56,10 @@ async def _stop(task: asyncio.Task[None], every_s: float) -> None:
         await asyncio.wait({task}, timeout=every_s)
 
 # Retries back off up to this: a cluster's replica takes over ~2.5 s after its primary died, and
-# the call's audio must flow again within 1 s of that, so a retry may not sleep much longer.
+# the call's audio must flow again within 1 s of that through four retrying loops (gateway
+# writer, worker reader, worker writer, gateway reader), so each may sleep only briefly.
 # (Only the first failure of a run is logged; every one is counted.)
-MAX_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 0.1
 
 
 class _PartialWrite(Exception):

@@ -592,6 +592,8 @@ def test_compose_cluster_override_matches_schema_and_waits_for_the_cluster() -> 
         assert "ports" not in node, f"{name}: outside the compose network the cluster is unusable"
     assert option(node_command, "--cluster-config-file") == "nodes.conf"
     assert option(node_command, "--cluster-node-timeout") == "1000", "the README's failover figures"
+    assert option(node_command, "--cluster-require-full-coverage") == "no", "one node's loss " \
+        "must not stop the calls on the others"
 
     init = services[CLUSTER_INIT]
     assert init["image"] == base["redis"]["image"] and init["restart"] == "no"
