@@ -12,10 +12,9 @@ import logging
 from dataclasses import dataclass
 
 from twilio.base.exceptions import TwilioRestException
-from twilio.http.async_http_client import AsyncTwilioHttpClient
-from twilio.rest import Client
 
 from shared.settings import Settings
+from shared.twilio_client import TwilioClient
 
 log = logging.getLogger("callbridge.gateway.outbound")
 
@@ -63,18 +62,8 @@ class Dialer:
     """One Twilio client per gateway process, created in the running loop (aiohttp needs it)."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._client: Client | None = None
-        self._http: AsyncTwilioHttpClient | None = None
-
-    def _get(self) -> Client:
-        if self._client is None:
-            s = self._settings
-            self._http = AsyncTwilioHttpClient(timeout=10)
-            self._client = Client(s.twilio_account_sid, s.auth_token, http_client=self._http)
-            if s.twilio_api_base_url:
-                self._client.api.base_url = s.twilio_api_base_url.rstrip("/")
-        return self._client
+        self._twilio = TwilioClient(settings, timeout=10)
+        self._get = self._twilio.get
 
     async def dial(self, req: DialRequest) -> tuple[str, str]:
         """The new call's (CallSid, Twilio status), or DialRefused."""
@@ -117,6 +106,4 @@ class Dialer:
             return "failed"
 
     async def aclose(self) -> None:
-        session = getattr(self._http, "session", None)
-        if session is not None:
-            await session.close()
+        await self._twilio.aclose()

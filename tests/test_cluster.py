@@ -30,8 +30,8 @@ from tests.test_e2e import (
     assert_keys_expire,
     caller_utterance,
     make_stack,
+    two_turns_then_hang_up,
     until,
-    utterances_heard,
     wait_heard,
 )
 
@@ -108,18 +108,7 @@ async def test_a_call_on_a_cluster_is_bridged_both_ways_and_leaves_nothing(
         assert f"{{{CONTROL_TAG}}}" in keys.workers
         assert await client.hget(keys.call(call.call_sid), "status") in (b"ringing", b"live")
 
-        await wait_heard(call, 1)
-        call.say_pcm(caller_utterance(0))
-        await wait_heard(call, 2)
-        call.say_pcm(caller_utterance(1))
-        await wait_heard(call, 3)
-        await call.hangup()
-        assert await call.wait_ended(5) == "caller-hangup"
-
-        heard = utterances_heard(call)
-        assert [label for label, _ in heard] == ["greeting", "answer:0", "answer:1"]
-        for (_, seconds), expected in zip(heard, (1.0, 1.2, 1.2), strict=True):
-            assert abs(seconds - expected) < 0.015, heard
+        await two_turns_then_hang_up(call)
         await session.wait_closed(2)
         assert session.received_control("end-call")
         assert_every_frame_delivered(call, session, stack.fmt)

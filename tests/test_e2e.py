@@ -156,6 +156,23 @@ def assert_every_frame_delivered(call: SimCall, session: VapiSession, fmt: str) 
     assert bytes(session.received_audio) == expected
 
 
+async def two_turns_then_hang_up(call: SimCall) -> None:
+    """Greeting, two caller turns each answered, the caller hangs up: every utterance heard whole
+    (a single lost or repeated 20 ms frame would show), no protocol error."""
+    await wait_heard(call, 1)
+    call.say_pcm(caller_utterance(0))
+    await wait_heard(call, 2)
+    call.say_pcm(caller_utterance(1))
+    await wait_heard(call, 3)
+    await call.hangup()
+    assert await call.wait_ended(5) == "caller-hangup"
+    heard = utterances_heard(call)
+    assert [label for label, _ in heard] == ["greeting", "answer:0", "answer:1"]
+    for (_, seconds), expected in zip(heard, (1.0, 1.2, 1.2), strict=True):
+        assert abs(seconds - expected) < 0.015, heard
+    assert not call.protocol_errors
+
+
 async def assert_keys_expire(stack: Stack, sid: str) -> None:
     """The call's audio streams expire after ENDED_TTL_S; its record and events are kept for
     CALL_RECORD_TTL_S (the call API reads them), and not a second longer."""
@@ -177,21 +194,7 @@ async def test_call_with_greeting_two_turns_and_hangup(stack: Stack) -> None:
     assert overrides["variableValues"]["twilioCallSid"] == call.call_sid
     assert overrides["metadata"]["from"] == call.from_
 
-    await wait_heard(call, 1)
-    call.say_pcm(caller_utterance(0))
-    await wait_heard(call, 2)
-    call.say_pcm(caller_utterance(1))
-    await wait_heard(call, 3)
-    await call.hangup()
-    assert await call.wait_ended(5) == "caller-hangup"
-
-    heard = utterances_heard(call)
-    assert [label for label, _ in heard] == ["greeting", "answer:0", "answer:1"]
-    # Every utterance whole: a single lost or repeated 20 ms frame would show here.
-    for (_, seconds), expected in zip(heard, (1.0, 1.2, 1.2), strict=True):
-        assert abs(seconds - expected) < 0.015, heard
-    assert not call.protocol_errors
-
+    await two_turns_then_hang_up(call)
     await session.wait_closed(2)
     assert session.received_control("end-call"), "Vapi was told the caller hung up"
     assert_every_frame_delivered(call, session, stack.fmt)
