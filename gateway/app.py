@@ -22,7 +22,7 @@ from gateway.state import GatewayState
 from shared import metrics
 from shared.health import readiness
 from shared.logs import error_fields
-from shared.redisio import BatchWriter, check_layout, connect, media_latency_observer, warm
+from shared.redisio import LaneWriter, check_layout, connect, media_latency_observer, warm
 from shared.settings import Settings
 
 log = logging.getLogger("callbridge.gateway")
@@ -55,7 +55,9 @@ def build_state(settings: Settings) -> GatewayState:
         keys=keys,
         redis=redis,
         reader_redis=reader,
-        writer=BatchWriter(redis, on_error=on_redis_error, on_flushed=media_latency_observer(
+        writer=LaneWriter(redis, keys, lambda: connect(settings.redis_url or "", cluster=cluster,
+                                                       max_connections=4),
+                          on_error=on_redis_error, on_flushed=media_latency_observer(
             metrics.HOP_LATENCY.labels("twilio_to_redis").observe)),
         hub=OutboundHub(reader, keys, f"gw-{process_id}", on_error=on_redis_error),
         process_id=process_id,
@@ -106,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await warm(state.redis, state.reader_redis)
+        await warm(state.redis, state.reader_redis, *state.writer.clients)
         await check_layout(state.redis, state.keys)
         state.writer.start()
         state.hub.start()

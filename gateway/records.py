@@ -13,7 +13,7 @@ its part of the call record again for every socket it serves (`reassert`).
 from __future__ import annotations
 
 from gateway.state import GatewayState
-from shared.redisio import BatchWriter
+from shared.redisio import Writer
 
 # KEYS: the keys just written; ARGV[1]: seconds. TTL -1 = exists without an expiry.
 ENSURE_TTL = """
@@ -24,7 +24,7 @@ return 0
 """
 
 
-def ensure_ttl(writer: BatchWriter, ttl_s: int, *keys: str) -> None:
+def ensure_ttl(writer: Writer, ttl_s: int, *keys: str) -> None:
     """Queue, behind the writes already queued, an expiry for any of `keys` that has none.
     Plain EVAL, not EVALSHA: a Redis that restarted empty has no script cache."""
     writer.command("eval", ENSURE_TTL, len(keys), *keys, ttl_s)

@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.hub import OutboundHub
-from shared.redisio import BatchWriter, Generation
+from shared.redisio import Generation, Writer
 from shared.settings import Settings
 from shared.streams import Keys
 
@@ -36,7 +36,7 @@ class GatewayState:
     keys: Keys
     redis: aioredis.Redis  # commands and the batch writer
     reader_redis: aioredis.Redis  # the hub's blocked XREAD
-    writer: BatchWriter
+    writer: Writer
     hub: OutboundHub
     process_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     draining: bool = False

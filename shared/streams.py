@@ -85,13 +85,17 @@ class Keys:
         """Which lane a key (as written by these Keys) is in; 0 for an untagged name."""
         if not self.lanes:
             return 0
+        lane = self.lane_in_key(key)
+        return 0 if lane is None else lane
+
+    def lane_in_key(self, key: bytes) -> int | None:
+        """The lane of a key written by these Keys, None for a key outside the lanes."""
         start = key.find(b"{")
         end = key.find(b"}", start + 1)
         if start < 0 or end < 0:
-            return 0
-        tag = key[start + 1:end].decode(errors="replace")
-        lane, _, _ = tag.partition(".")
-        return int(lane) if lane.isdigit() and int(lane) < self.lanes else 0
+            return None
+        lane, dot, _ = key[start + 1:end].partition(b".")
+        return int(lane) if dot and lane.isdigit() and int(lane) < max(1, self.lanes) else None
 
     def _c(self) -> str:
         return f"{self.prefix}{{{CONTROL_TAG}}}" if self.lanes else self.prefix

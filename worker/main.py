@@ -24,10 +24,11 @@ from shared.health import readiness
 from shared.logs import error_fields
 from shared.redisio import (
     TRANSIENT,
-    BatchWriter,
     Entries,
     Generation,
     LaneReader,
+    LaneWriter,
+    Writer,
     check_layout,
     connect,
     media_latency_observer,
@@ -67,8 +68,11 @@ class Worker:
         self._reader_redis = connect(settings.redis_url, cluster=cluster,
                                      max_connections=max(1, self.keys.lanes) + 2)
         self._claim_redis = connect(settings.redis_url, cluster=cluster, max_connections=2)
-        self.writer = BatchWriter(self.redis, on_error=_redis_error, on_flushed=media_latency_observer(
-            metrics.HOP_LATENCY.labels("worker_to_redis").observe))
+        self.writer: Writer = LaneWriter(
+            self.redis, self.keys, lambda: connect(settings.redis_url or "", cluster=cluster,
+                                                   max_connections=4),
+            on_error=_redis_error, on_flushed=media_latency_observer(
+                metrics.HOP_LATENCY.labels("worker_to_redis").observe))
         self.inbox = LaneReader(self._reader_redis, self.keys, f"wk-{self.worker_id}",
                                 self._on_inbound, on_error=_redis_error)
         self.vapi = VapiClient(settings)
@@ -356,7 +360,7 @@ class Worker:
         """Serve until `stop` is set, then drain: finish live calls up to the drain timeout."""
         if serve_http and http_socket is None:
             http_socket = self.bind_http()
-        await warm(self.redis, self._reader_redis, self._claim_redis)
+        await warm(self.redis, self._reader_redis, self._claim_redis, *self.writer.clients)
         await check_layout(self.redis, self.keys)
         self.writer.start()
         self.inbox.start()

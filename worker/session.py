@@ -28,7 +28,7 @@ from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
 from shared.logs import call_sid_var, error_fields
-from shared.redisio import TRANSIENT, BatchWriter, Entries
+from shared.redisio import TRANSIENT, Entries, Writer
 from shared.settings import Settings
 from shared.streams import Keys
 from worker import ownership
@@ -71,7 +71,7 @@ class SessionHost(Protocol):
     keys: Keys
     worker_id: str
     redis: aioredis.Redis
-    writer: BatchWriter
+    writer: Writer
     vapi: VapiClient
     twilio: TwilioRest
 
