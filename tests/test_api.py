@@ -146,12 +146,16 @@ async def test_a_machine_answers(stack: Stack, policy: str) -> None:
         await until(lambda: stack.vapi.open_sessions() == 0, 10, "every Vapi session closed")
 
 
-async def test_a_person_answers_with_voicemail_detection_on(stack: Stack) -> None:
+@pytest.mark.parametrize("policy", ["hangup", "message"])
+async def test_a_person_answers_with_voicemail_detection_on(stack: Stack, policy: str) -> None:
     async with api(stack) as client:
-        sid, call = await dial(stack, client, machine_detection="message",
+        sid, call = await dial(stack, client, machine_detection=policy,
                                voicemail_message="Please call us back.")
         await wait_heard(call, 1, timeout=15)
-        view = (await client.get(f"/v1/calls/{sid}")).json()
+        deadline = time.monotonic() + 10  # with `hangup` the assistant did not wait for the verdict
+        while (view := (await client.get(f"/v1/calls/{sid}")).json())["answered_by"] is None:
+            assert time.monotonic() < deadline, "no verdict"
+            await asyncio.sleep(0.05)
         assert view["answered_by"] == "human" and view["status"] == "live"
         # Muted until the verdict, then the assistant speaks (to what the person said meanwhile,
         # or its greeting): the person hears it.

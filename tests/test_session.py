@@ -138,6 +138,7 @@ class RecordingVapi:
         self.socket = RecordingSocket()
         self.bodies: list[dict[str, Any]] = []
         self.model_asked = 0
+        self.models_asked: list[str | None] = []
 
     async def create_call(self, body: dict[str, Any]) -> VapiCall:
         self.bodies.append(body)
@@ -146,8 +147,11 @@ class RecordingVapi:
     async def connect(self, _call: VapiCall) -> RecordingSocket:
         return self.socket
 
-    async def assistant_model(self) -> V.AssistantModel:
+    async def assistant_model(self, assistant_id: str | None = None) -> V.AssistantModel:
         self.model_asked += 1
+        self.models_asked.append(assistant_id)
+        if assistant_id == "asst-own":
+            return V.AssistantModel("anthropic", "claude-own")
         return V.AssistantModel("openai", "gpt-4o-mini")
 
 
@@ -189,7 +193,7 @@ async def test_control_entries_reach_the_call_and_bad_ones_never_escape_the_read
     await asyncio.gather(run, return_exceptions=True)
 
 
-async def test_a_takeover_keeps_the_calls_own_assistant_and_never_overrides_its_model(
+async def test_a_takeover_keeps_the_calls_own_assistant_and_overrides_only_with_its_model(
         host: Host) -> None:
     host.vapi = RecordingVapi()
     session = CallSession(host, "CA1", {b"sid": b"CA1"}, epoch=2, record=OWN)
@@ -197,9 +201,12 @@ async def test_a_takeover_keeps_the_calls_own_assistant_and_never_overrides_its_
     await _until(lambda: session.core.vapi_up, "vapi")
     (body,) = host.vapi.bodies
     assert body["assistantId"] == "asst-own" and body["assistantOverrides"]["variableValues"]["name"] == "Ada"
-    # The model the worker knows is VAPI_ASSISTANT_ID's; naming it would replace asst-own's.
-    assert "model" not in body["assistantOverrides"] and host.vapi.model_asked == 0
-    assert body["assistantOverrides"]["firstMessageMode"] == V.FIRST_MESSAGE_WAIT
+    # The model override is asst-own's own (VAPI_ASSISTANT_ID's would replace it), so the new
+    # session can speak first from the history.
+    assert host.vapi.models_asked == ["asst-own"]
+    model = body["assistantOverrides"].get("model")
+    assert model is not None and (model["provider"], model["model"]) == ("anthropic", "claude-own")
+    assert body["assistantOverrides"]["firstMessageMode"] == V.FIRST_MESSAGE_MODEL_GENERATED
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)
 

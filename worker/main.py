@@ -368,7 +368,8 @@ class Worker:
                            lease_s=self.settings.claim_lease_s, on_lapsed=self._on_lease_lapsed,
                            loop=asyncio.get_running_loop(), cluster=self.settings.redis_cluster)
         self.lease.start()
-        self._spawn(self.vapi.assistant_model(), "vapi-assistant-model")  # ready before a takeover
+        for aid in {None, *self.settings.routes().values()}:  # ready before a takeover
+            self._spawn(self.vapi.assistant_model(aid), "vapi-assistant-model")
         background = [
             asyncio.create_task(self._ticker(), name="playout-ticker"),
             asyncio.create_task(self.claimer.run(), name="claimer"),

@@ -355,13 +355,14 @@ class CallSession:
             if self.core.takeover:
                 transcripts = await self._transcripts()
                 model = None
-                # The model the worker knows is VAPI_ASSISTANT_ID's: overriding another
-                # assistant's model with it would replace that one's, so such a call waits instead.
-                if s.takeover_resume == V.RESUME_SPEAK and opts.assistant_id in (None, s.vapi_assistant_id):
-                    # Normally known since the worker started; if Vapi did not say then, ask briefly,
-                    # and resume the older way rather than keep the caller waiting.
+                # The call's own assistant's model (the model override must be that one's):
+                # known since the worker started for the configured and routed assistants; else
+                # asked briefly, and the older way of resuming used rather than keep the caller
+                # waiting.
+                if s.takeover_resume == V.RESUME_SPEAK:
                     with contextlib.suppress(TimeoutError):
-                        model = await asyncio.wait_for(self.w.vapi.assistant_model(), 0.5)
+                        model = await asyncio.wait_for(
+                            self.w.vapi.assistant_model(opts.assistant_id), 0.5)
                 resume = self.core.takeover_context(transcripts, model)
             body = V.create_call_body(
                 assistant_id=opts.assistant_id or s.vapi_assistant_id or "",

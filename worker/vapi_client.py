@@ -92,6 +92,9 @@ def transport_credentials(base_url: str, ws_url: str) -> bool:
     return (secure, host, port) == base
 
 
+MAX_MODELS = 1000  # assistants whose model a worker keeps (the routes' and the API's)
+
+
 class VapiClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -100,24 +103,31 @@ class VapiClient:
             headers={"Authorization": f"Bearer {settings.vapi_key}", "User-Agent": USER_AGENT},
             timeout=httpx.Timeout(10.0, connect=5.0),
         )
-        self._model: V.AssistantModel | None = None
+        self._models: dict[str, V.AssistantModel] = {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def assistant_model(self) -> V.AssistantModel | None:
-        """The configured assistant's provider and model (GET /assistant/{id}), fetched once and
-        kept: a takeover must not wait for it. None when Vapi does not say (then a takeover
-        falls back to waiting for the caller)."""
-        if self._model is not None:
-            return self._model
+    async def assistant_model(self, assistant_id: str | None = None) -> V.AssistantModel | None:
+        """An assistant's provider and model (GET /assistant/{id}; default VAPI_ASSISTANT_ID),
+        fetched once and kept: a takeover must not wait for it. None when Vapi does not say (then
+        a takeover falls back to waiting for the caller). Ids come from the settings or a call
+        record that passed `call_options` (a safe charset); at most MAX_MODELS are kept."""
+        aid = assistant_id or self._settings.vapi_assistant_id or ""
+        if not aid:
+            return None
+        if (known := self._models.get(aid)) is not None:
+            return known
         try:
-            resp = await self._http.get(f"/assistant/{self._settings.vapi_assistant_id}", timeout=3.0)
-            if resp.status_code == 200:
-                self._model = V.assistant_model(resp.json())
+            resp = await self._http.get(f"/assistant/{aid}", timeout=3.0)
+            if resp.status_code == 200 and (model := V.assistant_model(resp.json())) is not None:
+                if len(self._models) >= MAX_MODELS:
+                    self._models.clear()
+                self._models[aid] = model
+                return model
         except (httpx.HTTPError, ValueError):
             pass
-        return self._model
+        return None
 
     async def create_call(self, body: dict[str, Any]) -> VapiCall:
         """POST /call. One quick retry on 5xx and on connection failures; 4xx are final."""
