@@ -10,6 +10,9 @@ data-path connections:
 - `MultiReader`: one multi-key `XREAD BLOCK` over every stream this process follows. Adding a
   stream wakes the blocked read through a per-process wake stream instead of waiting it out.
 
+On a Redis Cluster a multi-key read must stay in one slot, so each of these exists once per lane
+(`LaneReader`, `LaneWriter`; docs/architecture.md section 9); on one Redis there is one lane.
+
 A pipeline that fails while its reply comes back has run in Redis, in part or in full, and is
 sent again (by redis-py's retry or by the writer's), so an entry can be written twice. Writes
 cannot be made exactly-once cheaply, so duplicates are made harmless instead: every entry a
