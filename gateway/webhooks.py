@@ -177,8 +177,10 @@ def _hold(st: GatewayState, request: Request) -> Response:
     """MAX_ACTIVE_CALLS reached: hold the caller (a message, then pauses, asking again) for up to
     ADMISSION_WAIT_S, then turn them away with the unavailable message."""
     try:
-        waited = min(float(request.query_params.get("wait", "0")), 86400.0)
+        waited = float(request.query_params.get("wait", "0"))
     except ValueError:
+        waited = 0.0
+    if not 0.0 <= waited <= 86400.0:  # NaN, negative: our own URL, but never a loop without end
         waited = 0.0
     if waited >= st.settings.admission_wait_s:
         metrics.ADMISSIONS.labels("turned_away").inc()

@@ -344,9 +344,6 @@ class BatchWriter:
             task, self._task = self._task, None
             await _stop(task, 1.0)
 
-    async def _execute(self, batch: Batch) -> list[Any]:
-        return await _pipeline(self._redis, batch)
-
     async def _run(self) -> None:
         backoff = 0.05
         failing = False
@@ -358,7 +355,7 @@ class BatchWriter:
                 self._idle.set()
                 continue
             try:
-                results = await self._execute(batch)
+                results = await _pipeline(self._redis, batch)
                 retry = [cmd for cmd, r in zip(batch, results, strict=False) if _retryable(r)]
                 if retry:  # on a cluster, one node went away: the rest of the batch landed
                     raise _PartialWrite(retry)
@@ -563,7 +560,7 @@ class LaneWriter:
         self._lanes = keys.lanes
         self._own: list[aioredis.Redis] = (
             [client() for _ in range(keys.lanes + 1)] if keys.lanes and client else [])
-        clients = self._own or [redis] * (max(1, keys.lanes) + 1)
+        clients = self._own or [redis] * (keys.lanes + 1 if keys.lanes else 1)
         self._writers = [BatchWriter(c, **kwargs) for c in clients]
 
     @property

@@ -6,8 +6,10 @@ other end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +29,7 @@ from tests.test_e2e import (
 )
 
 KEY = "test-api-key-0123456789"
-ROOT_BIN = __import__("pathlib").Path(__import__("sys").executable).parent
+ROOT_BIN = Path(sys.executable).parent  # where pip put the schemathesis command
 FROM = "+15550001111"
 API_ENV = {"API_KEYS": f"other-key,{KEY}", "TWILIO_FROM_NUMBER": FROM, "OUTBOUND_CPS": "50",
            "TRANSFER_ALLOW": "+1555987*"}
@@ -283,7 +285,6 @@ async def test_the_api_fuzzed_from_its_own_openapi_document(stack: Stack, tmp_pa
     import os
     import shutil
     import subprocess
-    import sys
 
     exe = shutil.which("schemathesis") or str(ROOT_BIN / "schemathesis")
     base = stack.gateway.env["PUBLIC_URL"]
@@ -303,3 +304,26 @@ async def test_the_api_fuzzed_from_its_own_openapi_document(stack: Stack, tmp_pa
     assert proc.returncode == 0, out[-6000:]
     assert "No issues found" in out or "passed" in out, out[-3000:]
     print(out[-1500:], file=sys.stderr)
+
+
+async def test_a_filtered_listing_reads_a_bounded_slice_and_pages_on(stack: Stack) -> None:
+    """A `status=live` listing over a day of ended calls reads at most MAX_SCAN records per
+    request, answering a short page with `next_before`; following it finds the live call."""
+    from gateway.api import MAX_SCAN
+
+    now = time.time()
+    live_sid = "CA" + "1" * 32
+    pipe = stack.redis.pipeline(transaction=False)
+    for i in range(MAX_SCAN + 100):  # newer than the live call, all ended
+        sid = f"CA{i:032x}"
+        pipe.hset(stack.keys.call(sid), mapping={"status": "ended", "created": now - i})
+        pipe.zadd(stack.keys.index, {sid: now - i})
+    pipe.hset(stack.keys.call(live_sid), mapping={"status": "live", "created": now - 10_000})
+    pipe.zadd(stack.keys.index, {live_sid: now - 10_000})
+    await pipe.execute()
+    async with api(stack) as client:
+        first = (await client.get("/v1/calls", params={"status": "live"})).json()
+        assert first["calls"] == [] and first["next_before"] is not None
+        second = (await client.get("/v1/calls", params={"status": "live",
+                                                         "before": first["next_before"]})).json()
+        assert [c["call_sid"] for c in second["calls"]] == [live_sid]
