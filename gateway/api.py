@@ -45,6 +45,7 @@ Text = Annotated[str, AfterValidator(_utf8)]
 E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{6,14}$")]
 SID = Annotated[str, Path(pattern=r"^CA[0-9a-fA-F]{32}$", description="Twilio CallSid")]
 MAX_JSON_BYTES = 4096
+MAX_SCAN = 2000  # call records one listing request reads at most
 
 _bearer = HTTPBearer(auto_error=False, description="one of API_KEYS")
 
@@ -302,14 +303,17 @@ async def list_calls(request: Request,
                      status: Literal["queued", "ringing", "live", "ended"] | None = None,
                      limit: Annotated[int, Query(ge=1, le=200)] = 50,
                      before: Annotated[float | None, Query(ge=0, le=1e11)] = None) -> dict[str, Any]:
-    """Calls newest first, `limit` at a time; `status` filters (e.g. `live`)."""
+    """Calls newest first, `limit` at a time; `status` filters (e.g. `live`). One request reads
+    at most MAX_SCAN records: a filter that matches few of a day's calls answers a short page
+    with `next_before` rather than reading the whole index."""
     st = _state(request)
     out: list[dict[str, Any]] = []
+    scanned = 0
     cursor = before if before is not None else float("inf")
     horizon = time.time() - st.settings.call_record_ttl_s - st.settings.call_ttl_s
     try:
         await st.redis.zremrangebyscore(st.keys.index, "-inf", horizon)
-        while len(out) < limit:
+        while len(out) < limit and scanned < MAX_SCAN:
             page: Any = await st.redis.zrevrangebyscore(
                 st.keys.index, f"({cursor}" if cursor != float("inf") else "+inf", "-inf",
                 start=0, num=200, withscores=True)
@@ -320,6 +324,7 @@ async def list_calls(request: Request,
             for member, _score in page:
                 pipe.hgetall(st.keys.call(member.decode(errors="replace")))
             records = await pipe.execute()
+            scanned += len(page)
             for (member, score), record in zip(page, records, strict=True):
                 cursor = float(score)
                 if not record:
@@ -331,7 +336,7 @@ async def list_calls(request: Request,
                         break
     except TRANSIENT:
         raise HTTPException(503, "redis unavailable") from None
-    more = len(out) >= limit and cursor > 0
+    more = (len(out) >= limit or scanned >= MAX_SCAN) and cursor > 0
     return {"calls": out, "next_before": cursor if more else None}
 
 
