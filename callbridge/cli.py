@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=["pcm_s16le", "mulaw"], default=None)
     demo.add_argument("--outbound", action="store_true",
                       help="place the call through the call API (POST /v1/calls) instead of dialling in")
+    demo.add_argument("--console", action="store_true",
+                      help="keep running until Ctrl-C, placing a call every 20-40 s; open the printed "
+                           "console address (GET /console) with the printed API key")
+    demo.add_argument("--port", type=int, default=None, help="the gateway's port (default: a free one)")
     demo.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="N concurrent simulated calls through gateway + worker processes")
