@@ -55,15 +55,18 @@ def _state(request: Request) -> GatewayState:
     return st
 
 
+def key_ok(st: GatewayState, given: bytes) -> bool:
+    """`given` is one of API_KEYS: compared in constant time, never logged."""
+    ok = False
+    for key in st.settings.api_key_list():  # no early exit: the time does not tell which came close
+        ok |= hmac.compare_digest(given, key)
+    return ok
+
+
 def require_key(request: Request,
                 creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Every /v1 request carries one of API_KEYS; compared in constant time, never logged."""
-    keys = _state(request).settings.api_key_list()
-    given = creds.credentials.encode() if creds is not None else b""
-    ok = False
-    for key in keys:  # no early exit: the time taken does not tell which key came close
-        ok |= hmac.compare_digest(given, key)
-    if not ok:
+    """Every /v1 request carries one of API_KEYS."""
+    if not key_ok(_state(request), creds.credentials.encode() if creds is not None else b""):
         metrics.API_REQUESTS.labels("unauthorized").inc()
         raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -265,6 +268,7 @@ async def create_call(body: CallCreate, request: Request, response: Response) ->
         await st.redis.eval(OUTBOUND_RECORD, 1, st.keys.call(sid), s.call_ttl_s, str(time.time()),
                             status, *[x for kv in params.items() for x in kv])
         await st.redis.zadd(st.keys.index, {sid: time.time()})
+        st.writer.xadd(st.keys.feed, S.feed_entry("created", sid), S.FEED_MAXLEN)
     except TRANSIENT:
         log.warning("outbound call placed but not recorded yet (redis)")
     metrics.API_REQUESTS.labels("call_created").inc()

@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from gateway import api, media, webhooks
+from gateway import api, console, media, webhooks
 from gateway.hub import OutboundHub
 from gateway.outbound import Dialer
 from gateway.state import GatewayState
@@ -69,6 +69,8 @@ async def drain(state: GatewayState) -> None:
     """Stop taking streams and hand live ones back to Twilio, which re-attaches each call through
     `<Connect action>` to a gateway that is not draining (the worker keeps the Vapi side up)."""
     state.draining = True
+    for end in state.on_drain:  # the console's streams: browsers reconnect to another gateway
+        end()
     live = list(state.sockets)
     log.info("draining", extra={"sockets": len(live)})
     for ws in live:
@@ -122,6 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
             supervisor.cancel()
             watchdog.cancel()
             await state.hub.close()
+            await app.state.console.close()
             await state.writer.close()
             await state.redis.aclose()
             await state.reader_redis.aclose()
@@ -136,6 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks.router, include_in_schema=False)
     app.include_router(media.router, include_in_schema=False)
     app.include_router(api.router)
+    console.install(app, state)
     app.add_exception_handler(RequestValidationError, api.validation_error)
 
     @app.get("/healthz", include_in_schema=False)

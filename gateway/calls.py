@@ -128,6 +128,13 @@ def summary(sid: str, record: dict[bytes, bytes]) -> dict[str, Any]:
     }
 
 
+def row(sid: str, record: dict[bytes, bytes]) -> dict[str, Any]:
+    """A call as the console lists it: its summary, the last turn's latency and the barge-ins."""
+    count = _f(record, "barge_ins")
+    return {**summary(sid, record), "last_turn_ms": _f(record, "last_turn_ms"),
+            "barge_ins": int(count) if count is not None and count < 1e6 else 0}
+
+
 def view(sid: str, record: dict[bytes, bytes],
          events: list[tuple[bytes, dict[bytes, bytes]]]) -> dict[str, Any]:
     """A call in full: its summary, transcript, turns and recent events."""

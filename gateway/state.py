@@ -48,6 +48,7 @@ class GatewayState:
     redis_back_at: float = 0.0
     redis_generation: Generation = field(default_factory=Generation)
     reassert_rounds: int = 0
+    on_drain: list[Any] = field(default_factory=list)  # callables: end what a drain must end
 
 
 # The socket's decisions, apart from I/O (tested on a virtual clock in tests/test_socket_state.py).

@@ -18,7 +18,7 @@ from shared import metrics
 from shared.logs import call_sid_var, mask_number
 from shared.redisio import TRANSIENT, retry_for
 from shared.security import make_stream_token, webhook_signature_ok
-from shared.streams import IN_CONTROL, STATUS_ENDED, STATUS_RINGING, entry
+from shared.streams import FEED_MAXLEN, IN_CONTROL, STATUS_ENDED, STATUS_RINGING, entry, feed_entry
 
 log = logging.getLogger("callbridge.gateway")
 router = APIRouter()
@@ -119,6 +119,7 @@ async def _record_and_queue(st: GatewayState, sid: str, form: dict[str, str],
         b"t": str(time.time_ns()).encode(),
     }, maxlen=100_000, approximate=True)
     await st.redis.hset(key, "queued", "1")
+    st.writer.xadd(st.keys.feed, feed_entry("created", sid), FEED_MAXLEN)
     metrics.CALLS_ANSWERED.inc()
     caller, called = form.get("From", ""), form.get("To", "")
     log.info("call answered", extra={"from_": mask_number(caller), "to": mask_number(called)})
@@ -251,8 +252,11 @@ async def status(request: Request) -> Response:
         st.writer.command("eval", CALL_OVER_SCRIPT, 1, st.keys.call(sid), kind, str(time.time()),
                           st.settings.call_record_ttl_s)
         st.writer.command("zrem", st.keys.active, sid)
+        st.writer.xadd(st.keys.feed, feed_entry("twilio-ended", sid, orjson.dumps({"status": kind})),
+                       FEED_MAXLEN)
     elif kind == "ringing":
         st.writer.command("eval", RINGING_SCRIPT, 1, st.keys.call(sid))
+        st.writer.xadd(st.keys.feed, feed_entry("ringing", sid), FEED_MAXLEN)
     metrics.WEBHOOKS.labels("status", "ok").inc()
     return Response(status_code=204)
 

@@ -40,6 +40,7 @@ __all__ = [
     "pcm16_to_ulaw",
     "rms_dbfs",
     "tone",
+    "ulaw_rms",
     "ulaw_to_pcm16",
 ]
 
@@ -73,6 +74,11 @@ F64Array = npt.NDArray[np.float64]
 def ulaw_to_pcm16(b: bytes) -> bytes:
     """Decode G.711 μ-law to PCM16 (native = little-endian), same sample rate."""
     return audioop.ulaw2lin(b, 2)
+
+
+def ulaw_rms(b: bytes) -> int:
+    """RMS of a μ-law frame on the PCM16 scale (0..32767)."""
+    return int(audioop.rms(audioop.ulaw2lin(b, 2), 2))
 
 
 def pcm16_to_ulaw(b: bytes) -> bytes:

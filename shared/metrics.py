@@ -62,6 +62,24 @@ ADMISSIONS = Counter(
     "free place), turned_away.",
     ["outcome"],
 )
+CONSOLE_STREAMS = Gauge(
+    "callbridge_console_streams", "Open console streams, by kind: list (the calls feed), call "
+    "(one call's feed), listen (listen-in).", ["kind"], multiprocess_mode="livesum")
+CONSOLE_CUT = Counter(
+    "callbridge_console_streams_cut_total",
+    "Console streams ended by the gateway because the browser stopped reading (queue full or a "
+    "write waited CONSOLE_SEND_TIMEOUT_S), by kind.",
+    ["kind"],
+)
+CONSOLE_REFUSED = Counter(
+    "callbridge_console_streams_refused_total",
+    "Console streams refused, by cause: busy (CONSOLE_MAX_STREAMS), unauthorized, unknown_call.",
+    ["cause"],
+)
+CONSOLE_DROPPED_FRAMES = Counter(
+    "callbridge_console_listen_frames_dropped_total",
+    "Listen-in audio frames dropped because the browser fell behind.",
+)
 WEBHOOKS = Counter(
     "callbridge_gateway_webhooks_total",
     "Twilio webhook requests by route and outcome.",

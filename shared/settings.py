@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         default="All our lines are busy. Please hold.", alias="ADMISSION_MESSAGE")
     call_record_ttl_s: int = Field(default=86400, ge=60, alias="CALL_RECORD_TTL_S")
 
+    # The console (gateway/console.py): per gateway, call feeds + listeners at once; the calls
+    # whose rows may wait for one list viewer, and how long one write may wait on a viewer,
+    # before it is cut off.
+    console_max_streams: int = Field(default=50, ge=1, le=10_000, alias="CONSOLE_MAX_STREAMS")
+    console_queue: int = Field(default=1000, ge=4, le=100_000, alias="CONSOLE_QUEUE")
+    console_send_timeout_s: float = Field(default=10.0, gt=0, le=600, alias="CONSOLE_SEND_TIMEOUT_S")
+
     # Tuning knobs, all with safe defaults.
     redis_prefix: str = Field(default="cb:", alias="REDIS_PREFIX")
     # REDIS_URL names any one node of a Redis Cluster (docs/architecture.md, "Redis Cluster").

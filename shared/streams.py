@@ -35,6 +35,13 @@ OUT_OWN = b"own"  # a new owner (epoch `e`) took the call: older epochs' entries
 
 WORKER_GROUP = "workers"
 
+# The console's live list tails one stream of the calls' notable moments (`feed`): these kinds,
+# each entry `k` (kind), `c` (CallSid), `t`, and `v` (the event's JSON, as on call:{sid}:events).
+FEED_KINDS = frozenset({"created", "ringing", "stream-start", "vapi-connected", "takeover",
+                        "turn-latency", "barge-in", "transfer-requested", "answered-by",
+                        "call-ended", "twilio-ended"})
+FEED_MAXLEN = 10_000
+
 # Call status values in the call hash.
 STATUS_RINGING = "ringing"
 STATUS_LIVE = "live"
@@ -156,6 +163,11 @@ class Keys:
         return f"{self._c()}dial:{request_id}"
 
     @property
+    def feed(self) -> str:
+        """Stream: every call's notable moments (FEED_KINDS), for the console's live list."""
+        return f"{self._c()}feed"
+
+    @property
     def outbound_bucket(self) -> str:
         """The token bucket that paces outbound calls (OUTBOUND_CPS)."""
         return f"{self._c()}outbound-bucket"
@@ -178,6 +190,15 @@ def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = N
         fields[b"a"] = audio
     if value is not None:
         fields[b"v"] = value.encode() if isinstance(value, str) else value
+    return fields
+
+
+def feed_entry(kind: str, sid: str, value: bytes | None = None) -> dict[bytes, bytes]:
+    """One entry of the `feed` stream: what happened (a FEED_KINDS kind) to which call."""
+    fields: dict[bytes, bytes] = {b"k": kind.encode(), b"c": sid.encode(),
+                                  b"t": str(time.time_ns()).encode()}
+    if value:
+        fields[b"v"] = value
     return fields
 
 

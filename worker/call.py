@@ -360,6 +360,9 @@ class CallCore:
         self._amd_policy = policy if policy in AMD_POLICIES else None
         self._voicemail_message = _text(self.record.get("voicemail_message")) or ""
         self._answered_by = self.record.get("answered_by", "")  # a verdict an owner acted on
+        # Shown by the console; a successor counts on from its predecessor's figure.
+        count = self.record.get("barge_ins", "")
+        self.barge_ins = int(count) if count.isascii() and count.isdigit() and len(count) < 7 else 0
         # Waiting for the verdict (or, after `machine_start`, for the beep) with a message to
         # leave: the assistant starts muted, so a machine never records its greeting (a human
         # hears it once the verdict is in).
@@ -809,7 +812,9 @@ class CallCore:
         latency = now + self._wall_offset - ended
         if 0 <= latency < 30:
             self._out.append(Metric("turn_latency", value=latency))
-            self._event("turn-latency", turn=self.playout.turn, ms=round(latency * 1000, 1))
+            ms = round(latency * 1000, 1)
+            self._update({"last_turn_ms": str(ms)})
+            self._event("turn-latency", turn=self.playout.turn, ms=ms)
 
     def _persist(self) -> None:
         """Where a successor should resume (`in_pos`) and what the caller heard of the current
@@ -994,8 +999,11 @@ class CallCore:
             self._write(WriteOut(S.OUT_CLEAR))
         self._out.append(Metric("barge_in"))
         rec = self.playout.turns.get(turn)
+        self.barge_ins += 1
+        self._update({"barge_ins": str(self.barge_ins)})
         self._event("barge-in", source=source, turn=turn, dropped_ms=dropped_ms,
-                    sent_ms=rec.sent_ms if rec else 0, heard_ms=rec.heard_ms if rec else 0)
+                    sent_ms=rec.sent_ms if rec else 0, heard_ms=rec.heard_ms if rec else 0,
+                    count=self.barge_ins)
 
     def _fast(self, action: Action | None, now: float) -> None:
         """Local voice detector: hold the assistant's audio the moment the caller talks over it,

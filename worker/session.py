@@ -230,6 +230,8 @@ class CallSession:
         value = orjson.dumps(data) if data else None
         key = self.keys.events(self.sid)
         self.w.writer.xadd(key, S.entry(kind.encode(), value=value, epoch=self.epoch_b), 2000)
+        if kind in S.FEED_KINDS:  # the console's live list: a few entries per turn, never audio
+            self.w.writer.xadd(self.keys.feed, S.feed_entry(kind, self.sid, value), S.FEED_MAXLEN)
         if self._events_expire:  # once it exists: a call whose every process died must expire
             self._events_expire = False
             self.w.writer.command("expire", key, self.w.settings.call_ttl_s)
