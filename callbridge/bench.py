@@ -48,6 +48,11 @@ Figures of the duplex scenario (all for the measurement window):
    gateway and of every worker), quantiles estimated like Prometheus' histogram_quantile.
 3. Frames lost per direction, protocol errors seen by the Twilio sim, calls that ended early.
 4. CPU of the gateway, each worker, redis-server and this process, from /proc/PID/stat.
+
+Every mode is bounded: past a hard budget computed from its configuration (_budget; the
+environment variable CALLBRIDGE_BENCH_BUDGET_S sets another) the bench prints every thread's and
+every asyncio task's stack to stderr, cancels the run so that its clean-ups stop the gateway, the
+workers and the Redis nodes, and exits 124 (_Watchdog). SIGUSR1 prints the same stacks at any time.
 """
 
 from __future__ import annotations
@@ -55,11 +60,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -70,7 +77,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from callbridge.procs import ManagedProcess
+from callbridge.procs import ManagedProcess, descendants, kill_all
 from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
 from sim.twilio import SimCall, TwilioObserver
@@ -85,6 +92,14 @@ TAIL_EXCLUDE_S = 0.5  # outbound frames sent this close to the window end are no
 END_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+# The bench's hard budget (_budget): past it, every thread's and task's stack goes to stderr, the
+# run is cancelled (its clean-ups stop the processes) and the bench exits EXIT_OVER_BUDGET.
+BUDGET_ENV = "CALLBRIDGE_BENCH_BUDGET_S"  # overrides the computed budget (seconds)
+BUDGET_RUN_S = 90.0  # per run: stand-ins up, processes ready, calls placed, hang-ups, stops
+BUDGET_PER_CALL_S = 0.5
+BUDGET_PER_EVENT_S = 55.0  # failover: pause, signal, resumption, replacement ready, release
+BUDGET_CLEANUP_S = 40.0  # over budget: this long for the clean-ups, then children SIGKILLed
+EXIT_OVER_BUDGET = 124
 
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "bench-auth-token-" + "x" * 16
@@ -471,6 +486,39 @@ async def _gather_bounded(aws: Iterable[Awaitable[Any]], timeout: float) -> None
             t.exception()  # retrieved: no "exception was never retrieved" noise
 
 
+async def stop_task(task: asyncio.Task[Any], timeout: float) -> bool:
+    """Cancel `task` and wait for it to end, at most `timeout` s; True when it ended.
+
+    Unlike `task.cancel(); await task` this is bounded and leaves the caller's own cancellation
+    alone: a cancel can be lost (on Python < 3.12, redis-py's `asyncio.wait_for` around a socket
+    write returns normally when the write finished in the same loop turn as the cancel, CPython
+    gh-86296), so it is repeated while waiting; the task's outcome is retrieved, never raised."""
+    deadline = _mono() + timeout
+    while not task.done():
+        left = deadline - _mono()
+        if left <= 0:
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.5, left))
+    if task.done() and not task.cancelled():
+        task.exception()
+    return task.done()
+
+
+async def _bounded(what: str, aw: Awaitable[Any], timeout: float) -> None:
+    """Run `aw` for at most `timeout` s (then cancel it, bounded too); its errors are ignored.
+    A cancel of the caller cancels it as well and propagates."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.done():
+        print(f"callbridge bench: {what} did not finish within {timeout:g} s", file=sys.stderr)
+    await stop_task(task, 2.0)
+
+
 async def _converse(call: Any, session: Any, rng: random.Random, wake: asyncio.Event,
                     speech: list[bytes], actions: list[tuple[float, str]]) -> None:
     """The caller of one call in the conversation scenario: for every utterance the assistant
@@ -743,10 +791,8 @@ async def _bench(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None]
     finally:
         for task in drivers.values():
             task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(twilio.stop(), 20)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(vapi.stop(), 10)
+        await _bounded("stopping the Twilio simulator", twilio.stop(), 20)
+        await _bounded("stopping the Vapi stand-in", vapi.stop(), 10)
         stop_cancelling()
 
 
@@ -1852,12 +1898,9 @@ async def _bench_failover(cfg: _Config, redis_url: str, procs: list[ManagedProce
                 w.proc.signal(signal.SIGCONT)
         for task in drivers.values():
             task.cancel()
-        with contextlib.suppress(Exception):
-            await r.aclose()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(twilio.stop(), 20)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(vapi.stop(), 10)
+        await _bounded("closing the Redis client", r.aclose(), 5)
+        await _bounded("stopping the Twilio simulator", twilio.stop(), 20)
+        await _bounded("stopping the Vapi stand-in", vapi.stop(), 10)
         stop_cancelling()
 
 
@@ -2278,14 +2321,155 @@ def _render_failover(r: dict[str, Any]) -> str:
 # Entry point
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
+def _budget(cfg: _Config) -> float:
+    """Seconds the whole bench may take: per run its fixed phases (BUDGET_RUN_S), the calls and
+    the timeline of the scenario; the cluster mode adds its own (bench_cluster.cluster_budget).
+    Generous: a run that gets near it is stuck, not slow. BUDGET_ENV overrides it."""
+    env = os.environ.get(BUDGET_ENV, "").strip()
+    if env:
+        with contextlib.suppress(ValueError):
+            if float(env) > 0:
+                return float(env)
+    run = BUDGET_RUN_S + cfg.calls * BUDGET_PER_CALL_S + cfg.calls / RAMP_PER_S
+    if cfg.redis_cluster:
+        from callbridge.bench_cluster import cluster_budget
+
+        return cluster_budget(cfg, run + WARMUP_S + cfg.seconds + GRACE_S)
+    if cfg.scenario == "failover":
+        spacing = cfg.seconds / cfg.events
+        return (run + FO_WARMUP_S + cfg.events * (max(spacing, FO_PAUSE_S[1]) + BUDGET_PER_EVENT_S)
+                + FO_TAIL_S + FO_CLOSE_S)
+    return run + WARMUP_S + cfg.seconds + GRACE_S
+
+
+def _frames_of(task: asyncio.Task[Any]) -> list[str]:
+    """A task's whole await chain, outermost first (Task.print_stack shows only the outermost
+    coroutine's frame), and what its innermost await waits for."""
+    lines: list[str] = []
+    obj: Any = task.get_coro()
+    for _ in range(100):
+        frame = (getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+                 or getattr(obj, "ag_frame", None))
+        if frame is not None:
+            lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, '
+                         f"in {frame.f_code.co_name}")
+        nxt = (getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+               or getattr(obj, "ag_await", None))
+        if nxt is None:
+            break
+        obj = nxt
+    waiting = getattr(task, "_fut_waiter", None)
+    if waiting is not None:
+        lines.append(f"  waiting for {waiting!r}")
+    return lines
+
+
+def _write_err(text: str) -> None:
+    """Straight to fd 2: safe from a signal handler that interrupted a print."""
+    data = text.encode(errors="replace")
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(2, data):]
+
+
+def dump_stacks(reason: str, loop: asyncio.AbstractEventLoop | None, threads: bool = True) -> None:
+    """Every thread's stack (faulthandler) and every asyncio task's await chain, to stderr."""
+    _write_err(f"\ncallbridge bench: {reason}; stacks follow\n")
+    if threads:
+        _write_err("--- threads ---\n")
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    if loop is None or loop.is_closed():
+        return
+    try:
+        tasks = list(asyncio.all_tasks(loop))
+    except RuntimeError as exc:
+        _write_err(f"--- asyncio tasks: not listed ({exc}) ---\n")
+        return
+    out = [f"--- asyncio tasks ({len(tasks)}) ---"]
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        out.append(repr(task))
+        with contextlib.suppress(Exception):
+            out.extend(_frames_of(task))
+    _write_err("\n".join(out) + "\n--- end of stacks ---\n")
+
+
+class _Watchdog:
+    """The bench's hard budget, kept by a thread of its own (so a blocked event loop cannot stop
+    it). Past `budget_s`: a note and every thread's stack, then (on the loop, once it answers)
+    every task's stack and a cancel of the run, so its `finally` clean-ups stop the processes
+    and the Redis nodes. Still running BUDGET_CLEANUP_S later: the stacks again, every child
+    process (and the groups of those in sessions of their own) SIGKILLed, exit EXIT_OVER_BUDGET.
+
+    Also, while armed, SIGUSR1 prints every thread's and task's stack (a test that gives up on
+    the bench asks for them before it stops it)."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self.expired = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[Any] | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bench-watchdog", daemon=True)
+        self._usr1: Any = None
+
+    def start(self) -> None:
+        with contextlib.suppress(ValueError, AttributeError):  # main thread, POSIX only
+            self._usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._usr1 is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGUSR1, self._usr1)
+            self._usr1 = None
+
+    async def guard(self, coro: Coroutine[Any, Any, int]) -> int:
+        """Run `coro` as the task the watchdog cancels."""
+        self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        try:
+            return await coro
+        finally:
+            self._main = None
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        dump_stacks("SIGUSR1", self._loop)
+
+    def _on_expired(self) -> None:  # on the loop
+        dump_stacks("over its budget, the asyncio tasks", self._loop, threads=False)
+        if self._main is not None:
+            self._main.cancel()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.budget_s):
+            return
+        self.expired = True
+        dump_stacks(f"over its budget of {self.budget_s:.0f} s ({BUDGET_ENV} sets another): "
+                    f"cancelling the run, its clean-ups stop the processes", None)
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._on_expired)
+        if self._done.wait(BUDGET_CLEANUP_S):
+            return
+        dump_stacks(f"still running {BUDGET_CLEANUP_S:.0f} s after the cancel: killing its child "
+                    f"processes and exiting {EXIT_OVER_BUDGET}", self._loop)
+        killed = kill_all(descendants(os.getpid()))
+        _write_err(f"callbridge bench: SIGKILL sent to {len(killed)} child process(es)\n")
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(EXIT_OVER_BUDGET)
+
+
+def _run(coro: Coroutine[Any, Any, int], dog: _Watchdog) -> int:
     try:
         import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coro)
     except ImportError:
-        return asyncio.run(coro)
+        return asyncio.run(dog.guard(coro))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(dog.guard(coro))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -2312,32 +2496,46 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None
+    dog = _Watchdog(_budget(cfg))
+    dog.start()
     try:
-        if cfg.redis_cluster:  # its own two Redis deployments; REDIS_URL is not used
-            from callbridge.bench_cluster import bench_cluster
+        try:
+            if cfg.redis_cluster:  # its own two Redis deployments; REDIS_URL is not used
+                from callbridge.bench_cluster import bench_cluster
 
-            return _run(bench_cluster(cfg, procs))
-        redis_url = os.environ.get("REDIS_URL")
-        if not redis_url:
-            try:
-                private = start_redis()
-            except RuntimeError as exc:
-                print(f"callbridge bench: cannot start redis: {exc}", file=sys.stderr)
-                return 1
-            redis_url = private.url
-        if failover:
-            return _run(_bench_failover(cfg, redis_url, procs))
-        return _run(_bench(cfg, redis_url, {"redis-server": _redis_pid(redis_url, private)}, procs))
-    except KeyboardInterrupt:
-        print("callbridge bench: interrupted", file=sys.stderr)
-        return 130
-    except asyncio.CancelledError:
-        print("callbridge bench: terminated", file=sys.stderr)
-        return 143
+                rc = _run(bench_cluster(cfg, procs), dog)
+            else:
+                redis_url = os.environ.get("REDIS_URL")
+                if not redis_url:
+                    try:
+                        private = start_redis()
+                    except RuntimeError as exc:
+                        print(f"callbridge bench: cannot start redis: {exc}", file=sys.stderr)
+                        return 1
+                    redis_url = private.url
+                if failover:
+                    rc = _run(_bench_failover(cfg, redis_url, procs), dog)
+                else:
+                    rc = _run(_bench(cfg, redis_url, {"redis-server": _redis_pid(redis_url, private)},
+                                     procs), dog)
+        except KeyboardInterrupt:
+            print("callbridge bench: interrupted", file=sys.stderr)
+            rc = 130
+        except asyncio.CancelledError:
+            if not dog.expired:
+                print("callbridge bench: terminated", file=sys.stderr)
+            rc = 143
+        finally:
+            stop_procs(procs)
+            if private is not None:
+                private.stop()
     finally:
-        stop_procs(procs)
-        if private is not None:
-            private.stop()
+        dog.stop()
+    if dog.expired:
+        print(f"callbridge bench: stopped: over its budget of {dog.budget_s:.0f} s (the stacks "
+              f"above show where it was)", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    return rc
 
 
 def stop_procs(procs: list[ManagedProcess]) -> None:

@@ -34,9 +34,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -50,6 +52,7 @@ from callbridge.bench import (
     _f,
     _Recorder,
     stop_procs,
+    stop_task,
 )
 from callbridge.procs import ManagedProcess
 from callbridge.redis_cluster import Cluster, Node, cluster_available, start_cluster
@@ -64,6 +67,7 @@ RECOVERY_TIMEOUT_S = 10.0  # promotion -> audio both ways on every affected call
 WATCH_BEFORE_S = 0.5  # gaps are looked for from this long before the kill ...
 WATCH_AFTER_S = 1.0  # ... to this long after the last affected call recovered
 POLL_S = 0.02
+WATCH_STOP_S = 5.0  # the cluster_state watcher ends within this once told (one CLUSTER INFO)
 GAP_LIMIT_S = 0.2  # calls on other nodes: a longer gap is counted
 BEHIND_MS = 200.0  # window latency p50 above this: the failover figures are the backlog's
 TARGET_RECOVERY_S = 1.0  # the issue's target: audio flows both ways again within 1 s of the promotion
@@ -71,6 +75,17 @@ INFO_COMMANDS = ("info",)  # our own snapshots: not the bridge's load
 
 _mono = time.monotonic
 Pairs = list[tuple[SimCall, VapiSession]]
+T = TypeVar("T")
+
+
+CLUSTER_BUDGET_S = 60.0  # the single redis-server and the cluster started and stopped
+
+
+def cluster_budget(cfg: _Config, run_s: float) -> float:
+    """The bench's hard budget (bench._budget) in this mode: two runs of `run_s` each, the
+    Redis deployments, and with --kill-primary the failover's own bounds."""
+    kill = PROMOTION_TIMEOUT_S + RECOVERY_TIMEOUT_S + WATCH_AFTER_S + 10.0 if cfg.kill_primary else 0.0
+    return 2 * run_s + CLUSTER_BUDGET_S + kill
 
 
 def spread_sids(n: int, lanes: int) -> list[str]:
@@ -115,6 +130,33 @@ def _start_single(binary: str, timeout: float = 10.0) -> RedisServer:
         client.close()
     server.stop()
     raise RuntimeError(f"redis-server on {port} did not start (exit code {proc.poll()})")
+
+
+async def _start_in_thread(start: Callable[[], T], stop: Callable[[T], None]) -> T:
+    """`start()` in a thread, what it started stopped however the wait ends: a cancel (SIGTERM,
+    the bench's budget) cannot stop the thread, so what it starts after that is stopped by the
+    thread itself, or here when it had finished but its result was not taken yet."""
+    lock = threading.Lock()
+    abandoned = False
+    started: list[T] = []
+
+    def run() -> T:
+        got = start()
+        with lock:
+            if not abandoned:
+                started.append(got)
+                return got
+        stop(got)  # nobody waits for it any more
+        return got
+
+    try:
+        return await asyncio.to_thread(run)
+    except asyncio.CancelledError:
+        with lock:
+            abandoned = True
+        for got in started:
+            stop(got)
+        raise
 
 
 def _version(binary: str) -> str:
@@ -312,14 +354,18 @@ class _ClusterProbe(_Probe):
             except (redis.RedisError, OSError, RuntimeError, TimeoutError) as exc:
                 self.failover = {"error": f"{type(exc).__name__}: {exc}"}
 
-    async def _cluster_fail_times(self, name: str, out: list[float]) -> None:
-        """Until cancelled: the times a surviving primary says `cluster_state:fail` (it then
-        refuses every slot with CLUSTERDOWN, cluster-require-full-coverage being on by default)."""
+    async def _cluster_fail_times(self, name: str, out: list[float], stop: asyncio.Event) -> None:
+        """Until `stop` is set: the times a surviving primary says `cluster_state:fail` (it then
+        refuses every slot with CLUSTERDOWN, cluster-require-full-coverage being on by default).
+
+        Ended by the flag, not by cancelling the task: on Python < 3.12 a cancel that lands as
+        redis-py's `asyncio.wait_for` around a socket write completes is lost (CPython
+        gh-86296), and this loop then polled on forever while the bench awaited it."""
         client = self.client(name)
-        while True:
+        while not stop.is_set():
             with contextlib.suppress(redis.RedisError, OSError):
                 info: Any = await client.execute_command("CLUSTER INFO")  # parsed into a dict
-                if isinstance(info, dict) and info.get("cluster_state") == "fail":
+                if not stop.is_set() and isinstance(info, dict) and info.get("cluster_state") == "fail":
                     out.append(_mono())
             await asyncio.sleep(POLL_S)
 
@@ -344,7 +390,9 @@ class _ClusterProbe(_Probe):
         witness = self._name(next(p for p in (self.ctl_port, *primaries)  # a surviving primary
                                   if p is not None and p != victim_port))
         refused: list[float] = []
-        watching = asyncio.create_task(self._cluster_fail_times(witness, refused))
+        stop_watching = asyncio.Event()
+        watching = asyncio.create_task(self._cluster_fail_times(witness, refused, stop_watching),
+                                       name="bench-cluster-state-watch")
         killed = await asyncio.to_thread(self.cluster.kill, victim)
         promoted: float | None = None
         new_primary: Node | None = None
@@ -354,9 +402,8 @@ class _ClusterProbe(_Probe):
             new_primary = await asyncio.to_thread(self.cluster.slot_owner, slot)
         except (TimeoutError, RuntimeError) as exc:
             print(f"callbridge bench: {exc}", file=sys.stderr)
-        watching.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watching
+        stop_watching.set()
+        await stop_task(watching, WATCH_STOP_S)
 
         # Until every hit call has audio both ways after the promotion (bounded).
         since = promoted if promoted is not None else killed
@@ -660,7 +707,7 @@ async def bench_cluster(cfg: _Config, procs: list[ManagedProcess]) -> int:
                          extra_s=PROMOTION_TIMEOUT_S + RECOVERY_TIMEOUT_S + 5 if cfg.kill_primary else 0.0)
     rcs: list[int] = []
     try:
-        single = await asyncio.to_thread(_start_single, binary)
+        single = await _start_in_thread(lambda: _start_single(binary), RedisServer.stop)
         one.nodes = {"redis-server": single.port}
         one.roles = {"redis-server": "primary"}
         print(f"callbridge bench: run 1 of 2, one redis-server (:{single.port})", file=sys.stderr)
@@ -670,7 +717,7 @@ async def bench_cluster(cfg: _Config, procs: list[ManagedProcess]) -> int:
         single.stop()
         single = None
 
-        cluster = await asyncio.to_thread(start_cluster)
+        cluster = await _start_in_thread(start_cluster, Cluster.stop)
         many.cluster = cluster
         many.nodes = {f"redis :{node.port}": node.port for node in cluster.nodes}
         print(f"callbridge bench: run 2 of 2, a cluster of {len(cluster.nodes)} nodes ("
@@ -681,14 +728,14 @@ async def bench_cluster(cfg: _Config, procs: list[ManagedProcess]) -> int:
     except RuntimeError as exc:
         print(f"callbridge bench: {exc}", file=sys.stderr)
         rcs.append(1)
-    finally:
+    finally:  # the processes and the nodes first: a cancel while the clients close cannot skip them
         stop_procs(procs)
-        await one.close()
-        await many.close()
         if single is not None:
             single.stop()
         if cluster is not None:
             cluster.stop()
+        await one.close()
+        await many.close()
 
     n_nodes = len(many.nodes)
     report = {

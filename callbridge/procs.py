@@ -3,6 +3,11 @@
 One harness, so both start the tiers the same way: `python -m callbridge.cli …` with a given
 environment, output captured to a log file (read when something fails), readiness polled over
 HTTP against a deadline, and a stop that is SIGTERM (a graceful drain) first, SIGKILL after.
+
+And, for what must never be left behind whatever happened (the bench's own watchdog, the tests
+that run the bench): a process's live descendants, the processes whose environment carries a
+marker, and a kill of such a list that cannot hit a pid reused meanwhile (Linux /proc; elsewhere
+the lists are empty).
 """
 
 from __future__ import annotations
@@ -113,3 +118,98 @@ class ManagedProcess:
     def discard_log(self) -> None:
         with contextlib.suppress(OSError):
             self.log_path.unlink()
+
+
+# ------------------------------------------------------------------------------------------
+# Processes by ancestry or by environment (Linux /proc)
+
+Pid = tuple[int, int]  # (pid, start time in clock ticks since boot): one process, never a reused pid
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, start time, session id) of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    if fields[0] == b"Z":  # a zombie: already dead, only not reaped
+        return None
+    return int(fields[1]), int(fields[19]), int(fields[3])
+
+
+def _pids() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[Pid]:
+    """Every live descendant of `pid` (children first, also those in sessions of their own).
+    Orphans are not found: a child whose parent died belongs to init (or a subreaper) now."""
+    children: dict[int, list[Pid]] = {}
+    for p in _pids():
+        st = _stat(p)
+        if st is not None:
+            children.setdefault(st[0], []).append((p, st[1]))
+    out: list[Pid] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def in_session(sid: int) -> list[Pid]:
+    """Every live process of session `sid` (a child started with start_new_session=True leads
+    one): its descendants that did not start a session of their own, orphans included."""
+    out: list[Pid] = []
+    for p in _pids():
+        st = _stat(p)
+        if st is not None and st[2] == sid:
+            out.append((p, st[1]))
+    return out
+
+
+def with_env(key: str, value: str) -> list[Pid]:
+    """Every live process (of this user) whose environment has `key`=`value`: a marker set in a
+    parent's environment finds all its descendants, orphans included, unless they overwrote
+    their environment (redis-server does, for its process title: see in_session)."""
+    want = f"{key}={value}".encode()
+    out: list[Pid] = []
+    for p in _pids():
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        st = _stat(p)
+        if want in env and st is not None:
+            out.append((p, st[1]))
+    return out
+
+
+def alive(proc: Pid) -> bool:
+    st = _stat(proc[0])
+    return st is not None and st[1] == proc[1]
+
+
+def kill_all(procs: list[Pid], sig: int = signal.SIGKILL) -> list[Pid]:
+    """Send `sig` to each process still alive (checked against its start time), and to the
+    whole process group of one that leads its own (a child started with `own_session`).
+    Returns the processes signalled."""
+    hit: list[Pid] = []
+    mine = os.getpgrp()
+    for proc in procs:
+        if proc[0] == os.getpid() or not alive(proc):
+            continue
+        with contextlib.suppress(OSError):
+            if os.getpgid(proc[0]) == proc[0] and proc[0] != mine:
+                os.killpg(proc[0], sig)
+            else:
+                os.kill(proc[0], sig)
+            hit.append(proc)
+    return hit

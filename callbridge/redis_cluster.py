@@ -7,6 +7,7 @@ made by hand. Nothing is persisted; `kill()` SIGKILLs a node to exercise a repli
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -62,6 +63,7 @@ class Cluster:
         return f"redis://127.0.0.1:{node.port}/0"
 
     def client(self, port: int) -> redis.Redis:
+        """A new client of one node (bounded: 2 s per reply); close it (`with`) when done."""
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=1)
 
     def slot_owner(self, slot: int) -> Node:
@@ -70,7 +72,8 @@ class Cluster:
             if not node.alive():
                 continue
             try:
-                slots = self.client(node.port).execute_command("CLUSTER SLOTS")
+                with self.client(node.port) as c:
+                    slots = c.execute_command("CLUSTER SLOTS")
             except redis.RedisError:
                 continue
             for start, end, primary, *_ in slots:
@@ -81,7 +84,8 @@ class Cluster:
 
     def key_slot(self, key: str) -> int:
         node = next(n for n in self.nodes if n.alive())
-        return int(self.client(node.port).execute_command("CLUSTER KEYSLOT", key))
+        with self.client(node.port) as c:
+            return int(c.execute_command("CLUSTER KEYSLOT", key))
 
     def kill(self, node: Node) -> float:
         """SIGKILL a node; returns the monotonic time of the kill."""
@@ -98,14 +102,16 @@ class Cluster:
             try:
                 owner = self.slot_owner(slot)
                 if owner is not dead and owner.alive():
-                    if _cluster_ok(self.client(owner.port)):
-                        return time.monotonic()
+                    with self.client(owner.port) as c:
+                        if _cluster_ok(c):
+                            return time.monotonic()
             except (RuntimeError, redis.RedisError):
                 pass
             time.sleep(0.02)
         raise TimeoutError(f"slot {slot} was not taken over within {timeout} s")
 
     def stop(self) -> None:
+        """SIGTERM every node, SIGKILL after 5 s; never raises, so every node gets its turn."""
         for node in self.nodes:
             if node.alive():
                 node.proc.terminate()
@@ -114,8 +120,10 @@ class Cluster:
                 node.proc.wait(5)
             except subprocess.TimeoutExpired:
                 node.proc.kill()
-                node.proc.wait(5)
-        self.tmpdir.cleanup()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.proc.wait(5)
+        with contextlib.suppress(OSError):
+            self.tmpdir.cleanup()
 
 
 def _port_pair_free(port: int) -> bool:
@@ -200,11 +208,11 @@ def _wait_ok(cluster: Cluster, deadline: float) -> None:
         ready = 0
         for node in cluster.nodes:
             try:
-                c = cluster.client(node.port)
-                repl = c.info("replication")
-                synced = repl.get("role") == "master" or repl.get("master_link_status") == "up"
-                if _cluster_ok(c) and synced:
-                    ready += 1
+                with cluster.client(node.port) as c:
+                    repl = c.info("replication")
+                    synced = repl.get("role") == "master" or repl.get("master_link_status") == "up"
+                    if _cluster_ok(c) and synced:
+                        ready += 1
             except redis.RedisError:
                 pass
         if ready == len(cluster.nodes):

@@ -5,25 +5,99 @@ Speed is for the benchmark's printed figures on a quiet machine, never asserted 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 
 import orjson
 import pytest
 
+from callbridge.bench import BUDGET_CLEANUP_S, BUDGET_ENV
+from callbridge.procs import Pid, descendants, in_session, kill_all, with_env
 from tests.conftest import ROOT
+
+MARK = "CALLBRIDGE_TEST_BENCH_RUN"  # in the bench's environment, so in its Python children's too
+# Each bench run here takes 20-45 s. Past BUDGET_S the bench stops itself (stacks, clean-ups, at
+# most BUDGET_CLEANUP_S more); the test gives up at TIMEOUT_S, which leaves _give_up its 16 s
+# before pytest's own 180 s.
+BUDGET_S = 100.0
+TIMEOUT_S = 155.0
+assert BUDGET_S + BUDGET_CLEANUP_S < TIMEOUT_S
+
+
+def _why(run: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {run.returncode}; stdout ends:\n{run.stdout[-2000:]}\nstderr ends:\n{run.stderr[-12000:]}"
+
+
+def _run_bench(*args: str, timeout: float, budget: float) -> subprocess.CompletedProcess[str]:
+    """`callbridge bench *args` in a session of its own, with a hard budget of `budget` s (past
+    it the bench prints every thread's and task's stack, stops its processes and exits 124).
+    Still running after `timeout` s (keep it below pytest's 180 s): SIGUSR1 (the bench prints
+    the stacks), SIGTERM, and the test fails with the bench's stderr. Either way no process of
+    the run is left behind (_of_run): what is left is killed, and a leftover of a run that ended
+    on its own fails the test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_", "PUBLIC_URL"))}
+    mark = uuid.uuid4().hex
+    env.update({MARK: mark, BUDGET_ENV: str(budget)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "callbridge.cli", "bench", *args], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out, err = _give_up(proc, mark)
+            pytest.fail(f"`callbridge bench {' '.join(args)}` still running after {timeout:.0f} s "
+                        f"(exit {proc.returncode} once stopped); stdout ends:\n{out[-2000:]}\n"
+                        f"stderr ends:\n{err[-12000:]}")
+    finally:
+        if proc.poll() is None:
+            kill_all([*descendants(proc.pid), *_of_run(proc.pid, mark)])
+            proc.kill()
+            proc.wait(10)
+        leftovers = _of_run(proc.pid, mark)
+        kill_all(leftovers)
+    assert not leftovers, f"processes of the bench still running after it exited: {leftovers}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _of_run(pid: int, mark: str) -> list[Pid]:
+    """The live processes of the bench run `pid`: its session (the bench, the redis-server nodes,
+    orphaned or not) and whatever carries its marker in its environment (gateway and workers,
+    in sessions of their own; redis-server overwrites its environment with its title)."""
+    return [*in_session(pid), *with_env(MARK, mark)]
+
+
+def _give_up(proc: subprocess.Popen[str], mark: str) -> tuple[str, str]:
+    """Stacks, then an orderly stop, then SIGKILL to all of the run; returns its output."""
+    seen: list[Pid] = descendants(proc.pid)  # gateway and workers too: sessions of their own
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)  # the bench stops its processes in order ...
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # ... or not
+        kill_all([*seen, *descendants(proc.pid), *_of_run(proc.pid, mark)])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            return proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "", "(no output: the bench's pipes stayed open)"
 
 
 @pytest.mark.parametrize("scenario", ["duplex", "conversation"])
 def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_", "PUBLIC_URL"))}
-    run = subprocess.run(
-        [sys.executable, "-m", "callbridge.cli", "bench", "--calls", "3", "--seconds", "3",
-         "--scenario", scenario, "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = _run_bench("--calls", "3", "--seconds", "3", "--scenario", scenario, "--json",
+                     timeout=TIMEOUT_S, budget=BUDGET_S)
+    assert run.returncode == 0, _why(run)
     report = orjson.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
     assert report["context"]["calls_connected"] == 3
     assert report["errors"]["protocol_errors"] == 0
@@ -39,13 +113,9 @@ def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
 def test_bench_failover_runs_and_reports_the_figures() -> None:
     """Two events (a kill, then a stall) on 4 calls and 2 workers: every hit call resumes, no call
     is lost, nothing is left open. Gap figures are reported, never judged: the machine is shared."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_", "PUBLIC_URL"))}
-    run = subprocess.run(
-        [sys.executable, "-m", "callbridge.cli", "bench", "--scenario", "failover", "--calls", "4",
-         "--workers", "2", "--events", "2", "--seconds", "4", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = _run_bench("--scenario", "failover", "--calls", "4", "--workers", "2", "--events", "2",
+                     "--seconds", "4", "--json", timeout=TIMEOUT_S, budget=BUDGET_S)
+    assert run.returncode == 0, _why(run)
     assert "failover gap (s)" in run.stdout and "targets:" in run.stdout
     report = orjson.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
     assert report["context"]["calls_connected"] == 4
@@ -81,13 +151,9 @@ def test_bench_redis_cluster_side_by_side_with_a_primary_killed() -> None:
 
     if cluster_available() is not None:
         pytest.skip(str(cluster_available()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAPI_", "TWILIO_", "PUBLIC_URL"))}
-    run = subprocess.run(
-        [sys.executable, "-m", "callbridge.cli", "bench", "--redis-cluster", "--kill-primary",
-         "--calls", "4", "--seconds", "3", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = _run_bench("--redis-cluster", "--kill-primary", "--calls", "4", "--seconds", "3", "--json",
+                     timeout=TIMEOUT_S, budget=BUDGET_S)
+    assert run.returncode == 0, _why(run)
     for text in ("one Redis", "cluster", "Redis commands/s", "failover (--kill-primary)", "promotion:"):
         assert text in run.stdout, run.stdout
     report = orjson.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
@@ -128,3 +194,14 @@ def test_bench_redis_cluster_side_by_side_with_a_primary_killed() -> None:
     assert fo["cluster_state_fail_after_kill_s"]["witness"] not in (fo["victim"], None)
     assert fo["standins_longest_send_gap_ms"]["twilio_sim_caller"] is not None
     assert fo["calls_ended_by_then"] == 0, fo
+
+
+def test_bench_over_its_budget_prints_the_stacks_and_leaves_nothing_behind() -> None:
+    """A bench that cannot finish in its budget says where it was (every thread's stack and
+    every asyncio task's await chain), stops its processes and exits 124; _run_bench checks
+    that nothing of it is left."""
+    run = _run_bench("--calls", "1", "--seconds", "60", timeout=TIMEOUT_S, budget=4)
+    assert run.returncode == 124, _why(run)
+    assert "over its budget of 4 s" in run.stderr, _why(run)
+    assert "--- threads ---" in run.stderr and "--- asyncio tasks" in run.stderr, _why(run)
+    assert ", in _bench" in run.stderr, _why(run)  # the run's own await chain

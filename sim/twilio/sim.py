@@ -177,12 +177,16 @@ class TwilioSim:
         """End every live call (`stop` + close), cancel every task, stop the REST server."""
         self._stopped = True
         live = [c for c in self.calls.values() if c.end_reason is None]
-        if live:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*(c._finish("sim-stopped") for c in live), return_exceptions=True),
-                    5.0,
-                )
+        if live:  # bounded (asyncio.wait: a cancel lost or ignored cannot hold stop() forever)
+            finishing = [asyncio.ensure_future(c._finish("sim-stopped")) for c in live]
+            _, pending = await asyncio.wait(finishing, timeout=5.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+            for task in finishing:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the outcome does not matter here
         tasks: list[asyncio.Task[Any]] = []
         for call in self.calls.values():
             if call._driver is not None:

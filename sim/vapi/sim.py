@@ -7,7 +7,6 @@ session instead of a task per call: 100 speaking sessions cost one 10 ms wake-up
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -148,24 +147,24 @@ class VapiSim:
             except Exception:
                 log.exception("vapi sim: error stopping session %s", session.id)
         self._active.clear()
+        # Bounded waits (asyncio.wait), never `await task` after a cancel: a task that loses
+        # or ignores its cancel would hold stop() forever, and a cancel of the caller must
+        # propagate, not be taken for the task's.
         ticker, self._ticker_task = self._ticker_task, None
         if ticker is not None:
             ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            await asyncio.wait({ticker}, timeout=2.0)
         server, task = self._server, self._serve_task
         self._server = self._serve_task = None
         if server is not None and task is not None:
             server.should_exit = True
             server.force_exit = True
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 5.0)
-            except TimeoutError:
+            done, _ = await asyncio.wait({task}, timeout=5.0)
+            if not done:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            except Exception:
-                log.exception("vapi sim: server task failed")
+                await asyncio.wait({task}, timeout=2.0)
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("vapi sim: server task failed", exc_info=task.exception())
 
     async def __aenter__(self) -> VapiSim:
         await self.start()
