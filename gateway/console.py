@@ -183,7 +183,7 @@ async def console_page() -> Response:
 router = APIRouter(prefix="/v1", tags=["console"], dependencies=[Depends(api.require_key)])
 
 
-@router.get("/feed", response_class=EventStream,
+@router.get("/feed", response_class=EventStream, status_code=200,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`snapshot`, then `call` messages (docs/console.md)"}})
 async def calls_feed(request: Request) -> Response:
@@ -243,7 +243,7 @@ def _event(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
     return listed[0] if listed else None
 
 
-@router.get("/calls/{call_sid}/feed", response_class=EventStream,
+@router.get("/calls/{call_sid}/feed", response_class=EventStream, status_code=200,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`view`, then `event`, `call`, `health`, `end` "
                                             "(docs/console.md)"},

@@ -176,11 +176,10 @@ class FeedHub:
         self.viewers.discard(viewer)
 
     async def close(self) -> None:
-        self.viewers.clear()
-        if self._task is not None:
+        self.viewers.clear()  # the loop ends at its next turn even if the cancel is lost
+        if self._task is not None:  # (redis-py's wait_for can swallow one on 3.11: gh-86296)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
 
     async def snapshot(self) -> list[dict[str, Any]]:
         """Every call not ended, newest first (at most SNAPSHOT_MAX), as rows."""
