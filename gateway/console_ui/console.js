@@ -148,7 +148,6 @@ function showLogin(message) {
   $('app').hidden = true;
   $('login').hidden = false;
   $('signout').hidden = true;
-  $('who').hidden = true;
   const err = $('login-error');
   err.hidden = !message;
   err.textContent = message || '';
@@ -179,8 +178,6 @@ async function signIn(key) {
     $('login').hidden = true;
     $('app').hidden = false;
     $('signout').hidden = false;
-    $('who').hidden = false;
-    $('who-key').textContent = key.length > 6 ? `${key.slice(0, 3)}…${key.slice(-2)}` : '•••';
     setRecent(Array.isArray(data && data.calls) ? data.calls : []);
     runFeed(gen);
     route();
@@ -235,7 +232,7 @@ async function runFeed(gen) {
         },
       });
     } catch (err) {
-      if (gen !== state.gen || (err && err.name === 'AbortError' && ctl.signal.aborted && gen !== state.gen)) return;
+      if (gen !== state.gen) return; // signed out meanwhile (that aborted the request)
       if (err instanceof HttpError && err.status === 401) {
         signOut('Wrong API key: the gateway refused it (401).');
         return;
@@ -894,12 +891,13 @@ class CallView {
   }
 
   renderEvents() {
-    this.el.events.replaceChildren(...this.events.map((e) => this.eventItem(e)));
+    this.el.events.replaceChildren(...this.events.slice(-1000).map((e) => this.eventItem(e)));
     this.el.eventCount.textContent = String(this.events.length);
   }
 
   appendEvent(e) {
     this.el.events.append(this.eventItem(e));
+    while (this.el.events.childElementCount > 1000) this.el.events.firstElementChild.remove();
     this.el.eventCount.textContent = String(this.events.length);
   }
 

@@ -33,22 +33,25 @@ export class SSEParser {
     this.onEvent = onEvent;
     this.onComment = onComment || (() => {});
     this.buf = '';
+    this.skipLF = false;
     this.event = '';
     this.data = [];
   }
 
   push(text) {
+    if (this.skipLF && text[0] === '\n') text = text.slice(1); // a CRLF split between chunks
+    this.skipLF = false;
     this.buf += text;
     let start = 0;
     for (;;) {
       const cr = this.buf.indexOf('\r', start);
       const lf = this.buf.indexOf('\n', start);
-      let end = cr < 0 ? lf : lf < 0 ? cr : Math.min(cr, lf);
+      const end = cr < 0 ? lf : lf < 0 ? cr : Math.min(cr, lf);
       if (end < 0) break;
       let next = end + 1;
       if (this.buf[end] === '\r') {
-        if (end + 1 === this.buf.length) break; // a CR at the end: its LF may be in the next chunk
-        if (this.buf[end + 1] === '\n') next = end + 2;
+        if (end + 1 === this.buf.length) this.skipLF = true; // its LF may start the next chunk
+        else if (this.buf[end + 1] === '\n') next = end + 2;
       }
       this.line(this.buf.slice(start, end));
       start = next;
