@@ -44,8 +44,8 @@ def _value(fields: dict[bytes, bytes]) -> dict[str, Any]:
         return {}
     try:
         data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
+    except orjson.JSONDecodeError:  # plain text (an older gateway's `twilio-status`)
+        return {"value": raw[:500].decode(errors="replace")}
     return data if isinstance(data, dict) else {}
 
 

@@ -289,7 +289,7 @@ async def _call_messages(host: ConsoleHost, sid: str, view: dict[str, Any], last
     ev_key, in_key = k.events(sid).encode(), k.inbound(sid).encode()
     health = AudioHealth()
     loop = asyncio.get_running_loop()
-    window_at = loop.time()
+    window_at = said_at = loop.time()
     shown = views.row(sid, {})  # what the browser was last sent of the summary
     shown.update({key: view.get(key) for key in shown})
     metrics.CONSOLE_STREAMS.labels("call").inc()
@@ -321,6 +321,9 @@ async def _call_messages(host: ConsoleHost, sid: str, view: dict[str, Any], last
             now = loop.time()
             if not ended and now < window_at + HEALTH_EVERY_S:
                 continue
+            if now - said_at >= KEEPALIVE_S:  # a call not live yet sends nothing else
+                said_at = now
+                yield KEEPALIVE
             try:
                 record: Any = await st.redis.hgetall(k.call(sid))
             except TRANSIENT:
@@ -337,6 +340,7 @@ async def _call_messages(host: ConsoleHost, sid: str, view: dict[str, Any], last
                 figures = health.window(now - window_at, time.time())
                 window_at = now
                 if shown["status"] == S.STATUS_LIVE:
+                    said_at = now
                     yield sse("health", figures)
     finally:
         host.slots.give()

@@ -244,7 +244,8 @@ async def status(request: Request) -> Response:
     if kind == "stream-error":
         log.warning("twilio reported a stream error", extra={"stream_error": detail})
     events = st.keys.events(sid)
-    st.writer.xadd(events, entry(b"twilio-status", value=f"{kind} {detail}".strip()[:500]), maxlen=1000)
+    value = orjson.dumps({"status": kind[:64], **({"detail": detail[:400]} if detail else {})})
+    st.writer.xadd(events, entry(b"twilio-status", value=value), maxlen=1000)
     ensure_ttl(st.writer, st.settings.call_ttl_s, events)  # the callback may come first
     if "StreamEvent" not in form and kind in CALL_OVER:
         # The call is over at Twilio. One never answered (busy, no-answer…) has no worker to

@@ -199,7 +199,7 @@ async def test_status_callback_is_signed_and_recorded(gw: Gw, redis: aioredis.Re
         await asyncio.sleep(0.01)
     assert app_writer_flushed
     (entry,) = await _entries(redis, gw.keys.events(sid))
-    assert entry[b"v"] == b"stream-error boom"
+    assert orjson.loads(entry[b"v"]) == {"status": "stream-error", "detail": "boom"}
 
 
 # Media socket --------------------------------------------------------------------------------
