@@ -37,6 +37,11 @@ from a replaced session; second greetings; calls lost; Vapi sessions left open.
 single redis-server and then on a private 3+3-node Redis Cluster, side by side, through RunHooks;
 REDIS_URL is not used.
 
+`--baseline direct` (callbridge/bench_direct.py): the duplex scenario through a direct bridge (one
+process, Twilio socket to Vapi socket, no Redis; RunHooks.processes starts it instead of the
+gateway and workers) and then through callbridge on a private redis-server, side by side, with
+the ratio of their CPU per call; REDIS_URL is not used.
+
 Figures of the duplex scenario (all for the measurement window):
 1. One-way latency the bridge adds, seen from outside on one monotonic clock:
    inbound  = Twilio sim send of caller frame k -> Vapi stand-in receive of frame k;
@@ -449,6 +454,7 @@ class _Config:
     events: int = 10  # failover: signals to workers
     redis_cluster: bool = False  # duplex on one Redis and on a cluster, side by side (bench_cluster)
     kill_primary: bool = False  # ... and then kill a primary (bench_cluster)
+    baseline: str = ""  # "direct": duplex through the direct bridge, then callbridge (bench_direct)
 
 
 @dataclass
@@ -610,6 +616,9 @@ class RunHooks:
     call_sids: list[str] | None = None  # CallSid of call i (default: the Twilio sim's random one)
     extra_s: float = 0.0  # the assistant talks this much longer: room for after_window
     result: dict[str, Any] | None = None  # the run's figures, handed here instead of printed
+    # The processes to start instead of the gateway and workers (bench_direct: the direct bridge),
+    # given the port the Twilio stand-in calls and the environment the gateway would get.
+    processes: Callable[[int, dict[str, str]], list[ManagedProcess]] | None = None
 
     async def window_start(self) -> None:
         """Right before the window's CPU readings."""
@@ -670,12 +679,15 @@ async def _bench(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None]
                   "WORKER_MAX_CALLS": max(n, 1), "WORKER_HTTP_HOST": "127.0.0.1",
                   **(hooks.env if hooks else {})}
         env = _child_env(redis_url, prefix, **common)
-        gw = _proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], env, port)
-        procs.append(gw)
-        for i in range(cfg.workers):
-            hp = free_port()
-            wenv = dict(env, WORKER_ID=f"bench-w{i + 1}")
-            procs.append(_proc(f"worker-{i + 1}", ["worker", "--http-port", str(hp)], wenv, hp))
+        if hooks and hooks.processes:
+            procs.extend(hooks.processes(port, env))
+        else:
+            procs.append(_proc("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)],
+                               env, port))
+            for i in range(cfg.workers):
+                hp = free_port()
+                wenv = dict(env, WORKER_ID=f"bench-w{i + 1}")
+                procs.append(_proc(f"worker-{i + 1}", ["worker", "--http-port", str(hp)], wenv, hp))
         for p in procs:
             p.start()
         problem = await _wait_ready(procs, READY_TIMEOUT_S)
@@ -2331,6 +2343,8 @@ def _budget(cfg: _Config) -> float:
             if float(env) > 0:
                 return float(env)
     run = BUDGET_RUN_S + cfg.calls * BUDGET_PER_CALL_S + cfg.calls / RAMP_PER_S
+    if cfg.baseline:  # two runs: the direct bridge, then callbridge
+        return 2 * (run + WARMUP_S + cfg.seconds + GRACE_S)
     if cfg.redis_cluster:
         from callbridge.bench_cluster import cluster_budget
 
@@ -2483,16 +2497,20 @@ def run_bench(args: argparse.Namespace) -> int:
         events=int(getattr(args, "events", 10) or 10),
         redis_cluster=bool(getattr(args, "redis_cluster", False)),
         kill_primary=bool(getattr(args, "kill_primary", False)),
+        baseline=str(getattr(args, "baseline", "") or ""),
     )
     failover = cfg.scenario == "failover"
     if (cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw")
             or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))
             or (cfg.redis_cluster and cfg.scenario != "duplex")
-            or (cfg.kill_primary and not cfg.redis_cluster)):
+            or (cfg.kill_primary and not cfg.redis_cluster)
+            or (cfg.baseline and (cfg.baseline != "direct" or cfg.scenario != "duplex"
+                                  or cfg.redis_cluster))):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
               "--format pcm_s16le|mulaw, --scenario duplex|conversation|failover "
               "(failover: --workers >= 2, --events >= 1; --redis-cluster: duplex only; "
-              "--kill-primary: with --redis-cluster)", file=sys.stderr)
+              "--kill-primary: with --redis-cluster; --baseline direct: duplex only, not with "
+              "--redis-cluster)", file=sys.stderr)
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None
@@ -2505,7 +2523,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
                 rc = _run(bench_cluster(cfg, procs), dog)
             else:
-                redis_url = os.environ.get("REDIS_URL")
+                # --baseline: always a private Redis, whose CPU is part of the bridge's sum
+                redis_url = None if cfg.baseline else os.environ.get("REDIS_URL")
                 if not redis_url:
                     try:
                         private = start_redis()
@@ -2515,6 +2534,11 @@ def run_bench(args: argparse.Namespace) -> int:
                     redis_url = private.url
                 if failover:
                     rc = _run(_bench_failover(cfg, redis_url, procs), dog)
+                elif cfg.baseline:
+                    from callbridge.bench_direct import bench_baseline
+
+                    rc = _run(bench_baseline(cfg, redis_url, {"redis-server": _redis_pid(redis_url, private)},
+                                             procs), dog)
                 else:
                     rc = _run(_bench(cfg, redis_url, {"redis-server": _redis_pid(redis_url, private)},
                                      procs), dog)

@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kill-primary", action="store_true",
                    help="with --redis-cluster: after the cluster's window, SIGKILL the primary serving "
                         "the most calls' lanes (not the {ctl} one): promotion, audio again after it")
+    b.add_argument("--baseline", choices=["direct"], default=None,
+                   help="direct: duplex through a direct bridge (one process, Twilio socket to Vapi "
+                        "socket, no Redis), then through callbridge on a private redis-server, side by "
+                        "side: CPU per call per process, latency, loss, and bridge total / direct")
     b.add_argument("--json", action="store_true", help="print the figures as JSON too")
     b.set_defaults(func=cmd_bench)
     return p

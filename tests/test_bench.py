@@ -196,6 +196,33 @@ def test_bench_redis_cluster_side_by_side_with_a_primary_killed() -> None:
     assert fo["calls_ended_by_then"] == 0, fo
 
 
+def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
+    """`--baseline direct` on 4 calls: 3 s of duplex audio through the direct bridge, then through
+    callbridge, in one run; both columns report CPU per call and latency both ways, nothing is
+    lost, and the ratio is there. No speed is judged: the machine is shared."""
+    run = _run_bench("--baseline", "direct", "--calls", "4", "--seconds", "3", "--json",
+                     timeout=TIMEOUT_S, budget=BUDGET_S)
+    assert run.returncode == 0, _why(run)
+    for text in ("direct bridge", "callbridge", "bridge total / direct"):
+        assert text in run.stdout, run.stdout
+    report = orjson.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
+    cols = report["columns"]
+    for name, tiers in (("direct", ("direct_bridge",)), ("bridge", ("gateway", "workers", "redis"))):
+        col = cols[name]
+        assert col["calls_connected"] == 4, name
+        for way in ("inbound", "outbound"):
+            assert col["latency_ms"][way]["p50"] is not None and col["latency_ms"][way]["p99"] is not None
+            assert col["frames_lost"][way] == 0, (name, col["frames_lost"])
+        assert col["errors"] == {"protocol": 0, "calls_ended_early": 0}, (name, col["errors"])
+        cpu = col["core_pct_per_call"]
+        for tier in (*tiers, "total", "bench_sims"):
+            assert cpu[tier] is not None and cpu[tier] > 0, (name, tier, cpu)
+    assert "gateway" not in cols["direct"]["core_pct_per_call"]
+    assert report["runs"]["direct"]["cpu"].keys() == {"direct-bridge", "bench (sims)"}
+    ratio = report["ratio"]["bridge_total_over_direct"]
+    assert ratio is not None and ratio > 0, report["ratio"]
+
+
 def test_bench_over_its_budget_prints_the_stacks_and_leaves_nothing_behind() -> None:
     """A bench that cannot finish in its budget says where it was (every thread's stack and
     every asyncio task's await chain), stops its processes and exits 124; _run_bench checks

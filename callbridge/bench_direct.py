@@ -1,0 +1,530 @@
+"""The direct bridge, and `callbridge bench --baseline direct`, which measures callbridge against it.
+
+The direct bridge is what callbridge's split into gateway, Redis and worker is measured against:
+one process that joins each Twilio Media Stream socket to its Vapi socket, the shape of Twilio's
+own sample (one task reads Twilio and writes Vapi, one reads Vapi and writes Twilio), with the
+protocol, audio and pacing code of the real path and nothing else:
+
+- Twilio's voice webhook, signature checked (shared.security, the `twilio` library), answered
+  with `<Connect><Stream>` (From and To as stream parameters); the Media Stream upgrade,
+  signature checked; messages bounded and parsed by shared.twilio_proto, built by its Outbound.
+- Per call the Vapi call is created and its socket opened by worker.vapi_client.VapiClient (the
+  body from shared.vapi_proto.create_call_body), when Twilio's `start` arrives; caller audio that
+  comes earlier is held (as the worker holds it) and sent first.
+- Caller audio: shared.audio.Uplink, then straight onto the Vapi socket. Assistant audio:
+  shared.audio.Downlink into worker.playback.Playout with the worker's settings (lead, prebuffer,
+  marks); due frames go out at once and on one 10 ms ticker for all calls, as in the worker, to
+  one sender task per Twilio socket, as in the gateway. Mark echoes go back into the Playout.
+- Barge-in: Vapi's `user-interrupted` drops the unsent audio, resets the Downlink and sends Twilio
+  `clear`; the cut turn's late audio is dropped until the assistant's next `speech-update`.
+- The gateway's uvicorn settings (gateway.app.server_config: websockets-sansio, pings, size
+  bound, no access log) and its event loop (uvloop, through callbridge.cli's runner); the frame
+  counters both tiers keep (`callbridge_frames_total`, `callbridge_audio_bytes_total`).
+
+Left out, being what the bridge adds on purpose: Redis and everything around it (records,
+ownership, takeover, re-attach, drain), the call API and console, silence fill, holds, keypad,
+transfers, answering machines, turn-latency and hop histograms.
+
+Run it with `python -m callbridge.bench_direct --port N [--host H]`; it reads the gateway's and
+the worker's settings from the environment (PUBLIC_URL, TWILIO_AUTH_TOKEN, VAPI_BASE_URL,
+VAPI_API_KEY, VAPI_ASSISTANT_ID, VAPI_AUDIO_FORMAT, PLAYOUT_*, MARK_EVERY_MS...) and serves
+/readyz and /metrics besides Twilio's two routes. `callbridge bench --baseline direct` runs the
+duplex load through it and then through callbridge (bench._bench both times, through RunHooks),
+and prints both side by side with the ratio of their CPU (`bench_baseline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request, Response, WebSocket
+from starlette.websockets import WebSocketState
+from twilio.twiml.voice_response import Connect, VoiceResponse
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from shared import metrics
+from shared import vapi_proto as V
+from shared.audio import Downlink, Uplink
+from shared.logs import error_fields
+from shared.security import webhook_signature_ok, ws_signature_ok
+from shared.settings import Settings
+from shared.twilio_proto import Mark, Media, Outbound, ProtocolError, Start, Stop, parse
+from worker.playback import Playout
+from worker.vapi_client import VapiClient, VapiError
+
+if TYPE_CHECKING:  # the bench's side only: the bridge process does not import the bench
+    from callbridge.bench import _Config
+    from callbridge.procs import ManagedProcess
+
+log = logging.getLogger("callbridge.direct")
+
+TICK_S = 0.010  # the worker's playout ticker
+MAX_BACKLOG_FRAMES = 750  # caller audio held while Vapi sets up (the worker's bound: 15 s)
+STALE_AFTER_BARGE_IN_S = 2.0  # as the worker: the cut turn's audio is dropped this long at most
+NAME = "direct-bridge"  # its row in the bench's CPU table
+_mono = time.monotonic
+
+
+# ------------------------------------------------------------------------------------------
+# The direct bridge
+
+
+class _Bridge:
+    """What all calls of the process share: settings, the Vapi REST client, the ticker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.vapi = VapiClient(settings)
+        self.playing: set[_Call] = set()
+        self._tick_wake = asyncio.Event()
+
+    def play(self, call: _Call) -> None:
+        self.playing.add(call)
+        self._tick_wake.set()
+
+    async def ticker(self) -> None:
+        """Every 10 ms, the due frames of every call with audio being paced (worker/main.py)."""
+        next_t = _mono()
+        while True:
+            if not self.playing:
+                self._tick_wake.clear()
+                await self._tick_wake.wait()
+                next_t = _mono()
+            now = _mono()
+            for call in list(self.playing):
+                call.emit(now)
+            next_t += TICK_S
+            delay = next_t - _mono()
+            if delay < -0.1:
+                next_t = _mono()  # far behind (GC, overload): do not burst
+            await asyncio.sleep(max(0.0, delay))
+
+
+class _Call:
+    """One Twilio socket and its Vapi socket."""
+
+    def __init__(self, bridge: _Bridge, ws: WebSocket, start: Start) -> None:
+        s = bridge.settings
+        self.bridge, self.ws, self.start = bridge, ws, start
+        self.out = Outbound(start.stream_sid)
+        self.uplink = Uplink(s.vapi_audio_format)
+        self.downlink = Downlink(s.vapi_audio_format)
+        self.playout = Playout(lead_s=s.playout_lead_ms / 1000, mark_every_ms=s.mark_every_ms,
+                               prebuffer_s=s.playout_prebuffer_ms / 1000, mark_prefix="1.")
+        self.vapi: ClientConnection | None = None  # set once the held audio went out
+        self.backlog: deque[bytes] = deque(maxlen=MAX_BACKLOG_FRAMES)
+        self.over = False
+        self._conn: ClientConnection | None = None
+        self._tx: deque[str] = deque()
+        self._tx_wake = asyncio.Event()
+        self._stale_until = 0.0
+        self._frames_out = metrics.FRAMES.labels("out", "twilio")
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self._vapi_side(), name="vapi"),
+                 asyncio.create_task(self._twilio_sender(), name="twilio-send")]
+        try:
+            await self._twilio_reader()
+        finally:
+            self.over = True
+            self.bridge.playing.discard(self)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._conn.send(V.END_CALL), 0.5)
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+            if self.ws.client_state != WebSocketState.DISCONNECTED:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(code=1000)
+
+    async def _twilio_reader(self) -> None:
+        """Twilio -> Vapi until `stop` or the socket closes."""
+        limit = self.bridge.settings.max_message_bytes
+        frames_in = metrics.FRAMES.labels("in", "twilio")
+        bytes_in = metrics.AUDIO_BYTES.labels("in", "twilio")
+        frames_vapi = metrics.FRAMES.labels("in", "vapi")
+        receive = self.ws.receive
+        while True:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            text = msg.get("text")
+            if text is None or len(text) > limit:
+                metrics.DROPPED.labels("binary" if text is None else "oversized").inc()
+                continue
+            try:
+                event = parse(text)
+            except ProtocolError as exc:
+                metrics.DROPPED.labels(exc.cause).inc()
+                continue
+            if isinstance(event, Media):
+                frames_in.inc()
+                bytes_in.inc(len(event.payload))
+                vapi = self.vapi
+                if vapi is None:
+                    self.backlog.append(event.payload)
+                    continue
+                with contextlib.suppress(ConnectionClosed):  # the Vapi reader sees the close
+                    await vapi.send(self.uplink.convert(event.payload))
+                    frames_vapi.inc()
+            elif isinstance(event, Mark):
+                self.playout.on_mark(event.name)
+            elif isinstance(event, Stop):
+                return
+
+    async def _vapi_side(self) -> None:
+        """Create the Vapi call, open its socket, send the held audio, then Vapi -> Twilio until
+        Vapi closes it (which ends the Twilio socket too)."""
+        s, start = self.bridge.settings, self.start
+        body = V.create_call_body(
+            assistant_id=s.vapi_assistant_id or "", audio_format=s.vapi_audio_format,
+            sample_rate=s.audio_sample_rate, call_sid=start.call_sid,
+            from_=start.custom_parameters.get("from", ""), to=start.custom_parameters.get("to", ""))
+        try:
+            ws = self._conn = await self.bridge.vapi.connect(await self.bridge.vapi.create_call(body))
+        except VapiError as err:
+            log.warning("vapi setup failed", extra={"reason": err.reason, "kind": err.kind})
+            with contextlib.suppress(Exception):
+                await self.ws.close(code=1000)
+            return
+        with contextlib.suppress(ConnectionClosed):
+            while self.backlog:  # no await between the last check and `self.vapi`: order kept
+                await ws.send(self.uplink.convert(self.backlog.popleft()))
+            self.vapi = ws
+            frames, nbytes = metrics.FRAMES.labels("out", "vapi"), metrics.AUDIO_BYTES.labels("out", "vapi")
+            async for msg in ws:
+                now = _mono()
+                if isinstance(msg, bytes):
+                    frames.inc()
+                    nbytes.inc(len(msg))
+                    if now >= self._stale_until:
+                        self.playout.push(self.downlink.convert(msg), now)
+                        self.emit(now)
+                    continue
+                try:
+                    parsed = V.parse(msg)
+                except ValueError:
+                    metrics.DROPPED.labels("vapi_bad_json").inc()
+                    continue
+                if isinstance(parsed, V.UserInterrupted):
+                    self._barge_in(now)
+                elif (isinstance(parsed, V.SpeechUpdate) and parsed.role == "assistant"
+                      and parsed.status == "started"):
+                    self._stale_until = 0.0  # the next turn: its audio plays
+        self.vapi = None
+        with contextlib.suppress(Exception):  # the assistant's side ended: so does the call
+            await self.ws.close(code=1000)
+
+    def emit(self, now: float) -> None:
+        """Send what the pacer says is due; keep the call on the ticker while audio waits."""
+        if self.over:
+            self.bridge.playing.discard(self)
+            return
+        n = 0
+        for frame in self.playout.due(now):
+            self._send(self.out.media(frame.audio))
+            n += 1
+            if frame.mark:
+                self._send(self.out.mark(frame.mark))
+        if n:
+            self._frames_out.inc(n)
+        if self.playout.idle:
+            self.bridge.playing.discard(self)
+        else:
+            self.bridge.play(self)
+
+    def _barge_in(self, now: float) -> None:
+        if not self.playout.active(now):
+            return
+        self.playout.interrupt(now)
+        self.downlink.reset()
+        self._stale_until = now + STALE_AFTER_BARGE_IN_S
+        self._send(self.out.clear())
+        self.bridge.playing.discard(self)
+        metrics.BARGE_INS.inc()
+
+    def _send(self, text: str) -> None:
+        self._tx.append(text)
+        self._tx_wake.set()
+
+    async def _twilio_sender(self) -> None:
+        """The one writer of the Twilio socket, so media, marks and clears keep their order."""
+        send = self.ws.send_text
+        while True:
+            if not self._tx:
+                self._tx_wake.clear()
+                await self._tx_wake.wait()
+                continue
+            try:
+                await send(self._tx.popleft())
+            except Exception:  # the socket is gone: the reader sees the disconnect
+                return
+
+
+def answer(stream_url: str, from_: str, to: str) -> str:
+    """`<Connect><Stream url>` with the numbers as stream parameters (Twilio's sample shape)."""
+    resp = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=stream_url)
+    stream.parameter(name="from", value=from_)
+    stream.parameter(name="to", value=to)
+    resp.append(connect)
+    return str(resp)
+
+
+async def _await_start(ws: WebSocket, limit: int) -> Start | None:
+    """Read until `start` (`connected` comes first); None when the socket closes."""
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return None
+        text = msg.get("text")
+        with contextlib.suppress(ProtocolError):
+            if text is not None and len(text) <= limit and isinstance(event := parse(text), Start):
+                return event
+
+
+def create_app(settings: Settings) -> FastAPI:
+    settings.require("PUBLIC_URL", "TWILIO_AUTH_TOKEN", "VAPI_API_KEY")
+    bridge = _Bridge(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ticker = asyncio.create_task(bridge.ticker(), name="playout-ticker")
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            await bridge.vapi.aclose()
+
+    app = FastAPI(title="callbridge direct bridge", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.post("/twilio/voice")
+    async def voice(request: Request) -> Response:
+        form = await request.form()
+        params = {k: str(v) for k, v in form.multi_items()}
+        url = f"{settings.public_url}{request.url.path}"
+        if request.url.query:
+            url += f"?{request.url.query}"
+        if not webhook_signature_ok(settings.auth_token, url, params,
+                                    request.headers.get("x-twilio-signature")):
+            return Response("invalid Twilio signature\n", status_code=403, media_type="text/plain")
+        return Response(answer(settings.stream_url, params.get("From", ""), params.get("To", "")),
+                        media_type="application/xml")
+
+    @app.websocket("/twilio/media")
+    async def media(ws: WebSocket) -> None:
+        if not ws_signature_ok(settings.auth_token, settings.stream_url,
+                               ws.headers.get("x-twilio-signature")):
+            await ws.close(code=1008)
+            return
+        await ws.accept()
+        try:
+            start = await asyncio.wait_for(_await_start(ws, settings.max_message_bytes),
+                                           settings.start_timeout_s)
+        except TimeoutError:
+            start = None
+        if start is None:
+            with contextlib.suppress(Exception):
+                await ws.close(code=1008)
+            return
+        try:
+            await _Call(bridge, ws, start).run()
+        except Exception as exc:
+            log.error("call failed", extra=error_fields(exc))
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    from callbridge.cli import _run_until_signal  # the gateway's and worker's loop and signals
+    from gateway.app import server_config
+    from shared.logs import setup_logging
+    from shared.serving import quiet_server
+    from shared.settings import ConfigError, load_settings
+
+    p = argparse.ArgumentParser(prog="python -m callbridge.bench_direct",
+                                description="the direct bridge (callbridge bench --baseline direct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+    try:
+        settings = load_settings()
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"callbridge direct bridge: {exc}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(settings.log_level, settings.log_format, role=NAME)
+    server = quiet_server(server_config(app, settings, args.host, args.port))
+
+    async def run(stop: asyncio.Event) -> None:
+        serving = asyncio.create_task(server.serve())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            server.should_exit = True
+            await serving
+        stopping.cancel()
+
+    _run_until_signal(run)
+
+
+# ------------------------------------------------------------------------------------------
+# callbridge bench --baseline direct
+
+TARGET_RATIO = 1.5  # the issue's target: the whole bridge at most this many times the direct one
+
+
+def _direct_processes(port: int, env: dict[str, str]) -> list[ManagedProcess]:
+    from callbridge.procs import ManagedProcess
+
+    return [ManagedProcess(NAME, ["--host", "127.0.0.1", "--port", str(port)], env,
+                           health_url=f"http://127.0.0.1:{port}/readyz", own_session=True,
+                           program=[sys.executable, "-m", "callbridge.bench_direct"])]
+
+
+def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    cpu, lat, fr, err = result["cpu"], result["latency_ms"], result["frames"], result["errors"]
+
+    def per_call(name: str) -> float | None:
+        v = cpu.get(name, {}).get("core_pct_per_call")
+        return None if v is None else float(v)
+
+    if direct:
+        tiers: dict[str, float | None] = {"direct_bridge": per_call(NAME)}
+    else:
+        workers = [per_call(k) for k in cpu if k.startswith("worker-")]
+        tiers = {"gateway": per_call("gateway"),
+                 "workers": None if not workers or None in workers
+                 else round(sum(w for w in workers if w is not None), 3),
+                 "redis": per_call("redis-server")}
+    known = [v for v in tiers.values() if v is not None]
+    total = round(sum(known), 3) if known and len(known) == len(tiers) else None
+    c = result["context"]
+    return {
+        "calls_connected": c["calls_connected"], "seconds": c["seconds"],
+        "latency_ms": {d: {"p50": lat[d]["p50"], "p99": lat[d]["p99"]} for d in ("inbound", "outbound")},
+        "frames_lost": {"inbound": fr["inbound_lost"], "outbound": fr["outbound_lost"]},
+        "errors": {"protocol": err["protocol_errors"], "calls_ended_early": err["calls_ended_early"]},
+        "core_pct_per_call": {**tiers, "total": total, "bench_sims": per_call("bench (sims)")},
+        "machine_busy_cores": c["machine_busy_cores"],
+        "other_processes_busy_cores": c["other_processes_busy_cores"],
+    }
+
+
+def _render(r: dict[str, Any]) -> str:
+    from callbridge.bench import _f
+
+    c, cols, ratio = r["context"], [r["columns"]["direct"], r["columns"]["bridge"]], r["ratio"]
+    w = 18
+
+    def cell(col: dict[str, Any] | None, path: tuple[str, ...], prec: int) -> str:
+        v: Any = col
+        for key in path:
+            v = None if v is None else v.get(key)
+        return _f(v, 0, prec) if v is not None else "-"
+
+    def row(label: str, *path: str, prec: int = 3) -> str:
+        return f"  {label:<42}" + "".join(f"{cell(col, path, prec):>{w}}" for col in cols)
+
+    def pair(label: str, a: tuple[str, ...], b: tuple[str, ...], prec: int = 2) -> str:
+        return f"  {label:<42}" + "".join(
+            f"{cell(col, a, prec) + ' / ' + cell(col, b, prec):>{w}}" for col in cols)
+
+    got = ratio["bridge_total_over_direct"]
+    verdict = "-" if got is None else ("met" if ratio["met"] else "missed")
+    return "\n".join([
+        f"callbridge bench --baseline direct: the same duplex load ({c['calls']} calls, "
+        f"{c['seconds']:g} s window, {c['format']}) through a direct bridge (one process, no Redis), "
+        f"then through callbridge (gateway + {c['workers']} worker(s) + a private redis-server), one "
+        f"after the other; {c['cores']} cores, load average {c['load_avg_1m']} at the start"
+        + ("; REDIS_URL ignored" if c["redis_url_ignored"] else ""),
+        "",
+        f"  {'':<42}{'direct bridge':>{w}}{'callbridge':>{w}}",
+        row("calls connected", "calls_connected", prec=0),
+        pair("added latency inbound  p50 / p99 (ms)", ("latency_ms", "inbound", "p50"),
+             ("latency_ms", "inbound", "p99")),
+        pair("added latency outbound p50 / p99 (ms)", ("latency_ms", "outbound", "p50"),
+             ("latency_ms", "outbound", "p99")),
+        pair("frames lost inbound / outbound", ("frames_lost", "inbound"), ("frames_lost", "outbound")),
+        pair("errors: protocol / calls ended early", ("errors", "protocol"),
+             ("errors", "calls_ended_early")),
+        row("% core per call: direct bridge", "core_pct_per_call", "direct_bridge"),
+        row("                 gateway", "core_pct_per_call", "gateway"),
+        row("                 worker(s)", "core_pct_per_call", "workers"),
+        row("                 Redis", "core_pct_per_call", "redis"),
+        row("                 total (bridge processes)", "core_pct_per_call", "total"),
+        row("                 bench (load generator)", "core_pct_per_call", "bench_sims"),
+        row("machine busy cores in the window", "machine_busy_cores", prec=2),
+        row("  of which processes not of this bench", "other_processes_busy_cores", prec=2),
+        "",
+        f"bridge total / direct: {_f(got, 0, 2)}x (target <= {TARGET_RATIO:g}x: {verdict}; reported, "
+        f"not asserted)",
+    ])
+
+
+async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None],
+                         procs: list[ManagedProcess]) -> int:
+    """The duplex load through the direct bridge, then through callbridge on `redis_url` (a
+    private redis-server, see bench.run_bench); `procs` is the caller's list of live processes,
+    emptied after each run."""
+    from callbridge.bench import RunHooks, _bench, stop_procs
+
+    load = os.getloadavg()[0]
+    direct = RunHooks(processes=_direct_processes)
+    bridge = RunHooks()
+    print("callbridge bench: run 1 of 2, the direct bridge", file=sys.stderr)
+    rcs = [await _bench(cfg, "", {}, procs, direct)]
+    stop_procs(procs)
+    print("callbridge bench: run 2 of 2, callbridge (gateway, worker(s), redis-server)", file=sys.stderr)
+    rcs.append(await _bench(cfg, redis_url, redis_pids, procs, bridge))
+    stop_procs(procs)
+
+    cols = {"direct": _column(direct.result, True), "bridge": _column(bridge.result, False)}
+    d = cols["direct"]["core_pct_per_call"]["total"] if cols["direct"] else None
+    b = cols["bridge"]["core_pct_per_call"]["total"] if cols["bridge"] else None
+    got = round(b / d, 2) if b is not None and d else None
+    report = {
+        "mode": "baseline-direct",
+        "context": {"calls": cfg.calls, "seconds": cfg.seconds, "format": cfg.fmt,
+                    "workers": cfg.workers, "cores": os.cpu_count(), "load_avg_1m": round(load, 2),
+                    "redis_url_ignored": bool(os.environ.get("REDIS_URL"))},
+        "columns": cols,
+        "ratio": {"bridge_total_over_direct": got, "target_max": TARGET_RATIO,
+                  "met": got is not None and got <= TARGET_RATIO},
+        "runs": {"direct": direct.result, "bridge": bridge.result},
+    }
+    print(_render(report))
+    if cfg.as_json:
+        print(json.dumps(report))
+    return 0 if not any(rcs) and got is not None else 1
+
+
+if __name__ == "__main__":
+    main()
