@@ -34,6 +34,7 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:
     from sim.twilio import SimCall, TwilioSim
+    from sim.vapi import VapiSim
 
 DEMO_ACCOUNT = "AC" + "d" * 32
 DEMO_TOKEN = "demo-auth-token"
@@ -71,13 +72,11 @@ async def _api(public: str, method: str, path: str, body: dict[str, Any] | None 
         return await client.request(method, path, json=body)
 
 
-async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
-    from callbridge.dev import run_dev
-    from sim import voices
+async def _standins(vapi: VapiSim, settings: Settings, port: int) -> tuple[TwilioSim, str]:
+    """Start the Vapi stand-in and a Twilio simulator pointed at the gateway on `port`, and point
+    the settings at both."""
     from sim.twilio import TwilioSim
-    from sim.vapi import VapiSim, greeter
 
-    vapi = VapiSim(api_key=DEMO_KEY, assistant=greeter(answers=2, end_after=True))
     await vapi.start()
     public = f"http://127.0.0.1:{port}"
     twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=DEMO_ACCOUNT,
@@ -85,6 +84,16 @@ async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
     await twilio.start()
     settings.vapi_base_url = vapi.base_url
     settings.twilio_api_base_url = twilio.rest_base_url
+    return twilio, public
+
+
+async def _demo(args: argparse.Namespace, settings: Settings, port: int) -> int:
+    from callbridge.dev import run_dev
+    from sim import voices
+    from sim.vapi import VapiSim, greeter
+
+    vapi = VapiSim(api_key=DEMO_KEY, assistant=greeter(answers=2, end_after=True))
+    twilio, public = await _standins(vapi, settings, port)
     stop, ready = asyncio.Event(), asyncio.Event()
     dev = asyncio.create_task(run_dev(settings, "127.0.0.1", port, stop, ready))
     try:
@@ -185,7 +194,6 @@ async def _view(public: str, sid: str) -> dict[str, Any]:
 async def _console(settings: Settings, port: int) -> int:
     """`demo --console`: the stack and a stream of simulated calls until SIGINT/SIGTERM."""
     from callbridge.dev import run_dev
-    from sim.twilio import TwilioSim
     from sim.vapi import VapiSim, greeter, interrupter
 
     # Each assistant says goodbye and hangs up after its third answer (a caller who has said
@@ -197,13 +205,7 @@ async def _console(settings: Settings, port: int) -> int:
                                                    answer_s=2.5),
                        "asst-outreach": greeter(answers=3, end_after=True, answer_s=1.6),
                    })
-    await vapi.start()
-    public = f"http://127.0.0.1:{port}"
-    twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=DEMO_ACCOUNT,
-                       auth_token=DEMO_TOKEN)
-    await twilio.start()
-    settings.vapi_base_url = vapi.base_url
-    settings.twilio_api_base_url = twilio.rest_base_url
+    twilio, public = await _standins(vapi, settings, port)
     quit_, dev_stop, ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
 
