@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -142,6 +143,15 @@ def test_spread_sids_cover_every_lane_and_every_third_early() -> None:
     assert len(set(sids)) == 20 and spread_sids(20, 16) == sids
 
 
+def _assert_column_carried_the_load(name: str, col: dict[str, Any], calls: int) -> None:
+    """Every call connected, latency figures both ways, nothing lost, no errors."""
+    assert col["calls_connected"] == calls, name
+    for way in ("inbound", "outbound"):
+        assert col["latency_ms"][way]["p50"] is not None and col["latency_ms"][way]["p99"] is not None
+        assert col["frames_lost"][way] == 0, (name, col["frames_lost"])
+    assert col["errors"] == {"protocol": 0, "calls_ended_early": 0}, (name, col["errors"])
+
+
 def test_bench_redis_cluster_side_by_side_with_a_primary_killed() -> None:
     """`--redis-cluster --kill-primary` on 4 calls: both columns carry figures, the cluster's six
     nodes each report commands and CPU, and the failover section names a victim that is not the
@@ -160,11 +170,7 @@ def test_bench_redis_cluster_side_by_side_with_a_primary_killed() -> None:
     cols = report["columns"]
     for name, n_nodes in (("one_redis", 1), ("cluster", 6)):
         col = cols[name]
-        assert col["calls_connected"] == 4, name
-        for way in ("inbound", "outbound"):
-            assert col["latency_ms"][way]["p50"] is not None and col["latency_ms"][way]["p99"] is not None
-            assert col["frames_lost"][way] == 0, (name, col["frames_lost"])
-        assert col["errors"] == {"protocol": 0, "calls_ended_early": 0}, (name, col["errors"])
+        _assert_column_carried_the_load(name, col, 4)
         cpu = col["core_pct_per_call"]
         for tier in ("gateway", "workers", "redis_sum", "redis_busiest_node"):
             assert cpu[tier] is not None and cpu[tier] > 0, (name, tier, cpu)
@@ -209,11 +215,7 @@ def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
     cols = report["columns"]
     for name, tiers in (("direct", ("direct_bridge",)), ("bridge", ("gateway", "workers", "redis"))):
         col = cols[name]
-        assert col["calls_connected"] == 4, name
-        for way in ("inbound", "outbound"):
-            assert col["latency_ms"][way]["p50"] is not None and col["latency_ms"][way]["p99"] is not None
-            assert col["frames_lost"][way] == 0, (name, col["frames_lost"])
-        assert col["errors"] == {"protocol": 0, "calls_ended_early": 0}, (name, col["errors"])
+        _assert_column_carried_the_load(name, col, 4)
         cpu = col["core_pct_per_call"]
         for tier in (*tiers, "total", "bench_sims"):
             assert cpu[tier] is not None and cpu[tier] > 0, (name, tier, cpu)
