@@ -36,6 +36,7 @@ from shared import streams as S
 from shared.logs import call_sid_var, error_fields, stream_sid_var
 from shared.redisio import TRANSIENT, Generation
 from shared.security import verify_stream_token, ws_signature_ok
+from shared.tasks import stop_tasks
 from shared.twilio_proto import (
     Connected,
     Dtmf,
@@ -56,6 +57,9 @@ router = APIRouter()
 # Close codes: 1008 policy violation (auth, a malformed start), 1013 try again later (draining /
 # Redis down), 1011 internal error (the socket is ended so that Twilio re-attaches).
 POLICY, TRY_LATER, NORMAL, INTERNAL_ERROR = 1008, 1013, 1000, 1011
+# How long a closing socket waits for its two loops to end once cancelled (each cancel is
+# repeated, since one can be lost: shared/tasks.py); past it they are left behind, with a warning.
+SOCKET_TASKS_STOP_S = 2.0
 
 
 class Rejected(Exception):
@@ -214,9 +218,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         st.sockets.pop(ws, None)
         metrics.MEDIA_SOCKETS.dec()
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
-        receiver.cancel()
-        sender.cancel()
-        await asyncio.gather(receiver, sender, return_exceptions=True)
+        await stop_tasks([receiver, sender], SOCKET_TASKS_STOP_S, what="media socket loops")
         cause, detach = closing_cause(ended, hung_up=bool(hung_up), draining=st.draining)
         if detach is not None:
             # The worker must know the stream is gone even when Twilio did not say `stop`.

@@ -46,18 +46,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.streams import Keys
+from shared.tasks import stop_tasks
 
 log = logging.getLogger("callbridge.redis")
 
-
-async def _stop(task: asyncio.Task[None], every_s: float) -> None:
-    """Cancel `task` until it has ended. One cancel can be lost: redis-py sends each command
-    under `asyncio.wait_for`, which on Python 3.11 returns normally when a cancellation lands as
-    the send completes, and the loop then goes on, so a single cancel-and-await could wait
-    forever."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=every_s)
 
 # Retries back off up to this: a cluster's replica takes over ~2.5 s after its primary died, and
 # the call's audio must flow again within 1 s of that through four retrying loops (gateway
@@ -340,9 +332,9 @@ class BatchWriter:
             await self.flush(timeout=2.0)
         except TimeoutError:
             pass
-        if self._task:
+        if self._task:  # one cancel can be lost (shared/tasks.py): stop_tasks cancels again
             task, self._task = self._task, None
-            await _stop(task, 1.0)
+            await stop_tasks([task], 5.0, every=1.0, what="redis writer")
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -438,7 +430,7 @@ class MultiReader:
 
     async def close(self) -> None:
         """Stop reading. Besides the cancel, the loop checks `_closing` after every read, and a
-        poke of the wake stream ends the read at once if a cancellation was lost (see `_stop`)."""
+        poke of the wake stream ends the read at once if a cancellation was lost (shared/tasks.py)."""
         self._closing = True
         if self._task:
             task = self._task
@@ -447,7 +439,8 @@ class MultiReader:
             if not task.done():  # the cancel was lost: end the blocked read now, not in block_ms
                 await self._poke()
             self._task = None
-            await _stop(task, self._block_ms / 1000 + 1)
+            every = self._block_ms / 1000 + 1
+            await stop_tasks([task], 2 * every, every=every, what="redis reader")
         try:
             await self._redis.delete(self._wake_key)
         except (RedisError, OSError):

@@ -123,7 +123,7 @@ def procs(request: pytest.FixtureRequest) -> Iterator[list[Proc]]:
 # the tools that check them (compose schema, promtool, a real Prometheus).
 TIERS = {
     "unit": {"test_audio", "test_call_core", "test_feed", "test_fence", "test_gateway", "test_ownership",
-             "test_playback", "test_readme", "test_redisio", "test_resume", "test_security",
+             "test_cancel", "test_playback", "test_readme", "test_redisio", "test_resume", "test_security",
              "test_session", "test_sim_twilio", "test_sim_vapi", "test_socket_state",
              "test_standalone", "test_twilio_proto", "test_vad", "test_vapi_proto"},
     "e2e": {"test_api", "test_bench", "test_call_control", "test_cli", "test_cluster", "test_console",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -387,3 +388,44 @@ async def test_a_replaced_owner_never_hangs_the_call_up_over_rest(host: Host,
     await redis.hset(host.keys.call("CA1"), "epoch", "1")  # still ours: the fallback works
     await session._rest_hangup()
     assert host.twilio.completed == ["CA1"]
+
+
+class ReplyInTheCancelsTurnVapi:
+    """Its create_call waits for the reply under `asyncio.wait_for`, as redis-py sends every
+    command; connect never answers."""
+
+    def __init__(self) -> None:
+        self.reply: asyncio.Future[VapiCall] = asyncio.get_running_loop().create_future()
+        self.asked = asyncio.Event()
+        self.connecting = asyncio.Event()
+
+    async def create_call(self, _body: object) -> VapiCall:
+        self.asked.set()
+        return await asyncio.wait_for(self.reply, 30)
+
+    async def connect(self, _call: VapiCall) -> None:
+        self.connecting.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_released_session_ends_even_when_its_setup_loses_the_cancel(host: Host) -> None:
+    """On Python 3.11 a cancel that lands in the turn the awaited reply arrives is lost
+    (CPython gh-86296): the reply is handed over in the very turn the release cancels the setup,
+    which then goes on to connect, and the session's end must still not wait on it forever."""
+    vapi = host.vapi = ReplyInTheCancelsTurnVapi()
+    session = _session(host)
+    run = asyncio.create_task(session.run())
+    await _until(vapi.asked.is_set, "the vapi call asked for")
+    release = session.core.release
+
+    def release_as_the_reply_lands(now: float) -> Any:
+        vapi.reply.set_result(VapiCall(id="v1", websocket_url="wss://vapi.invalid/x"))
+        return release(now)
+
+    session.core.release = release_as_the_reply_lands  # type: ignore[method-assign]
+    run.cancel()  # released: a drain, or another worker took the call over
+    done, _ = await asyncio.wait({run}, timeout=sess.SESSION_TASKS_STOP_S + 2)
+    assert done, "the session's end waited on its setup"
+    assert run.cancelled() and len(host.done) == 1
+    if sys.version_info < (3, 12):
+        assert vapi.connecting.is_set(), "the setup lost its first cancel and went on"

@@ -30,12 +30,15 @@ from redis.exceptions import RedisError, ResponseError
 from shared import metrics
 from shared.redisio import TRANSIENT
 from shared.streams import WORKER_GROUP, Keys
+from shared.tasks import stop_tasks
 from worker import ownership
 
 log = logging.getLogger("callbridge.worker.claims")
 
 # (job id or None, fields: sid/from/to, previous owner: '' for a new call)
 OnJob = Callable[[bytes | None, dict[bytes, bytes], str], None]
+
+WATCH_STOP_S = 2.0  # the orphan watch, once cancelled, must end within this (shared/tasks.py)
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str) -> None:
@@ -80,7 +83,7 @@ class Claimer:
 
     async def run(self) -> None:
         backoff = 0.2
-        while True:  # Redis may not be up yet (orchestrators start everything at once)
+        while not self._closing:  # Redis may not be up yet (orchestrators start everything at once)
             try:
                 await ensure_group(self._redis, self._stream)
                 break
@@ -89,12 +92,13 @@ class Claimer:
                 log.warning("cannot create the consumer group yet", extra={"error": type(exc).__name__})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        if self._closing:
+            return
         watch = asyncio.create_task(self._watch(), name="orphan-watch")
         try:
             await self._claim_new()
         finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            await stop_tasks([watch], WATCH_STOP_S, what="orphan watch")
 
     async def _claim_new(self) -> None:
         backoff = 0.1

@@ -37,16 +37,25 @@ from shared.redisio import (
 from shared.serving import quiet_server
 from shared.settings import ConfigError, Settings
 from shared.streams import WORKER_GROUP
+from shared.tasks import stop_tasks
 from worker import ownership
-from worker.claims import Claimer, ensure_group
+from worker.claims import WATCH_STOP_S, Claimer, ensure_group
 from worker.ownership import Lease
-from worker.session import CallSession
+from worker.session import SESSION_TASKS_STOP_S, CallSession
 from worker.twilio_rest import TwilioRest
 from worker.vapi_client import VapiClient
 
 log = logging.getLogger("callbridge.worker")
 
 TICK_S = 0.010
+# Bounds on a stop (shared/tasks.py): the process loops once cancelled, and the calls once
+# released at the end of a drain. A cancelled session stops its own tasks (SESSION_TASKS_STOP_S),
+# then waits for its closers (the Vapi socket's close: 0.5 s for the end-call message, then a
+# close bounded by its close_timeout of 2 s) before it ends: only after that is its cancel
+# repeated, which would cut that clean-up short.
+BACKGROUND_STOP_S = 5.0
+SESSION_CLEANUP_S = SESSION_TASKS_STOP_S + 5.0
+DRAIN_STOP_S = 2 * SESSION_CLEANUP_S
 
 
 def _redis_error(op: str) -> None:
@@ -404,9 +413,10 @@ class Worker:
             if server is not None:
                 server.should_exit = True
             self.claimer.close()
-            for task in background:
-                task.cancel()
-            await asyncio.wait(background, timeout=5)
+            # Each may be inside a Redis call, where a cancel can be lost (shared/tasks.py). The
+            # claimer's own clean-up (stopping its orphan watch) takes up to WATCH_STOP_S.
+            await stop_tasks(background, BACKGROUND_STOP_S, every=WATCH_STOP_S + 0.5,
+                             what="worker loops")
             await self.close()
 
     async def drain(self, timeout: float = 0.0) -> None:
@@ -418,9 +428,10 @@ class Worker:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         released = len(self.sessions)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Claims and sessions may be inside a Redis call, where a cancel can be lost: it is
+        # repeated, but only after a cancelled session had the time for its own clean-up.
+        await stop_tasks(list(self._tasks), DRAIN_STOP_S, every=SESSION_CLEANUP_S,
+                         what="claims and sessions")
         with contextlib.suppress(TimeoutError):  # a dead writer (we are failing) cannot flush
             await self.writer.flush()
         if self.lease is not None:

@@ -31,6 +31,7 @@ from shared.logs import call_sid_var, error_fields
 from shared.redisio import TRANSIENT, Entries, Writer
 from shared.settings import Settings
 from shared.streams import Keys
+from shared.tasks import stop_tasks
 from worker import ownership
 from worker.call import (
     ASSISTANT,
@@ -52,7 +53,7 @@ from worker.call import (
 from worker.twilio_rest import TwilioRest
 from worker.vapi_client import VapiClient, VapiError
 
-__all__ = ["MAX_VAPI_QUEUE", "CallSession", "Ending", "SessionHost"]
+__all__ = ["MAX_VAPI_QUEUE", "SESSION_TASKS_STOP_S", "CallSession", "Ending", "SessionHost"]
 
 log = logging.getLogger("callbridge.worker.session")
 P = ParamSpec("P")
@@ -60,6 +61,9 @@ P = ParamSpec("P")
 # Messages queued for the Vapi socket (each normally one 20 ms frame): beyond this Vapi is not
 # taking the caller's audio (a stalled socket), so audio is dropped; text is always kept.
 MAX_VAPI_QUEUE = 1000
+# How long an ending session waits for its tasks to end once cancelled; past it they are left
+# behind, with a warning.
+SESSION_TASKS_STOP_S = 2.0
 
 
 class SessionHost(Protocol):
@@ -300,10 +304,10 @@ class CallSession:
             self._running = False
             if self._timer is not None:
                 self._timer.cancel()
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            await asyncio.gather(*self._closers, return_exceptions=True)
+            # Vapi setup, reader and sender: any may be inside a Redis call (or a wait_for), where a
+            # cancel can be lost (shared/tasks.py), so the wait is bounded and the cancel repeated.
+            await stop_tasks(list(self._tasks), SESSION_TASKS_STOP_S, what="call session tasks")
+            await asyncio.gather(*self._closers, return_exceptions=True)  # not cancelled
             if self._setup_call is not None and not self._connected and not self._completed:
                 metrics.VAPI_ERRORS.labels("abandoned").inc()
             self.w.session_done(self, completed=self._completed)
