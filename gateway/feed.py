@@ -153,19 +153,21 @@ class FeedHub:
         self.viewers: set[Viewer] = set()
         self._on_error = on_error
         self._task: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
         self._last = "0-0"
 
     async def join(self) -> Viewer:
         """A new viewer. The tail starts where the feed ends now, before the viewer's snapshot
         is read, so nothing that happens after the snapshot is missed."""
         viewer = Viewer(self.limit)
-        if self._task is None or self._task.done():
-            newest: Any = await self.redis.xrevrange(self.keys.feed, count=1)
-            self._last = newest[0][0].decode() if newest else "0-0"
-            self.viewers.add(viewer)
-            self._task = asyncio.create_task(self._run(), name="console-feed")
-        else:
-            self.viewers.add(viewer)
+        async with self._starting:  # two first viewers at once start one tail, not two
+            if self._task is None or self._task.done():
+                newest: Any = await self.redis.xrevrange(self.keys.feed, count=1)
+                self._last = newest[0][0].decode() if newest else "0-0"
+                self.viewers.add(viewer)
+                self._task = asyncio.create_task(self._run(), name="console-feed")
+            else:
+                self.viewers.add(viewer)
         return viewer
 
     def wake_all(self) -> None:
@@ -216,6 +218,8 @@ class FeedHub:
                 await self._publish([e for _id, f in entries if (e := parse_entry(f)) is not None])
             except TRANSIENT:
                 self._on_error("console_feed")
+            except Exception:  # never let one odd batch end the tail for every viewer
+                log.exception("console feed batch failed")
 
     async def _publish(self, entries: list[FeedEntry]) -> None:
         """One row per call that moved, its record read once, every entry applied in order."""

@@ -32,7 +32,7 @@ def test_feed_entries_are_checked_field_by_field() -> None:
     assert parse_entry(S.feed_entry("call-ended", SID)) == FeedEntry(SID, "call-ended", {})
     for bad in (S.feed_entry("transcript", SID),  # not a feed kind: transcripts stay per call
                 S.feed_entry("turn-latency", "CA123"),  # not a CallSid
-                S.feed_entry("turn-latency", "../" + SID[3:]),
+                S.feed_entry("turn-latency", "CA/" + SID[3:]),
                 {b"k": b"turn-latency"}, {}):
         assert parse_entry(bad) is None, bad
     # A value that is not a JSON object is dropped, the entry kept.
