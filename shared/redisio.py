@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from redis.exceptions import (
     MovedError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -388,10 +390,120 @@ class BatchWriter:
 
 
 async def _pipeline(redis: aioredis.Redis, batch: Batch) -> list[Any]:
-    pipe = redis.pipeline(transaction=False)
-    for name, args, kwargs in batch:
-        getattr(pipe, name)(*args, **kwargs)
-    return list(await pipe.execute(raise_on_error=False))
+    """Send the batch as one pipeline; each command's reply or error, in order.
+
+    On one Redis the commands are packed here and written on a pooled connection in one go, and
+    the replies read back raw (redis-py's pipeline objects, argument builders and reply callbacks
+    cost about as much as everything else a frame takes in this process: docs/performance.md,
+    "Redis writes"). A cluster client, or a command this packer does not know, takes redis-py's
+    pipeline."""
+    packed = None if isinstance(redis, RedisCluster) else pack_batch(batch)
+    if packed is None:
+        pipe = redis.pipeline(transaction=False)
+        for name, args, kwargs in batch:
+            getattr(pipe, name)(*args, **kwargs)
+        return list(await pipe.execute(raise_on_error=False))
+    timeout = redis.connection_pool.connection_kwargs.get("socket_timeout") or RAW_TIMEOUT_S
+    return await _raw(redis, packed, len(batch), timeout)
+
+
+RAW_TIMEOUT_S = 5.0
+
+
+async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: float) -> list[Any]:
+    """Write `packed` on a pooled connection and read `replies` raw replies (an error reply is
+    returned in its place); any failure drops the connection, whose replies are then unknown."""
+    pool = redis.connection_pool
+    conn = await pool.get_connection()
+    try:
+        async with asyncio.timeout(timeout):  # one deadline for the batch, not one per reply
+            await conn.send_packed_command(packed, check_health=False)
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:  # this command's error; the next reply follows
+                    out.append(exc)
+        return out
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
+
+
+async def xread(redis: aioredis.Redis, streams: dict[bytes, bytes], count: int,
+                block_ms: int) -> list[tuple[bytes, Entries]]:
+    """XREAD COUNT … BLOCK … STREAMS: [(key, [(id, fields)])] (empty when the block ran out).
+    On one Redis packed and parsed here, without redis-py's per-call argument building and reply
+    callbacks (a read at load returns a few entries, but names every stream the process follows)."""
+    if isinstance(redis, RedisCluster):
+        resp: Any = await redis.xread(cast(Any, streams), count=count, block=block_ms)
+        items = resp.items() if isinstance(resp, dict) else (resp or [])
+        return [(k, list(e)) for k, e in items]
+    parts = [b"XREAD", b"COUNT", b"%d" % count, b"BLOCK", b"%d" % block_ms, b"STREAMS",
+             *streams.keys(), *streams.values()]
+    timeout = block_ms / 1000 + (redis.connection_pool.connection_kwargs.get("socket_timeout")
+                                 or RAW_TIMEOUT_S)
+    (reply,) = await _raw(redis, _resp(parts), 1, timeout)
+    if isinstance(reply, ResponseError):
+        raise reply
+    out: list[tuple[bytes, Entries]] = []
+    items = reply.items() if isinstance(reply, dict) else (reply or ())  # RESP3: a map
+    for key, entries in items:
+        got: Entries = []
+        for entry_id, flat in entries:
+            if flat is None:  # an entry deleted after the read found it
+                continue
+            it = iter(flat)
+            got.append((entry_id, dict(zip(it, it, strict=True))))
+        out.append((key, got))
+    return out
+
+
+def _arg(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode()
+    if isinstance(v, int) and not isinstance(v, bool):
+        return b"%d" % v
+    if isinstance(v, float):
+        return repr(v).encode()
+    raise TypeError(f"cannot pack {type(v).__name__}")
+
+
+def _resp(parts: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def pack_batch(batch: Batch) -> bytes | None:
+    """The batch as RESP, or None when a command is not one this knows: XADD (with an
+    approximate MAXLEN), HSET with a mapping, and commands of plain positional arguments."""
+    out = []
+    try:
+        for name, args, kwargs in batch:
+            if name == "xadd":
+                key, fields = args
+                parts = [b"XADD", _arg(key)]
+                if kwargs.get("maxlen"):
+                    parts += [b"MAXLEN", b"~" if kwargs.get("approximate") else b"=",
+                              _arg(kwargs["maxlen"])]
+                parts.append(b"*")
+                for k, v in fields.items():
+                    parts += [_arg(k), _arg(v)]
+            elif name == "hset" and len(args) == 1 and set(kwargs) == {"mapping"} and kwargs["mapping"]:
+                parts = [b"HSET", _arg(args[0])]
+                for k, v in kwargs["mapping"].items():
+                    parts += [_arg(k), _arg(v)]
+            elif not kwargs and name.isalpha():
+                parts = [name.upper().encode(), *(_arg(a) for a in args)]
+            else:
+                return None
+            out.append(_resp(parts))
+    except (TypeError, ValueError):
+        return None
+    return b"".join(out)
 
 
 class MultiReader:
@@ -498,9 +610,9 @@ class MultiReader:
         failing = False
         wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
         while not self._closing:
-            streams: dict[Any, Any] = {self._wake_key: wake_id, **self._ids}
+            streams: dict[bytes, bytes] = {self._wake_key: wake_id, **self._ids}
             try:
-                resp: Any = await self._redis.xread(streams, count=self._count, block=self._block_ms)
+                resp = await xread(self._redis, streams, self._count, self._block_ms)
                 backoff = 0.05
                 if failing:
                     failing = False
@@ -517,10 +629,7 @@ class MultiReader:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            if not resp:
-                continue
-            items = resp.items() if isinstance(resp, dict) else resp
-            for key, entries in items:
+            for key, entries in resp:
                 if not entries:
                     continue
                 if key == self._wake_key:

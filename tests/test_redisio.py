@@ -260,3 +260,69 @@ def test_generation_counts_a_restart_and_a_rising_cluster_epoch_once() -> None:
     assert c.changed(7)
     assert not c.changed(6), "a node that has not heard of the new epoch yet is no change"
     assert not c.changed(7) and c.changed(9)
+
+
+async def test_the_packed_pipeline_writes_and_answers_as_redis_pys_does(redis_url: str, prefix: str) -> None:
+    """On one Redis the batch writer packs its commands itself: the same batch sent packed and
+    through redis-py's pipeline leaves the same data and the same replies, an error reply in the
+    middle stays in its place, and what the packer does not know goes to redis-py's pipeline."""
+    from redis.exceptions import ResponseError
+
+    from shared.redisio import _pipeline, pack_batch
+
+    r = aioredis.Redis.from_url(redis_url)
+
+    def batch(tag: str) -> list[tuple[str, tuple[object, ...], dict[str, object]]]:
+        s, h = f"{prefix}{tag}:s", f"{prefix}{tag}:h"
+        return [
+            ("xadd", (s, {b"k": b"m", b"a": bytes(range(256)) * 2, b"t": b"1"}),
+             {"maxlen": 5, "approximate": True}),
+            ("xadd", (s, {b"k": "é".encode(), b"v": "text"}), {}),
+            ("hset", (h,), {"mapping": {"status": "live", "n": 3, "f": 0.25}}),
+            ("hset", (s,), {"mapping": {"x": "1"}}),  # WRONGTYPE: a stream is not a hash
+            ("expire", (h, 60), {}),
+            ("eval", ("return {KEYS[1], ARGV[1]}", 1, h, 42), {}),
+            ("zrem", (f"{prefix}{tag}:z", "CA1"), {}),
+        ]
+
+    try:
+        packed = await _pipeline(r, batch("a"))  # type: ignore[arg-type]
+        pipe = r.pipeline(transaction=False)
+        for name, args, kwargs in batch("b"):
+            getattr(pipe, name)(*args, **kwargs)
+        plain = await pipe.execute(raise_on_error=False)
+        assert len(packed) == len(plain) == 7
+        assert isinstance(packed[3], ResponseError) and isinstance(plain[3], ResponseError)
+        assert "WRONGTYPE" in str(packed[3])
+        assert packed[2] == plain[2] == 3 and packed[4] == 1 and plain[4] is True
+        assert packed[5][0].endswith(b"a:h") and packed[5][1] == plain[5][1] == b"42"
+        assert packed[6] == plain[6] == 0
+        for tag in ("a", "b"):
+            entries = await r.xrange(f"{prefix}{tag}:s")
+            assert [f for _, f in entries] == [
+                {b"k": b"m", b"a": bytes(range(256)) * 2, b"t": b"1"}, {b"k": "é".encode(), b"v": b"text"}]
+            assert await r.hgetall(f"{prefix}{tag}:h") == {b"status": b"live", b"n": b"3", b"f": b"0.25"}
+        # A keyword the packer does not know, or a value it cannot pack: redis-py's pipeline.
+        assert pack_batch([("zadd", (f"{prefix}z",), {"mapping": {"a": 1}})]) is None
+        assert pack_batch([("hset", (f"{prefix}h",), {"mapping": {"a": None}})]) is None
+        assert await _pipeline(r, [("zadd", (f"{prefix}a:z",), {"mapping": {"CA1": 1.0}})]) == [1]  # type: ignore[arg-type]
+        # The connection is back in the pool, clean: the next command answers normally.
+        assert await r.ping()
+    finally:
+        keys = [k async for k in r.scan_iter(f"{prefix}*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+
+async def test_the_client_cpu_bench_runs_both_ways_and_reports(redis_url: str) -> None:
+    """`python -m callbridge.bench_redisio` on a few rounds: every figure is there (no speed is
+    judged: the machine is shared). Database 15 of the test server, which it empties."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from callbridge.bench_redisio import run
+
+    url = urlunsplit(urlsplit(redis_url)._replace(path="/15"))
+    figures = await run(url, rounds=1, per_round=5)
+    assert set(figures) == {"write packed", "write redis-py", "read packed", "read redis-py"}
+    assert all(f["min_us"] > 0 and f["median_us"] >= f["min_us"] for f in figures.values())
