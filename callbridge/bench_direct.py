@@ -361,10 +361,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from callbridge.cli import _run_until_signal  # the gateway's and worker's loop and signals
     from gateway.app import server_config
     from shared.logs import setup_logging
-    from shared.serving import quiet_server
+    from shared.serving import quiet_server, run_until_signal, serve_until  # as gateway, worker
     from shared.settings import ConfigError, load_settings
 
     p = argparse.ArgumentParser(prog="python -m callbridge.bench_direct",
@@ -381,16 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format, role=NAME)
     server = quiet_server(server_config(app, settings, args.host, args.port))
 
-    async def run(stop: asyncio.Event) -> None:
-        serving = asyncio.create_task(server.serve())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not serving.done():
-            server.should_exit = True
-            await serving
-        stopping.cancel()
-
-    _run_until_signal(run)
+    run_until_signal(lambda stop: serve_until(server, stop))
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 from shared.logs import setup_logging
+from shared.serving import run_until_signal
 from shared.settings import ConfigError, Settings, load_settings
 
 
@@ -21,7 +18,7 @@ def _settings() -> Settings:
 
 def cmd_gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app, drain, server_config
-    from shared.serving import quiet_server
+    from shared.serving import quiet_server, serve_until
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format, role="gateway")
@@ -29,42 +26,13 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     server = quiet_server(server_config(app, settings, args.host, args.port))
 
     async def main(stop: asyncio.Event) -> None:
-        serving = asyncio.create_task(server.serve())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not serving.done():
-            # SIGTERM: /readyz turns 503 and new sockets are refused at once; live streams are
-            # handed back to Twilio; then uvicorn stops within the drain timeout.
-            await drain(app.state.gw)
-            server.should_exit = True
-            await serving
-        stopping.cancel()
+        # SIGTERM: /readyz turns 503 and new sockets are refused at once; live streams are handed
+        # back to Twilio (the drain); then uvicorn stops within the drain timeout.
+        await serve_until(server, stop, lambda: drain(app.state.gw))
 
-    _run_until_signal(main)
+    run_until_signal(main)
     if app.state.gw.failed:
         sys.exit(1)
-
-
-def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if stop.is_set():  # a second signal while draining: leave now
-                os._exit(1)
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, on_signal)
-        await main(stop)
-
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    asyncio.run(runner())
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -79,7 +47,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     async def main(stop: asyncio.Event) -> None:
         await worker.run(stop)
 
-    _run_until_signal(main)
+    run_until_signal(main)
     if worker.failed:
         sys.exit(1)
 
@@ -93,7 +61,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     setup_logging(settings.log_level, settings.log_format, role="dev")
     redis_server = embedded_redis(settings)
     try:
-        _run_until_signal(lambda stop: run_dev(settings, args.host, args.port, stop))
+        run_until_signal(lambda stop: run_dev(settings, args.host, args.port, stop))
     finally:
         if redis_server is not None:
             redis_server.stop()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
-import signal
 import sys
 import time
 import uuid
@@ -30,6 +28,7 @@ import orjson
 from callbridge.dev import embedded_redis
 from callbridge.redis_server import free_port
 from shared.logs import setup_logging
+from shared.serving import stop_on_signals
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -207,16 +206,7 @@ async def _console(settings: Settings, port: int) -> int:
                    })
     twilio, public = await _standins(vapi, settings, port)
     quit_, dev_stop, ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if quit_.is_set():  # a second signal while stopping: leave now
-            os._exit(1)
-        quit_.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, on_signal)
+    stop_on_signals(quit_)
     dev = asyncio.create_task(run_dev(settings, "127.0.0.1", port, dev_stop, ready))
     calls: list[SimCall] = []
     tasks: set[asyncio.Task[None]] = set()
