@@ -33,6 +33,7 @@ from gateway.state import GatewayState
 from shared import metrics
 from shared import streams as S
 from shared.redisio import TRANSIENT, connect
+from shared.tasks import stop_tasks
 
 log = logging.getLogger("callbridge.gateway.console")
 
@@ -145,12 +146,10 @@ class EventStream(Response):
             elif tasks[0] in done and (exc := tasks[0].exception()) is not None:
                 log.warning("console stream failed", extra={"error": type(exc).__name__})
         finally:
-            self.stop.set()  # what a swallowed cancel leaves running ends at its next turn
+            self.stop.set()  # the generators also end at their next turn
             if self.streams is not None:
                 self.streams.discard(self.stop)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks, 5.0, what="console stream")
             await _aclose(self.messages)
 
 
@@ -270,28 +269,23 @@ async def call_feed(call_sid: api.SID, request: Request) -> Response:
         host.slots.give()
         raise HTTPException(503, "redis unavailable") from None
     events = list(reversed(events or []))
-    view = {**views.view(call_sid, record, events), **_extras(call_sid, record)}
+    row = views.row(call_sid, record)
+    view = {**views.view(call_sid, record, events), **row}  # the row adds the turn and barge-ins
     last_event = events[-1][0].decode() if events else "0-0"
     stop = host.stream_stop()
-    return EventStream(_call_messages(host, call_sid, view, last_event, ids, stop), stop,
+    return EventStream(_call_messages(host, call_sid, view, row, last_event, ids, stop), stop,
                        st.settings.console_send_timeout_s, _cut("call"), host.streams)
 
 
-def _extras(sid: str, record: dict[bytes, bytes]) -> dict[str, Any]:
-    row = views.row(sid, record)
-    return {"last_turn_ms": row["last_turn_ms"], "barge_ins": row["barge_ins"]}
-
-
-async def _call_messages(host: ConsoleHost, sid: str, view: dict[str, Any], last_event: str,
-                         ids: list[str], stop: asyncio.Event) -> AsyncIterator[bytes]:
+async def _call_messages(host: ConsoleHost, sid: str, view: dict[str, Any], shown: dict[str, Any],
+                         last_event: str, ids: list[str], stop: asyncio.Event) -> AsyncIterator[bytes]:
+    """`shown`: the summary as the browser was last sent it (a `call` message when it changes)."""
     st, r, k = host.st, host.redis, host.st.keys
     keys: dict[Any, Any] = {k.events(sid): last_event, k.inbound(sid): ids[0], k.outbound(sid): ids[1]}
     ev_key, in_key = k.events(sid).encode(), k.inbound(sid).encode()
     health = AudioHealth()
     loop = asyncio.get_running_loop()
     window_at = said_at = loop.time()
-    shown = views.row(sid, {})  # what the browser was last sent of the summary
-    shown.update({key: view.get(key) for key in shown})
     metrics.CONSOLE_STREAMS.labels("call").inc()
     try:
         yield sse("view", view)
@@ -439,9 +433,7 @@ async def _listen(host: ConsoleHost, ws: WebSocket, sid: str) -> None:
             await _close(ws, 1012, "the gateway is restarting")
         return None
     finally:
-        gone.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await gone
+        await stop_tasks([gone], 2.0, what="listen-in reader")
 
 
 async def _until_gone(ws: WebSocket) -> None:

@@ -27,6 +27,7 @@ from gateway import calls as views
 from shared import streams as S
 from shared.redisio import MAX_BACKOFF_S, TRANSIENT
 from shared.streams import Keys
+from shared.tasks import stop_tasks
 
 log = logging.getLogger("callbridge.gateway.feed")
 
@@ -178,10 +179,9 @@ class FeedHub:
         self.viewers.discard(viewer)
 
     async def close(self) -> None:
-        self.viewers.clear()  # the loop ends at its next turn even if the cancel is lost
-        if self._task is not None:  # (redis-py's wait_for can swallow one on 3.11: gh-86296)
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=2.0)
+        self.viewers.clear()  # the loop also ends at its next turn
+        if self._task is not None:
+            await stop_tasks([self._task], 2.0, what="console feed")
 
     async def snapshot(self) -> list[dict[str, Any]]:
         """Every call not ended, newest first (at most SNAPSHOT_MAX), as rows."""

@@ -403,11 +403,14 @@ async def _pipeline(redis: aioredis.Redis, batch: Batch) -> list[Any]:
         for name, args, kwargs in batch:
             getattr(pipe, name)(*args, **kwargs)
         return list(await pipe.execute(raise_on_error=False))
-    timeout = redis.connection_pool.connection_kwargs.get("socket_timeout") or RAW_TIMEOUT_S
-    return await _raw(redis, packed, len(batch), timeout)
+    return await _raw(redis, packed, len(batch), _socket_timeout(redis))
 
 
 RAW_TIMEOUT_S = 5.0
+
+
+def _socket_timeout(redis: aioredis.Redis) -> float:
+    return float(redis.connection_pool.connection_kwargs.get("socket_timeout") or RAW_TIMEOUT_S)
 
 
 async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: float) -> list[Any]:
@@ -443,9 +446,7 @@ async def xread(redis: aioredis.Redis, streams: dict[bytes, bytes], count: int,
         return [(k, list(e)) for k, e in items]
     parts = [b"XREAD", b"COUNT", b"%d" % count, b"BLOCK", b"%d" % block_ms, b"STREAMS",
              *streams.keys(), *streams.values()]
-    timeout = block_ms / 1000 + (redis.connection_pool.connection_kwargs.get("socket_timeout")
-                                 or RAW_TIMEOUT_S)
-    (reply,) = await _raw(redis, _resp(parts), 1, timeout)
+    (reply,) = await _raw(redis, _resp(parts), 1, block_ms / 1000 + _socket_timeout(redis))
     if isinstance(reply, ResponseError):
         raise reply
     out: list[tuple[bytes, Entries]] = []

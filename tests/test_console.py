@@ -131,7 +131,7 @@ async def test_the_list_and_a_call_follow_a_call_live_and_listen_in_hears_both_w
             _, health = await call_feed.until(lambda e, d: e == "health" and d["frames_in_per_s"] > 0,
                                               5, "audio health with caller frames")
             assert 20 <= health["frames_in_per_s"] <= 80, health  # 50/s, give or take a window edge
-            assert health["caller_level_dbfs"] is not None and health["underruns"] >= 0
+            assert health["caller_level_dbfs"] is not None and isinstance(health["underruns"], int)
 
             _, turn = await feed.until(lambda e, d: d["kind"] == "turn-latency", 10,
                                        "the turn latency in the list")
