@@ -236,7 +236,8 @@ class _Call:
             return
         n = 0
         for frame in self.playout.due(now):
-            self._send(self.out.media(frame.audio))
+            if frame.audio:  # else a mark alone: the end of an utterance
+                self._send(self.out.media(frame.audio))
             n += 1
             if frame.mark:
                 self._send(self.out.mark(frame.mark))

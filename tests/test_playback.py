@@ -39,6 +39,52 @@ def test_marks_every_interval_and_at_the_end() -> None:
     assert marks == ["0:100", "0:200", "0:240"]
 
 
+def streamed(p: Playout, frames: int, start: float = 0.0) -> list[tuple[float, bytes, str | None]]:
+    """Audio that arrives in real time, a frame every 20 ms, each sent as it comes (the buffer
+    is empty after every frame), then the pacer's clock runs on for half a second."""
+    out = []
+    t = start
+    for _ in range(frames):
+        p.push(bytes(FRAME_BYTES), now=t)
+        out += [(t, f.audio, f.mark) for f in p.due(t)]
+        t = round(t + 0.02, 6)
+    return out + frames_until(p, t, t + 0.5)
+
+
+def test_audio_streamed_in_real_time_is_marked_every_interval_and_once_at_its_end() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=100)
+    sent = streamed(p, 12)  # 240 ms, the buffer empty after each frame
+    marks = [(t, m, a) for t, a, m in sent if m]
+    assert [m for _, m, _ in marks] == ["0:100", "0:200", "0:240"]  # not one per frame
+    assert [bool(a) for _, _, a in marks] == [True, True, False]  # the end mark comes alone
+    last_push = 0.22
+    assert marks[-1][0] >= last_push + p.tail_wait_s  # once no more audio came
+    assert sum(1 for _, a, _ in sent if a) == 12
+    assert p.on_mark("0:240") and p.turns[0].heard_ms == 240
+
+
+def test_audio_that_goes_on_within_the_tail_wait_cancels_the_end_mark() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=1000)
+    p.push(bytes(FRAME_BYTES), now=0.0)
+    assert [f.mark for f in p.due(0.0)] == [None]
+    assert p.active(0.035) and p.next_due(0.03) == 0.040001  # its end mark is still to come
+    p.push(bytes(FRAME_BYTES), now=0.035)  # within the tail wait: the same utterance goes on
+    marks = [f.mark for t in (0.035, 0.05, 0.2) for f in p.due(t) if f.mark]
+    assert marks == ["0:40"] and p.on_mark("0:40") and not p.active(1.0)
+
+
+def test_a_pause_takes_back_an_end_mark_whose_audio_had_not_played() -> None:
+    p = Playout(lead_s=0.1, mark_every_ms=1000)
+    p.push(bytes(FRAME_BYTES * 3), now=0.0)
+    assert [f.mark for f in p.due(0.0)] == [None, None, None]  # more may follow at once
+    assert [(f.audio, f.mark) for f in p.due(0.05)] == [(b"", "0:60")]  # nothing did
+    p.pause(0.03)  # the last frame plays 0.04-0.06: not over, so its end mark is taken back
+    assert p.awaiting_marks == 0 and not p.on_mark("0:60")  # its echo is the flush's
+    p.resume(0.05)
+    # The frame taken back goes again, and its mark with it (no more audio is coming).
+    assert [(len(f.audio), f.mark) for f in p.due(0.05)] == [(FRAME_BYTES, "0:60")]
+
+
 def test_mark_echoes_record_heard_audio() -> None:
     p = Playout(lead_s=0.1, mark_every_ms=100)
     p.push(bytes(FRAME_BYTES * 10), now=0.0)
@@ -110,7 +156,8 @@ def test_prebuffer_gathers_a_jitter_cushion_before_playback_starts() -> None:
     assert len(p.due(0.04)) == 3  # Twilio now holds 60 ms, 40 ms beyond the frame playing
     # Vapi is 30 ms late with the next frame (due 0.06): Twilio still has audio, no gap.
     p.push(bytes(FRAME_BYTES), now=0.09)
-    assert p.queued_s(0.09) > 0.02 and len(p.due(0.09)) == 1
+    # (The 30 ms without audio was long enough to mark the end of what had been sent.)
+    assert p.queued_s(0.09) > 0.02 and [bool(f.audio) for f in p.due(0.09)] == [False, True]
     # A burst needs no waiting, and a lone short sound does not wait forever.
     b = Playout(prebuffer_s=0.04)
     b.push(bytes(FRAME_BYTES * 10), now=0.0)

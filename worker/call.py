@@ -798,7 +798,8 @@ class CallCore:
         for frame in self.playout.due(now):
             if frame.first:
                 self._turn_started(now)
-            self._write(WriteOut(S.OUT_MEDIA, audio=frame.audio))
+            if frame.audio:  # else a mark alone: the end of an utterance
+                self._write(WriteOut(S.OUT_MEDIA, audio=frame.audio))
             if frame.mark:
                 self._write(WriteOut(S.OUT_MARK, value=frame.mark))
 

@@ -22,7 +22,7 @@ SILENCE = 0xFF
 
 @dataclass(slots=True)
 class Frame:
-    audio: bytes
+    audio: bytes  # empty: a mark alone (an utterance's end, once no more audio came)
     mark: str | None = None  # a mark to send right after this frame
     first: bool = False  # the first frame of an assistant turn
 
@@ -71,6 +71,11 @@ class Playout:
     _sent: deque[tuple[float, int, Frame]] = field(default_factory=deque)
     _paused: bool = False
     _fill_started: float = 0.0  # when audio began to gather while Twilio's buffer was empty
+    # The buffer ran dry right after audio came in: the utterance may go on, so its end mark
+    # waits until `tail_wait` has passed with nothing new (audio that streams in real time
+    # empties the buffer after every frame, and a mark per frame doubled the messages both
+    # ways: every mark is echoed).
+    _end_mark: tuple[float, str, int, float] | None = None  # (send at, name, turn, play time)
 
     def push(self, ulaw: bytes, now: float) -> int:
         """Queue assistant audio; returns how many bytes did not fit (dropped)."""
@@ -87,6 +92,8 @@ class Playout:
             self.turn += 1
         if not self._buf:
             self._fill_started = now
+        if self._end_mark is not None and now < self._end_mark[0]:
+            self._end_mark = None  # the utterance goes on: its next frames carry the marks
         self._buf += ulaw
         self._last_push = now
         self.turns.setdefault(self.turn, TurnRecord())
@@ -110,8 +117,9 @@ class Playout:
         return len(self._pending_marks)
 
     def active(self, now: float) -> bool:
-        """Assistant audio is queued here or still playing at Twilio."""
-        return bool(self._buf) or bool(self._pending_marks) or self._play_at > now
+        """Assistant audio is queued here or still playing at Twilio (or its end mark is due)."""
+        return (bool(self._buf) or bool(self._pending_marks) or self._play_at > now
+                or self._end_mark is not None)
 
     @property
     def play_end(self) -> float:
@@ -121,8 +129,11 @@ class Playout:
     def next_due(self, now: float) -> float | None:
         """When `due()` will next hand out a frame (None while paused or empty), so a caller can
         sleep until then instead of polling. Later inputs (more audio) can only bring it closer."""
-        if not self._buf or self._paused:
+        if self._paused:
             return None
+        end = None if self._end_mark is None else self._end_mark[0]
+        if not self._buf:
+            return end
         if self._play_at <= now:  # dry: at once, unless a jitter cushion is still gathering
             at = now
             if self.prebuffer_s and len(self._buf) < self.prebuffer_s * 8000 + FRAME_BYTES:
@@ -131,12 +142,16 @@ class Playout:
             at = self._play_at - self.lead_s
         if len(self._buf) < FRAME_BYTES:  # a partial last frame waits for the rest a while
             at = max(at, self._last_push + self.tail_wait_s + 1e-6)
-        return at
+        return at if end is None else min(at, end)
 
     def due(self, now: float) -> list[Frame]:
         """Frames whose send time has come: each frame goes out `lead` before it plays."""
         out: list[Frame] = []
-        if not self._buf or self._paused:
+        if self._paused:
+            return out
+        if self._end_mark is not None and now >= self._end_mark[0]:
+            out.append(self._send_end_mark())
+        if not self._buf:
             return out
         if self._play_at <= now:
             # Twilio's buffer is dry: playback (re)starts now, once a jitter cushion is gathered.
@@ -158,9 +173,13 @@ class Playout:
             rec.sent_ms += 20
             self._play_at += FRAME_S
             mark = None
-            if rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms or not self._buf:
+            if rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms or (
+                    not self._buf and now - self._last_push >= self.tail_wait_s):
                 mark = f"{self.mark_prefix}{self.turn}:{rec.sent_ms}"
                 self._pending_marks.append(mark)
+            elif not self._buf:
+                self._end_mark = (self._last_push + self.tail_wait_s + 1e-6,
+                                  f"{self.mark_prefix}{self.turn}:{rec.sent_ms}", self.turn, self._play_at)
             frame = Frame(chunk, mark, first=before == 0)
             self._sent.append((self._play_at - FRAME_S, self.turn, frame))
             out.append(frame)
@@ -169,12 +188,23 @@ class Playout:
             self._sent.popleft()
         return out
 
+    def _send_end_mark(self) -> Frame:
+        """A mark with no audio after the last frame sent: the utterance ended there."""
+        assert self._end_mark is not None
+        _, mark, turn, play_at = self._end_mark
+        self._end_mark = None
+        self._pending_marks.append(mark)
+        frame = Frame(b"", mark)
+        self._sent.append((play_at, turn, frame))
+        return frame
+
     def interrupt(self, now: float) -> int:
         """Barge-in: forget unsent audio; the caller's `clear` empties Twilio. Returns ms dropped."""
         dropped = len(self._buf) // 8
         self._buf.clear()
         self._flushed.update(self._pending_marks)
         self._pending_marks.clear()
+        self._end_mark = None
         self._play_at = now
         self._sent.clear()
         self._paused = False  # the next turn plays as soon as it arrives
@@ -201,6 +231,7 @@ class Playout:
         if self._paused:
             return
         self._paused = True
+        self._end_mark = None  # what is taken back gets its marks again when it is resent
         back = [(turn, f) for play_at, turn, f in self._sent if play_at >= now - 1e-9]
         self._sent.clear()
         self._buf[:0] = b"".join(f.audio for _, f in back)
@@ -244,4 +275,5 @@ class Playout:
         self._pending_marks.clear()
         self._flushed.clear()
         self._sent.clear()
+        self._end_mark = None
         self._play_at = now
