@@ -85,6 +85,7 @@ import numpy as np
 from callbridge.procs import ManagedProcess, descendants, kill_all
 from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
+from shared.serving import freeze_startup_heap
 from sim.twilio import SimCall, TwilioObserver
 from sim.twilio.wire import SILENCE_FRAME
 from sim.vapi import VapiObserver, VapiSession
@@ -2478,6 +2479,7 @@ class _Watchdog:
 
 
 def _run(coro: Coroutine[Any, Any, int], dog: _Watchdog) -> int:
+    freeze_startup_heap()  # the stand-ins' own GC pauses would show up as the bridge's latency
     try:
         import uvloop
     except ImportError:

@@ -7,9 +7,12 @@ import base64
 import contextlib
 import logging
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -995,3 +998,19 @@ async def test_a_dead_background_loop_makes_the_gateway_unready_and_stop(gw: Gw)
         assert (await client.get(gw.base + "/readyz")).status_code == 503
     alive.cancel()
     gw.state.draining = gw.state.failed = False
+
+
+def test_a_process_run_until_a_signal_keeps_its_startup_heap_out_of_full_collections() -> None:
+    """run_until_signal freezes what start-up allocated, so a full collection walks only what
+    calls allocated (docs/performance.md, "Garbage collection")."""
+    code = (
+        "import asyncio, gc\n"
+        "import gateway.app\n"
+        "from shared.serving import run_until_signal\n"
+        "async def main(stop: asyncio.Event) -> None:\n"
+        "    print(gc.get_freeze_count())\n"
+        "run_until_signal(main)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent, check=True).stdout
+    assert int(out.strip()) > 10_000  # the imported app's objects, frozen
