@@ -446,7 +446,12 @@ async def xread(redis: aioredis.Redis, streams: dict[bytes, bytes], count: int,
         return [(k, list(e)) for k, e in items]
     parts = [b"XREAD", b"COUNT", b"%d" % count, b"BLOCK", b"%d" % block_ms, b"STREAMS",
              *streams.keys(), *streams.values()]
-    (reply,) = await _raw(redis, _resp(parts), 1, block_ms / 1000 + _socket_timeout(redis))
+    return await xread_packed(redis, _resp(parts), block_ms)
+
+
+async def xread_packed(redis: aioredis.Redis, command: bytes, block_ms: int) -> list[tuple[bytes, Entries]]:
+    """`xread` for an XREAD … BLOCK `block_ms` the caller packed as RESP itself (on one Redis)."""
+    (reply,) = await _raw(redis, command, 1, block_ms / 1000 + _socket_timeout(redis))
     if isinstance(reply, ResponseError):
         raise reply
     out: list[tuple[bytes, Entries]] = []
@@ -476,6 +481,10 @@ def _arg(v: Any) -> bytes:
 
 def _resp(parts: list[bytes]) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def _bulk(p: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(p), p)
 
 
 def pack_batch(batch: Batch) -> bytes | None:
@@ -527,6 +536,11 @@ class MultiReader:
         self._block_ms = block_ms
         self._on_error = on_error
         self._ids: dict[bytes, bytes] = {}
+        # The same streams' names and ids as RESP, in the same order, kept up to date as they
+        # change: the blocked read names every stream, and packing it afresh each time was
+        # about 5 % of a worker at 50 calls (docs/performance.md, "Redis reads").
+        self._bulk_keys: dict[bytes, bytes] = {}
+        self._bulk_ids: dict[bytes, bytes] = {}
         self._seen: dict[bytes, dict[bytes, int]] = {}  # stream -> writer id -> last n delivered
         self.duplicates = 0
         self._task: asyncio.Task[None] | None = None
@@ -561,13 +575,27 @@ class MultiReader:
 
     async def add(self, key: str, from_id: str = "0-0") -> None:
         """Follow `key` from after `from_id`; wakes the blocked read so it takes effect now."""
-        self._ids[key.encode()] = from_id.encode()
-        self._seen.setdefault(key.encode(), {})
+        k = key.encode()
+        self._ids[k] = from_id.encode()
+        self._bulk_keys[k] = _bulk(k)
+        self._bulk_ids[k] = _bulk(self._ids[k])
+        self._seen.setdefault(k, {})
         await self._poke()
 
     def remove(self, key: str) -> None:
-        self._ids.pop(key.encode(), None)
-        self._seen.pop(key.encode(), None)
+        k = key.encode()
+        self._ids.pop(k, None)
+        self._bulk_keys.pop(k, None)
+        self._bulk_ids.pop(k, None)
+        self._seen.pop(k, None)
+
+    def _command(self, wake_id: bytes) -> bytes:
+        """XREAD COUNT … BLOCK … STREAMS <wake, every stream> <their ids>, as RESP."""
+        return b"".join((
+            b"*%d\r\n" % (6 + 2 * (len(self._bulk_keys) + 1)),
+            _bulk(b"XREAD"), _bulk(b"COUNT"), _bulk(b"%d" % self._count), _bulk(b"BLOCK"),
+            _bulk(b"%d" % self._block_ms), _bulk(b"STREAMS"), _bulk(self._wake_key),
+            *self._bulk_keys.values(), _bulk(wake_id), *self._bulk_ids.values()))
 
     def _fresh(self, key: bytes, entries: Entries) -> Entries:
         """`entries` without the ones their writer already delivered on `key`. Allocates nothing
@@ -611,9 +639,12 @@ class MultiReader:
         failing = False
         wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
         while not self._closing:
-            streams: dict[bytes, bytes] = {self._wake_key: wake_id, **self._ids}
             try:
-                resp = await xread(self._redis, streams, self._count, self._block_ms)
+                if isinstance(self._redis, RedisCluster):
+                    streams: dict[bytes, bytes] = {self._wake_key: wake_id, **self._ids}
+                    resp = await xread(self._redis, streams, self._count, self._block_ms)
+                else:
+                    resp = await xread_packed(self._redis, self._command(wake_id), self._block_ms)
                 backoff = 0.05
                 if failing:
                     failing = False
@@ -639,6 +670,7 @@ class MultiReader:
                 if key not in self._ids:
                     continue  # removed while the read was in flight
                 self._ids[key] = entries[-1][0]
+                self._bulk_ids[key] = _bulk(entries[-1][0])
                 entries = self._fresh(key, entries)
                 if not entries:
                     continue

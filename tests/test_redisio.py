@@ -315,6 +315,47 @@ async def test_the_packed_pipeline_writes_and_answers_as_redis_pys_does(redis_ur
         await r.aclose()
 
 
+async def test_the_readers_kept_command_is_the_xread_of_what_it_follows(redis_url: str, prefix: str) -> None:
+    """The reader keeps its XREAD packed and patches it as streams come, go and move on: after
+    such a sequence it is byte for byte the command packed afresh, and reads go on."""
+    from shared.redisio import _resp
+
+    r = aioredis.Redis.from_url(redis_url)
+    got: list[tuple[bytes, Entries]] = []
+    arrived = asyncio.Event()
+
+    def on_entries(key: bytes, entries: Entries) -> None:
+        got.append((key, entries))
+        arrived.set()
+
+    reader = MultiReader(r, f"{prefix}wake", on_entries, count=7, block_ms=200)
+    a, b, c = (f"{prefix}{n}" for n in "abc")
+
+    def fresh(wake_id: bytes) -> bytes:
+        return _resp([b"XREAD", b"COUNT", b"7", b"BLOCK", b"200", b"STREAMS", f"{prefix}wake".encode(),
+                      *reader._ids, wake_id, *reader._ids.values()])
+
+    reader.start()
+    try:
+        for key in (a, b, c):
+            await reader.add(key, "0-0")
+        reader.remove(b)
+        await reader.add(a, "0-0")  # following again keeps its place
+        last = await r.xadd(c, {b"k": b"m"})
+        await asyncio.wait_for(arrived.wait(), 10)
+        assert got == [(c.encode(), [(last, {b"k": b"m"})])]
+        assert reader._ids[c.encode()] == last
+        assert reader._command(b"7-7") == fresh(b"7-7")
+        arrived.clear()
+        await r.xadd(a, {b"k": b"m"})
+        await asyncio.wait_for(arrived.wait(), 10)  # the moved-on command reads on
+        assert [k for k, _ in got] == [c.encode(), a.encode()]
+    finally:
+        await reader.close()
+        await r.delete(a, c)
+        await r.aclose()
+
+
 async def test_the_client_cpu_bench_runs_both_ways_and_reports(redis_url: str) -> None:
     """`python -m callbridge.bench_redisio` on a few rounds: every figure is there (no speed is
     judged: the machine is shared). Database 15 of the test server, which it empties."""
