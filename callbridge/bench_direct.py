@@ -68,6 +68,15 @@ if TYPE_CHECKING:  # the bench's side only: the bridge process does not import t
     from callbridge.procs import ManagedProcess
 
 log = logging.getLogger("callbridge.direct")
+# The tiers' per-frame counters, tallied as they are (shared/metrics.py, `Tally`).
+_COUNT = {
+    "frames_in": metrics.Tally(metrics.FRAMES.labels("in", "twilio")),
+    "bytes_in": metrics.Tally(metrics.AUDIO_BYTES.labels("in", "twilio")),
+    "frames_vapi": metrics.Tally(metrics.FRAMES.labels("in", "vapi")),
+    "frames_from_vapi": metrics.Tally(metrics.FRAMES.labels("out", "vapi")),
+    "bytes_from_vapi": metrics.Tally(metrics.AUDIO_BYTES.labels("out", "vapi")),
+    "frames_out": metrics.Tally(metrics.FRAMES.labels("out", "twilio")),
+}
 
 TICK_S = 0.010  # the worker's playout ticker
 MAX_BACKLOG_FRAMES = 750  # caller audio held while Vapi sets up (the worker's bound: 15 s)
@@ -129,7 +138,7 @@ class _Call:
         self._tx: deque[str] = deque()
         self._tx_wake = asyncio.Event()
         self._stale_until = 0.0
-        self._frames_out = metrics.FRAMES.labels("out", "twilio")
+        self._frames_out = _COUNT["frames_out"]
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._vapi_side(), name="vapi"),
@@ -154,9 +163,7 @@ class _Call:
     async def _twilio_reader(self) -> None:
         """Twilio -> Vapi until `stop` or the socket closes."""
         limit = self.bridge.settings.max_message_bytes
-        frames_in = metrics.FRAMES.labels("in", "twilio")
-        bytes_in = metrics.AUDIO_BYTES.labels("in", "twilio")
-        frames_vapi = metrics.FRAMES.labels("in", "vapi")
+        frames_in, bytes_in, frames_vapi = _COUNT["frames_in"], _COUNT["bytes_in"], _COUNT["frames_vapi"]
         receive = self.ws.receive
         while True:
             msg = await receive()
@@ -205,7 +212,7 @@ class _Call:
             while self.backlog:  # no await between the last check and `self.vapi`: order kept
                 await ws.send(self.uplink.convert(self.backlog.popleft()))
             self.vapi = ws
-            frames, nbytes = metrics.FRAMES.labels("out", "vapi"), metrics.AUDIO_BYTES.labels("out", "vapi")
+            frames, nbytes = _COUNT["frames_from_vapi"], _COUNT["bytes_from_vapi"]
             async for msg in ws:
                 now = _mono()
                 if isinstance(msg, bytes):

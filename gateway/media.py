@@ -52,6 +52,10 @@ from shared.twilio_proto import (
 )
 
 log = logging.getLogger("callbridge.gateway.media")
+# Per-frame counters, tallied (shared/metrics.py, `Tally`).
+_FRAMES_IN = metrics.Tally(metrics.FRAMES.labels("in", "twilio"))
+_BYTES_IN = metrics.Tally(metrics.AUDIO_BYTES.labels("in", "twilio"))
+_FRAMES_OUT = metrics.Tally(metrics.FRAMES.labels("out", "twilio"))
 router = APIRouter()
 
 # Close codes: 1008 policy violation (auth, a malformed start), 1013 try again later (draining /
@@ -270,8 +274,7 @@ async def _receive_loop(
     idle watchdog's, or Twilio's); returns which. One await per message: this is the hot path."""
     limit = st.settings.max_message_bytes
     xadd = st.writer.xadd
-    frames = metrics.FRAMES.labels("in", "twilio")
-    nbytes = metrics.AUDIO_BYTES.labels("in", "twilio")
+    frames, nbytes = _FRAMES_IN, _BYTES_IN
     receive = ws.receive
     clock = time.monotonic
     while True:
@@ -403,7 +406,7 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
     that is not one we can send is counted and dropped; the audio after it goes on. Entries of
     a replaced owner are dropped (gateway/fence.py). Notes on `info` that the owner wrote (it is
     alive) and sent audio or marks (the call went live)."""
-    frames = metrics.FRAMES.labels("out", "twilio")
+    frames = _FRAMES_OUT
     latency = metrics.HOP_LATENCY.labels("worker_to_twilio")
     send = ws.send_text
     while True:

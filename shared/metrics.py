@@ -7,6 +7,8 @@ below, never from caller input, and a CallSid is never a label.
 from __future__ import annotations
 
 import os
+import weakref
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -173,9 +175,47 @@ FAST_BARGE_INS = Counter(
 BARGE_INS = Counter("callbridge_barge_ins_total", "Assistant audio cleared because the caller spoke.")
 
 
+class Tally:
+    """A counter on the per-frame path: counted here as a plain int, added to the Prometheus
+    counter every `every` counts and at every scrape of this process. A Prometheus `inc()`
+    takes a lock and costs ~1.2 µs; a frame made four or five of them in each tier."""
+
+    __slots__ = ("__weakref__", "_calls", "_child", "_every", "_n")
+
+    def __init__(self, child: Any, every: int = 50) -> None:
+        self._child = child
+        self._every = every
+        self._calls = 0
+        self._n = 0.0
+        _TALLIES.add(self)
+
+    def inc(self, amount: float = 1) -> None:
+        self._n += amount
+        self._calls += 1
+        if self._calls >= self._every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what was counted to Prometheus (also when its owner ends: nothing is lost)."""
+        if self._calls:
+            self._child.inc(self._n)
+            self._n = 0.0
+            self._calls = 0
+
+
+_TALLIES: weakref.WeakSet[Tally] = weakref.WeakSet()
+
+
+def flush_tallies() -> None:
+    for t in list(_TALLIES):
+        t.flush()
+
+
 def exposition() -> tuple[bytes, str]:
     """The /metrics body. Under several server processes (PROMETHEUS_MULTIPROC_DIR set, as
-    prometheus-client requires), the values of all of them are aggregated."""
+    prometheus-client requires), the values of all of them are aggregated; another process's
+    per-frame tallies are then up to 50 counts per socket behind."""
+    flush_tallies()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

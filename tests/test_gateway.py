@@ -1014,3 +1014,27 @@ def test_a_process_run_until_a_signal_keeps_its_startup_heap_out_of_full_collect
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent, check=True).stdout
     assert int(out.strip()) > 10_000  # the imported app's objects, frozen
+
+
+def test_a_per_frame_tally_reaches_prometheus_in_bulk_and_whole_at_every_scrape() -> None:
+    """The per-frame counters are tallied: added to the Prometheus counter every 50 counts, and
+    whatever is pending at every /metrics, so a scrape never reads them short."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from shared import metrics
+
+    registry = CollectorRegistry()
+    counter = Counter("t_frames_total", "test", ["d"], registry=registry)
+    tally = metrics.Tally(counter.labels("in"), every=50)
+
+    def value() -> float | None:
+        return registry.get_sample_value("t_frames_total", {"d": "in"})
+
+    for _ in range(49):
+        tally.inc()
+    tally.inc(160)  # bytes counted by size: the 50th call hands over 49 + 160
+    assert value() == 209
+    tally.inc(3)
+    assert value() == 209  # pending
+    metrics.exposition()  # a scrape of this process
+    assert value() == 212

@@ -56,6 +56,11 @@ from worker.vapi_client import VapiClient, VapiError
 __all__ = ["MAX_VAPI_QUEUE", "SESSION_TASKS_STOP_S", "CallSession", "Ending", "SessionHost"]
 
 log = logging.getLogger("callbridge.worker.session")
+# Per-frame counters, tallied (shared/metrics.py, `Tally`).
+_FRAMES_OUT = metrics.Tally(metrics.FRAMES.labels("out", "redis"))
+_FRAMES_FROM_VAPI = metrics.Tally(metrics.FRAMES.labels("out", "vapi"))
+_BYTES_FROM_VAPI = metrics.Tally(metrics.AUDIO_BYTES.labels("out", "vapi"))
+_FRAMES_TO_VAPI = metrics.Tally(metrics.FRAMES.labels("in", "vapi"))
 P = ParamSpec("P")
 
 # Messages queued for the Vapi socket (each normally one 20 ms frame): beyond this Vapi is not
@@ -125,7 +130,7 @@ class CallSession:
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._frames_out = metrics.FRAMES.labels("out", "redis")
+        self._frames_out = _FRAMES_OUT
 
     # What the worker reads --------------------------------------------------------------------
 
@@ -416,8 +421,7 @@ class CallSession:
 
     async def _downlink(self, ws: ClientConnection) -> None:
         """Vapi's messages in arrival order: audio and parsed control messages into the core."""
-        frames = metrics.FRAMES.labels("out", "vapi")
-        nbytes = metrics.AUDIO_BYTES.labels("out", "vapi")
+        frames, nbytes = _FRAMES_FROM_VAPI, _BYTES_FROM_VAPI
         core = self.core
         try:
             async for msg in ws:
@@ -443,7 +447,7 @@ class CallSession:
     async def _vapi_sender(self, ws: ClientConnection) -> None:
         """The one writer of the Vapi socket, so audio and text leave in the core's order."""
         latency = metrics.HOP_LATENCY.labels("twilio_to_vapi")
-        frames = metrics.FRAMES.labels("in", "vapi")
+        frames = _FRAMES_TO_VAPI
         while True:
             if not self._tx:
                 self._tx_wake.clear()
