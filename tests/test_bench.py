@@ -223,6 +223,18 @@ def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
     assert report["runs"]["direct"]["cpu"].keys() == {"direct-bridge", "bench (sims)"}
     ratio = report["ratio"]["bridge_total_over_direct"]
     assert ratio is not None and ratio > 0, report["ratio"]
+    assert isinstance(report["ratio"]["saturated"], bool), report["ratio"]
+
+
+def test_a_baseline_run_that_saturated_the_machine_or_lost_frames_is_flagged() -> None:
+    """A process running behind batches more and costs less per call, so such a ratio flatters
+    the bridge: the report says so rather than calling the target met."""
+    from callbridge.bench_direct import _saturated
+
+    calm = {"machine_busy_cores": 1.2, "frames_lost": {"inbound": 0, "outbound": 0}}
+    assert not _saturated(calm, 2) and not _saturated(None, 2)
+    assert _saturated({**calm, "machine_busy_cores": 1.85}, 2)
+    assert _saturated({**calm, "frames_lost": {"inbound": 0, "outbound": 3}}, 2)
 
 
 def test_bench_over_its_budget_prints_the_stacks_and_leaves_nothing_behind() -> None:
