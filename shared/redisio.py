@@ -537,8 +537,8 @@ class MultiReader:
         self._on_error = on_error
         self._ids: dict[bytes, bytes] = {}
         # The same streams' names and ids as RESP, in the same order, kept up to date as they
-        # change: the blocked read names every stream, and packing it afresh each time was
-        # about 5 % of a worker at 50 calls (docs/performance.md, "Redis reads").
+        # change: the blocked read names every stream, and packing it afresh took 73.7 µs for
+        # 100 streams against 8.2 µs kept (docs/performance.md, "Redis reads").
         self._bulk_keys: dict[bytes, bytes] = {}
         self._bulk_ids: dict[bytes, bytes] = {}
         self._seen: dict[bytes, dict[bytes, int]] = {}  # stream -> writer id -> last n delivered
