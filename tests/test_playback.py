@@ -83,6 +83,15 @@ def test_a_pause_takes_back_an_end_mark_whose_audio_had_not_played() -> None:
     p.resume(0.05)
     # The frame taken back goes again, and its mark with it (no more audio is coming).
     assert [(len(f.audio), f.mark) for f in p.due(0.05)] == [(FRAME_BYTES, "0:60")]
+    # A pause after the last frame began to play takes nothing back: its end mark still goes.
+    q = Playout(lead_s=0.1, mark_every_ms=1000)
+    q.push(bytes(FRAME_BYTES), now=0.0)
+    q.due(0.0)  # plays 0.00-0.02; its end mark waits for the tail (0.04)
+    q.pause(0.01)
+    assert q.due(0.05) == [] and q.active(0.05)  # paused: nothing goes out
+    q.resume(0.05)
+    assert [(f.audio, f.mark) for f in q.due(0.05)] == [(b"", "0:20")]
+    assert q.on_mark("0:20") and q.turns[0].heard_ms == 20
 
 
 def test_mark_echoes_record_heard_audio() -> None:

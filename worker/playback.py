@@ -75,7 +75,8 @@ class Playout:
     # waits until `tail_wait` has passed with nothing new (audio that streams in real time
     # empties the buffer after every frame, and a mark per frame doubled the messages both
     # ways: every mark is echoed).
-    _end_mark: tuple[float, str, int, float] | None = None  # (send at, name, turn, play time)
+    # (send at, name, turn, when the frame before it starts playing)
+    _end_mark: tuple[float, str, int, float] | None = None
 
     def push(self, ulaw: bytes, now: float) -> int:
         """Queue assistant audio; returns how many bytes did not fit (dropped)."""
@@ -179,7 +180,8 @@ class Playout:
                 self._pending_marks.append(mark)
             elif not self._buf:
                 self._end_mark = (self._last_push + self.tail_wait_s + 1e-6,
-                                  f"{self.mark_prefix}{self.turn}:{rec.sent_ms}", self.turn, self._play_at)
+                                  f"{self.mark_prefix}{self.turn}:{rec.sent_ms}", self.turn,
+                                  self._play_at - FRAME_S)
             frame = Frame(chunk, mark, first=before == 0)
             self._sent.append((self._play_at - FRAME_S, self.turn, frame))
             out.append(frame)
@@ -231,7 +233,8 @@ class Playout:
         if self._paused:
             return
         self._paused = True
-        self._end_mark = None  # what is taken back gets its marks again when it is resent
+        if self._end_mark is not None and self._end_mark[3] >= now - 1e-9:
+            self._end_mark = None  # its frame is taken back: resent, it is marked again
         back = [(turn, f) for play_at, turn, f in self._sent if play_at >= now - 1e-9]
         self._sent.clear()
         self._buf[:0] = b"".join(f.audio for _, f in back)
