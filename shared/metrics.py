@@ -196,7 +196,7 @@ class Tally:
             self.flush()
 
     def flush(self) -> None:
-        """Hand what was counted to Prometheus (also when its owner ends: nothing is lost)."""
+        """Hand what was counted to Prometheus."""
         if self._calls:
             self._child.inc(self._n)
             self._n = 0.0
@@ -207,6 +207,8 @@ _TALLIES: weakref.WeakSet[Tally] = weakref.WeakSet()
 
 
 def flush_tallies() -> None:
+    """Every tally of this process, now: at a scrape, and as the process ends (with several
+    processes their counts outlive them)."""
     for t in list(_TALLIES):
         t.flush()
 
@@ -214,7 +216,7 @@ def flush_tallies() -> None:
 def exposition() -> tuple[bytes, str]:
     """The /metrics body. Under several server processes (PROMETHEUS_MULTIPROC_DIR set, as
     prometheus-client requires), the values of all of them are aggregated; another process's
-    per-frame tallies are then up to 50 counts per socket behind."""
+    per-frame tallies are then up to 50 counts behind."""
     flush_tallies()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess

@@ -19,6 +19,8 @@ from typing import Any
 
 import uvicorn
 
+from shared import metrics
+
 
 class QuietServer(uvicorn.Server):
     """A uvicorn server that never touches the process's signal handlers."""
@@ -59,13 +61,16 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]])
 
         uvloop.install()
     freeze_startup_heap()
-    asyncio.run(runner())
+    try:
+        asyncio.run(runner())
+    finally:
+        metrics.flush_tallies()
 
 
 def freeze_startup_heap() -> None:
     """Move everything allocated so far (modules, app, settings: most of the process's objects)
     out of the garbage collector's reach. A full collection then walks only what calls
-    allocated: without this each one took ~45 ms, a pause every call in the process felt
+    allocated: without this each one took 55 ms, a pause every call in the process felt
     (docs/performance.md, "Garbage collection")."""
     gc.collect()
     gc.freeze()
