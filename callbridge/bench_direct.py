@@ -138,7 +138,6 @@ class _Call:
         self._tx: deque[str] = deque()
         self._tx_wake = asyncio.Event()
         self._stale_until = 0.0
-        self._frames_out = _COUNT["frames_out"]
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._vapi_side(), name="vapi"),
@@ -249,7 +248,7 @@ class _Call:
             if frame.mark:
                 self._send(self.out.mark(frame.mark))
         if n:
-            self._frames_out.inc(n)
+            _COUNT["frames_out"].inc(n)
         if self.playout.idle:
             self.bridge.playing.discard(self)
         else:

@@ -541,6 +541,8 @@ class MultiReader:
         # 100 streams against 8.2 µs kept (docs/performance.md, "Redis reads").
         self._bulk_keys: dict[bytes, bytes] = {}
         self._bulk_ids: dict[bytes, bytes] = {}
+        self._head = b"".join(_bulk(p) for p in (b"XREAD", b"COUNT", b"%d" % count, b"BLOCK",
+                                                 b"%d" % block_ms, b"STREAMS", self._wake_key))
         self._seen: dict[bytes, dict[bytes, int]] = {}  # stream -> writer id -> last n delivered
         self.duplicates = 0
         self._task: asyncio.Task[None] | None = None
@@ -591,11 +593,8 @@ class MultiReader:
 
     def _command(self, wake_id: bytes) -> bytes:
         """XREAD COUNT … BLOCK … STREAMS <wake, every stream> <their ids>, as RESP."""
-        return b"".join((
-            b"*%d\r\n" % (6 + 2 * (len(self._bulk_keys) + 1)),
-            _bulk(b"XREAD"), _bulk(b"COUNT"), _bulk(b"%d" % self._count), _bulk(b"BLOCK"),
-            _bulk(b"%d" % self._block_ms), _bulk(b"STREAMS"), _bulk(self._wake_key),
-            *self._bulk_keys.values(), _bulk(wake_id), *self._bulk_ids.values()))
+        return b"".join((b"*%d\r\n" % (6 + 2 * (len(self._bulk_keys) + 1)), self._head,
+                         *self._bulk_keys.values(), _bulk(wake_id), *self._bulk_ids.values()))
 
     def _fresh(self, key: bytes, entries: Entries) -> Entries:
         """`entries` without the ones their writer already delivered on `key`. Allocates nothing

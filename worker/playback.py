@@ -128,8 +128,9 @@ class Playout:
         return self._play_at
 
     def next_due(self, now: float) -> float | None:
-        """When `due()` will next hand out a frame (None while paused or empty), so a caller can
-        sleep until then instead of polling. Later inputs (more audio) can only bring it closer."""
+        """When `due()` will next hand out a frame or an end mark (None while paused, or empty
+        with no end mark to come), so a caller can sleep until then instead of polling. Later
+        inputs (more audio) can only bring it closer."""
         if self._paused:
             return None
         end = None if self._end_mark is None else self._end_mark[0]
@@ -174,14 +175,15 @@ class Playout:
             rec.sent_ms += 20
             self._play_at += FRAME_S
             mark = None
-            if rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms or (
-                    not self._buf and now - self._last_push >= self.tail_wait_s):
-                mark = f"{self.mark_prefix}{self.turn}:{rec.sent_ms}"
-                self._pending_marks.append(mark)
-            elif not self._buf:
-                self._end_mark = (self._last_push + self.tail_wait_s + 1e-6,
-                                  f"{self.mark_prefix}{self.turn}:{rec.sent_ms}", self.turn,
-                                  self._play_at - FRAME_S)
+            interval = rec.sent_ms // self.mark_every_ms != before // self.mark_every_ms
+            if interval or not self._buf:
+                name = f"{self.mark_prefix}{self.turn}:{rec.sent_ms}"
+                if interval or now - self._last_push >= self.tail_wait_s:
+                    mark = name
+                    self._pending_marks.append(mark)
+                else:  # the buffer ran dry, but more of the utterance may be on its way
+                    self._end_mark = (self._last_push + self.tail_wait_s + 1e-6, name, self.turn,
+                                      self._play_at - FRAME_S)
             frame = Frame(chunk, mark, first=before == 0)
             self._sent.append((self._play_at - FRAME_S, self.turn, frame))
             out.append(frame)

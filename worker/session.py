@@ -130,7 +130,6 @@ class CallSession:
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._frames_out = _FRAMES_OUT
 
     # What the worker reads --------------------------------------------------------------------
 
@@ -252,7 +251,7 @@ class CallSession:
     def out(self, kind: bytes, audio: bytes | None = None, value: str | bytes | None = None) -> None:
         """Write to call:{sid}:out, stamped with our epoch (the gateway drops a replaced owner's)."""
         if kind == S.OUT_MEDIA:
-            self._frames_out.inc()
+            _FRAMES_OUT.inc()
         self.w.writer.xadd(self.out_key, S.entry(kind, audio, value=value, epoch=self.epoch_b),
                            self.w.settings.stream_maxlen)
 
