@@ -462,7 +462,8 @@ def _render(r: dict[str, Any]) -> str:
     return "\n".join([
         f"callbridge bench --baseline direct: the same duplex load ({c['calls']} calls, "
         f"{c['seconds']:g} s window, {c['format']}) through a direct bridge (one process, no Redis), "
-        f"then through callbridge (gateway + {c['workers']} worker(s) + a private redis-server), one "
+        f"then through callbridge (gateway + {c['workers']} worker(s) + a private redis-server "
+        f"{c.get('redis_version', '?')}), one "
         f"after the other; {c['cores']} cores, load average {c['load_avg_1m']} at the start"
         + ("; REDIS_URL ignored" if c["redis_url_ignored"] else ""),
         "",
@@ -497,6 +498,20 @@ def _saturated(col: dict[str, Any] | None, cores: int) -> bool:
     return (col.get("machine_busy_cores") or 0) >= 0.9 * cores or any(lost.values())
 
 
+async def _redis_version(url: str) -> str:
+    """The server's version, for the report: Redis 7 writes replies with one writev, 6.2 did not."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        info = await client.info("server")
+        return str(info.get("redis_version", "?"))
+    except Exception:
+        return "?"
+    finally:
+        await client.aclose()
+
+
 async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None],
                          procs: list[ManagedProcess]) -> int:
     """The duplex load through the direct bridge, then through callbridge on `redis_url` (a
@@ -505,6 +520,7 @@ async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int
     from callbridge.bench import RunHooks, _bench, stop_procs
 
     load = os.getloadavg()[0]
+    redis_version = await _redis_version(redis_url)
     direct = RunHooks(processes=_direct_processes)
     bridge = RunHooks()
     print("callbridge bench: run 1 of 2, the direct bridge", file=sys.stderr)
@@ -523,6 +539,7 @@ async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int
         "mode": "baseline-direct",
         "context": {"calls": cfg.calls, "seconds": cfg.seconds, "format": cfg.fmt,
                     "workers": cfg.workers, "cores": cores, "load_avg_1m": round(load, 2),
+                    "redis_version": redis_version,
                     "redis_url_ignored": bool(os.environ.get("REDIS_URL"))},
         "columns": cols,
         "ratio": {"bridge_total_over_direct": got, "target_max": TARGET_RATIO,
