@@ -20,6 +20,7 @@ from gateway.hub import OutboundHub
 from gateway.outbound import Dialer
 from gateway.state import GatewayState
 from shared import metrics
+from shared import streams as S
 from shared.health import readiness
 from shared.logs import error_fields
 from shared.redisio import LaneWriter, check_layout, connect, media_latency_observer, warm
@@ -59,7 +60,7 @@ def build_state(settings: Settings) -> GatewayState:
                                                        max_connections=4),
                           on_error=on_redis_error, on_flushed=media_latency_observer(
             metrics.HOP_LATENCY.labels("twilio_to_redis").observe)),
-        hub=OutboundHub(reader, keys, f"gw-{process_id}", on_error=on_redis_error),
+        hub=OutboundHub(reader, keys, S.gateway_reader(process_id), on_error=on_redis_error),
         process_id=process_id,
     )
     return state

@@ -78,7 +78,8 @@ class OutboundHub:
     def __init__(self, redis: aioredis.Redis, keys: S.Keys, process_id: str,
                  on_error: OnError | None = None) -> None:
         self._queues: dict[bytes, OutQueue] = {}
-        self._reader = LaneReader(redis, keys, process_id, self._dispatch, on_error=on_error)
+        self._reader = LaneReader(redis, keys, process_id, self._dispatch, on_error=on_error,
+                                  on_follow=metrics.streams_followed)
 
     def start(self) -> None:
         self._reader.start()
@@ -95,12 +96,19 @@ class OutboundHub:
         await self._reader.add(out_key, from_id)
         return queue
 
-    def detach(self, out_key: str, queue: OutQueue) -> None:
-        """Stop delivering to `queue`, unless the call's stream already re-attached here."""
+    def detach(self, out_key: str, queue: OutQueue) -> bool:
+        """Stop delivering to `queue`, unless the call's stream already re-attached here; True
+        when the stream is no longer followed."""
         key = out_key.encode()
         if self._queues.get(key) is queue:
             del self._queues[key]
             self._reader.remove(out_key)
+            return True
+        return False
+
+    def ring(self, out_key: str, rung: bool) -> None:
+        """Whether `out_key`'s writer rings us (gateway/doorbell.py)."""
+        self._reader.ring(out_key, rung)
 
     def _dispatch(self, key: bytes, entries: Entries) -> None:
         queue = self._queues.get(key)

@@ -19,6 +19,7 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from gateway.doorbell import Doorbell
 from gateway.fence import OwnerFence, epoch_of
 from gateway.hub import OutQueue
 from gateway.records import ensure_ttl, reassert
@@ -187,7 +188,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         pipe = st.redis.pipeline(transaction=False)
         pipe.xrevrange(out_key, count=1)
         pipe.hget(st.keys.call(sid), "epoch")  # the current owner's: nothing older may play
-        last, epoch = await pipe.execute()
+        pipe.hget(st.keys.call(sid), "owner")  # to ring (gateway/doorbell.py)
+        last, epoch, owner = await pipe.execute()
         from_id = last[0][0].decode() if last else "0-0"
         floor = epoch_of({b"e": epoch}) if isinstance(epoch, bytes) else None
         fence = OwnerFence(floor or 0)
@@ -198,6 +200,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
     announce = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
                          "gateway": st.process_id})
     st.writer.xadd(in_key, S.entry(S.IN_START, value=announce, stream=start.stream_sid), maxlen)
+    bell = Doorbell(st, in_key, out_key)
+    bell.owner(owner)  # `start` sent the owner's reading of `in` back to blocked: ring it again
     st.writer.command("expire", in_key, st.settings.call_ttl_s)  # even if no worker ever claims it
     st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
                                                           "gateway": st.process_id})
@@ -207,7 +211,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
                       attached=time.monotonic(), live=live)
     st.sockets[ws] = info
     log.info("media stream started")
-    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid), fence, info),
+    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid), fence, info, bell),
                                  name="twilio-send")
     receiver = asyncio.create_task(
         _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)),
@@ -218,7 +222,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
             await ws.close(code=1001)
         ended = await _supervise(ws, sid, receiver, sender)
     finally:
-        st.hub.detach(out_key, queue)
+        last_here = st.hub.detach(out_key, queue)
         st.sockets.pop(ws, None)
         metrics.MEDIA_SOCKETS.dec()
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
@@ -228,6 +232,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
             # The worker must know the stream is gone even when Twilio did not say `stop`.
             st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
+        if last_here:  # after `detach`, which still rings
+            bell.close()
         metrics.MEDIA_CLOSED.labels(cause).inc()
         if cause in ("stop", "hangup", "no_worker"):  # the call is over: its place is free
             st.writer.command("zrem", st.keys.active, sid)
@@ -401,7 +407,7 @@ def _mark_name(value: bytes | None) -> str | None:
 
 
 async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: OwnerFence,
-                     info: SocketInfo) -> bool:
+                     info: SocketInfo, bell: Doorbell) -> bool:
     """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed). An entry
     that is not one we can send is counted and dropped; the audio after it goes on. Entries of
     a replaced owner are dropped (gateway/fence.py). Notes on `info` that the owner wrote (it is
@@ -416,6 +422,7 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
             admitted = fence.admit(f)
             if not admitted:
                 if admitted is None:  # a new owner: drop what the old one left in Twilio's buffer
+                    bell.new_owner(f)
                     await send(out.clear())
                 else:
                     _drop("stale_owner")
@@ -443,6 +450,8 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
                 await send(out.clear())
                 if (age := _age_s(f, now)) is not None:
                     metrics.CLEAR_LATENCY.observe(age)
+            elif kind == S.OUT_RING:
+                bell.rung(f)
             elif kind == S.OUT_HANGUP:
                 await ws.close(code=NORMAL)
                 return True

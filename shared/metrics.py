@@ -87,6 +87,18 @@ WEBHOOKS = Counter(
     "Twilio webhook requests by route and outcome.",
     ["route", "outcome"],
 )
+STREAMS_FOLLOWED = Gauge(
+    "callbridge_redis_streams_followed", "Call streams this process reads, by mode: rung (their "
+    "writer rings this process's wake stream) or blocked (named in its blocked XREAD: a writer "
+    "that does not ring yet, another version, or Redis Cluster).", ["mode"],
+    multiprocess_mode="livesum")
+
+
+def streams_followed(rung: int, following: int) -> None:
+    STREAMS_FOLLOWED.labels("rung").set(rung)
+    STREAMS_FOLLOWED.labels("blocked").set(following - rung)
+
+
 MEDIA_SOCKETS = Gauge("callbridge_gateway_media_sockets", "Open Twilio Media Stream sockets.",
                       multiprocess_mode="livesum")
 MEDIA_REJECTED = Counter(

@@ -58,6 +58,9 @@ log = logging.getLogger("callbridge.redis")
 # writer, worker reader, worker writer, gateway reader), so each may sleep only briefly.
 # (Only the first failure of a run is logged; every one is counted.)
 MAX_BACKOFF_S = 0.1
+# A rung stream (MultiReader) is read at least this often even when nothing rings.
+RING_SWEEP_MS = 100
+WAKE_TTL_S = 60  # a process's wake stream outlives it by at most this
 
 
 class _PartialWrite(Exception):
@@ -285,6 +288,8 @@ class BatchWriter:
         self.batches = 0
         self._writer_id = uuid.uuid4().hex[:12].encode()
         self._seq = 0
+        self._rings: dict[str, str] = {}  # stream -> the wake stream of the process reading it
+        self._ring_due: set[str] = set()
 
     def start(self) -> None:
         if self._task is None:
@@ -308,6 +313,18 @@ class BatchWriter:
         self._seq += 1
         fields[SEQ_FIELD] = b"%s:%d" % (self._writer_id, self._seq)
         self._push("xadd", (key, fields), kw)
+        if self._rings:
+            wake = self._rings.get(key)
+            if wake is not None:
+                self._ring_due.add(wake)
+
+    def ring(self, key: str, wake_key: str | None) -> None:
+        """After each batch that wrote to `key`, ring `wake_key` (the reader's wake stream: see
+        `MultiReader`); None stops ringing for `key`."""
+        if wake_key is None:
+            self._rings.pop(key, None)
+        else:
+            self._rings[key] = wake_key
 
     def command(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Queue any pipeline-able command (hset, expire, xack…) behind the pending XADDs."""
@@ -345,6 +362,9 @@ class BatchWriter:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
+            if self._ring_due:  # after the entries they announce, in the same pipeline
+                batch.extend(("ring", (wake,), _NO_KW) for wake in self._ring_due)
+                self._ring_due.clear()
             if not batch:
                 self._idle.set()
                 continue
@@ -401,7 +421,10 @@ async def _pipeline(redis: aioredis.Redis, batch: Batch) -> list[Any]:
     if packed is None:
         pipe = redis.pipeline(transaction=False)
         for name, args, kwargs in batch:
-            getattr(pipe, name)(*args, **kwargs)
+            if name == "ring":
+                pipe.execute_command(*_ring_parts(args[0]))
+            else:
+                getattr(pipe, name)(*args, **kwargs)
         return list(await pipe.execute(raise_on_error=False))
     return await _raw(redis, packed, len(batch), _socket_timeout(redis))
 
@@ -446,12 +469,18 @@ async def xread(redis: aioredis.Redis, streams: dict[bytes, bytes], count: int,
         return [(k, list(e)) for k, e in items]
     parts = [b"XREAD", b"COUNT", b"%d" % count, b"BLOCK", b"%d" % block_ms, b"STREAMS",
              *streams.keys(), *streams.values()]
-    return await xread_packed(redis, _resp(parts), block_ms)
+    return (await xread_packed(redis, _resp(parts), block_ms))[0]
 
 
-async def xread_packed(redis: aioredis.Redis, command: bytes, block_ms: int) -> list[tuple[bytes, Entries]]:
-    """`xread` for an XREAD … BLOCK `block_ms` the caller packed as RESP itself (on one Redis)."""
-    (reply,) = await _raw(redis, command, 1, block_ms / 1000 + _socket_timeout(redis))
+async def xread_packed(redis: aioredis.Redis, command: bytes, block_ms: int,
+                       replies: int = 1) -> list[list[tuple[bytes, Entries]]]:
+    """`xread` for `replies` XREADs (the first with BLOCK `block_ms`) the caller packed as RESP
+    itself (on one Redis): each one's streams and entries."""
+    got = await _raw(redis, command, replies, block_ms / 1000 + _socket_timeout(redis))
+    return [_xread_reply(reply) for reply in got]
+
+
+def _xread_reply(reply: Any) -> list[tuple[bytes, Entries]]:
     if isinstance(reply, ResponseError):
         raise reply
     out: list[tuple[bytes, Entries]] = []
@@ -487,13 +516,24 @@ def _bulk(p: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(p), p)
 
 
+_NO_KW: dict[str, Any] = {}
+
+
+def _ring_parts(wake_key: Any) -> list[bytes]:
+    """A ring: one entry on the reader's wake stream, which its blocked read names. NOMKSTREAM:
+    a ring for a process that is gone (its stream deleted or expired) creates nothing."""
+    return [b"XADD", _arg(wake_key), b"NOMKSTREAM", b"MAXLEN", b"1", b"*", b"r", b"1"]
+
+
 def pack_batch(batch: Batch) -> bytes | None:
     """The batch as RESP, or None when a command is not one this knows: XADD (with an
-    approximate MAXLEN), HSET with a mapping, and commands of plain positional arguments."""
+    approximate MAXLEN), a ring, HSET with a mapping, and commands of plain positional arguments."""
     out = []
     try:
         for name, args, kwargs in batch:
-            if name == "xadd":
+            if name == "ring":
+                parts = _ring_parts(args[0])
+            elif name == "xadd":
                 key, fields = args
                 parts = [b"XADD", _arg(key)]
                 if kwargs.get("maxlen"):
@@ -517,7 +557,17 @@ def pack_batch(batch: Batch) -> bytes | None:
 
 
 class MultiReader:
-    """One blocked multi-key XREAD for every stream this process follows."""
+    """The reads of every stream this process follows, one round trip per wake-up.
+
+    A stream is followed in one of two ways. *Blocked*: named in one blocked multi-key XREAD, as
+    any writer works with. *Rung*: its writer rings this process's wake stream after every batch
+    it writes there (`BatchWriter.ring`), so only the wake stream needs to block; the rung streams
+    are read without BLOCK right behind it, in the same pipeline. A blocked read costs Redis about
+    2 µs per stream it names when it blocks and wakes, a plain read about 0.5 µs, and the blocked
+    read is re-issued after every wake-up (docs/performance.md, "Where the rest goes"). A stream
+    is rung only once its writer said it rings us (`ring`), and goes back to blocked the moment
+    its writer may change; a rung stream is still read at least every RING_SWEEP_MS, so an entry
+    written without a ring (the claim script's `own`, the call API) is late, never lost."""
 
     def __init__(
         self,
@@ -527,27 +577,38 @@ class MultiReader:
         *,
         count: int = 100,
         block_ms: int = 1000,
+        sweep_ms: int = RING_SWEEP_MS,
         on_error: OnError | None = None,
     ) -> None:
         self._redis = redis
         self._wake_key = wake_key.encode()
+        self._sweep_ms = min(block_ms, sweep_ms)
         self._on_entries = on_entries
         self._count = count
         self._block_ms = block_ms
         self._on_error = on_error
         self._ids: dict[bytes, bytes] = {}
-        # The same streams' names and ids as RESP, in the same order, kept up to date as they
-        # change: the blocked read names every stream, and packing it afresh took 73.7 µs for
-        # 100 streams against 8.2 µs kept (docs/performance.md, "Redis reads").
-        self._bulk_keys: dict[bytes, bytes] = {}
-        self._bulk_ids: dict[bytes, bytes] = {}
-        self._head = b"".join(_bulk(p) for p in (b"XREAD", b"COUNT", b"%d" % count, b"BLOCK",
-                                                 b"%d" % block_ms, b"STREAMS", self._wake_key))
+        # The streams' names and ids as RESP, in the same order, kept up to date as they change
+        # (blocked ones in `_blocked`, rung ones in `_rung`): a read names every stream, and
+        # packing it afresh took 73.7 µs for 100 streams against 8.2 µs kept (docs/performance.md).
+        self._blocked: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
+        self._rung: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
+        self._rings = not isinstance(redis, RedisCluster)  # rings are for one Redis only
+
+        def head(block_ms: int | None) -> bytes:
+            block = (b"BLOCK", b"%d" % block_ms) if block_ms is not None else ()
+            return b"".join(_bulk(p) for p in (b"XREAD", b"COUNT", b"%d" % count, *block,
+                                               b"STREAMS", self._wake_key))
+
+        self._head = head(block_ms)
+        self._head_sweep = head(self._sweep_ms)
+        self._head_now = head(None)
+        self._rung_head = b"".join(_bulk(p) for p in (b"XREAD", b"COUNT", b"%d" % count, b"STREAMS"))
         self._seen: dict[bytes, dict[bytes, int]] = {}  # stream -> writer id -> last n delivered
         self.duplicates = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._token = uuid.uuid4().hex.encode()
+        self._poked_at = 0.0
 
     def start(self) -> None:
         if self._task is None:
@@ -556,6 +617,15 @@ class MultiReader:
     def tasks(self) -> list[asyncio.Task[None]]:
         """The background task, for the process to supervise (it must never end)."""
         return [self._task] if self._task is not None else []
+
+    @property
+    def rung(self) -> int:
+        """How many followed streams are rung (the rest are named in the blocked read)."""
+        return len(self._rung[0])
+
+    @property
+    def following(self) -> int:
+        return len(self._ids)
 
     async def close(self) -> None:
         """Stop reading. Besides the cancel, the loop checks `_closing` after every read, and a
@@ -576,25 +646,54 @@ class MultiReader:
             pass
 
     async def add(self, key: str, from_id: str = "0-0") -> None:
-        """Follow `key` from after `from_id`; wakes the blocked read so it takes effect now."""
+        """Follow `key` from after `from_id`, blocked (until its writer says it rings); wakes the
+        read so it takes effect now."""
         k = key.encode()
+        self._rung[0].pop(k, None)
+        self._rung[1].pop(k, None)
         self._ids[k] = from_id.encode()
-        self._bulk_keys[k] = _bulk(k)
-        self._bulk_ids[k] = _bulk(self._ids[k])
+        self._blocked[0][k] = _bulk(k)
+        self._blocked[1][k] = _bulk(self._ids[k])
         self._seen.setdefault(k, {})
         await self._poke()
 
     def remove(self, key: str) -> None:
         k = key.encode()
+        self._forget(k)
         self._ids.pop(k, None)
-        self._bulk_keys.pop(k, None)
-        self._bulk_ids.pop(k, None)
         self._seen.pop(k, None)
 
-    def _command(self, wake_id: bytes) -> bytes:
-        """XREAD COUNT … BLOCK … STREAMS <wake, every stream> <their ids>, as RESP."""
-        return b"".join((b"*%d\r\n" % (6 + 2 * (len(self._bulk_keys) + 1)), self._head,
-                         *self._bulk_keys.values(), _bulk(wake_id), *self._bulk_ids.values()))
+    def ring(self, key: str, rung: bool) -> None:
+        """`key`'s writer rings us from now on (True), or it may not (False: a new writer)."""
+        k = key.encode()
+        if k not in self._ids or not self._rings:
+            return
+        to = self._rung if rung else self._blocked
+        if k in to[0]:
+            return
+        self._forget(k)
+        to[0][k] = _bulk(k)
+        to[1][k] = _bulk(self._ids[k])
+
+    def _forget(self, k: bytes) -> None:
+        for names, ids in (self._blocked, self._rung):
+            names.pop(k, None)
+            ids.pop(k, None)
+
+    def _command(self, wake_id: bytes, now: bool = False) -> tuple[bytes, int]:
+        """The read as RESP, and how many replies it has: XREAD COUNT … BLOCK … STREAMS <wake,
+        the blocked streams> <their ids>, then, when streams are rung, XREAD COUNT … STREAMS
+        <rung streams> <their ids>. The blocked read waits at most RING_SWEEP_MS while streams
+        are rung (`sweep_ms`), and not at all when `now` (a rung stream had COUNT waiting)."""
+        names, ids = self._blocked
+        rnames, rids = self._rung
+        head = self._head_now if now else self._head_sweep if rnames else self._head
+        blocked = b"".join((b"*%d\r\n" % ((6 if now else 8) + 2 * len(names)), head,
+                            *names.values(), _bulk(wake_id), *ids.values()))
+        if not rnames:
+            return blocked, 1
+        return b"".join((blocked, b"*%d\r\n" % (4 + 2 * len(rnames)), self._rung_head,
+                         *rnames.values(), *rids.values())), 2
 
     def _fresh(self, key: bytes, entries: Entries) -> Entries:
         """`entries` without the ones their writer already delivered on `key`. Allocates nothing
@@ -623,27 +722,42 @@ class MultiReader:
         return entries if kept is None else kept
 
     async def _poke(self) -> None:
+        """An entry on our wake stream: ends a blocked read now, and (re)creates the stream that
+        writers ring (theirs is NOMKSTREAM), with an expiry in case this process dies."""
         if self._task is None:
             return
+        self._poked_at = time.monotonic()
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=1, approximate=False)
-            pipe.expire(self._wake_key, 60)
+            pipe.expire(self._wake_key, WAKE_TTL_S)
             await pipe.execute()
         except (RedisError, OSError):
             pass  # the read loop notices within block_ms anyway
 
+    async def _read(self, wake_id: bytes, now: bool) -> tuple[list[tuple[bytes, Entries]], bool]:
+        """One round trip: the entries read, and whether rung streams had entries although the
+        blocked read ran out (nothing rang them)."""
+        if isinstance(self._redis, RedisCluster):
+            streams: dict[bytes, bytes] = {self._wake_key: wake_id, **self._ids}
+            return await xread(self._redis, streams, self._count, self._block_ms), False
+        command, replies = self._command(wake_id, now)
+        block_ms = 0 if now else self._sweep_ms if replies == 2 else self._block_ms
+        got = await xread_packed(self._redis, command, block_ms, replies)
+        if replies == 1:
+            return got[0], False
+        return got[0] + got[1], not now and not got[0] and bool(got[1])
+
     async def _run(self) -> None:
         backoff = 0.05
         failing = False
+        now = False
         wake_id = b"0-0"  # the wake stream is this process's own; MAXLEN 1 keeps it tiny
         while not self._closing:
             try:
-                if isinstance(self._redis, RedisCluster):
-                    streams: dict[bytes, bytes] = {self._wake_key: wake_id, **self._ids}
-                    resp = await xread(self._redis, streams, self._count, self._block_ms)
-                else:
-                    resp = await xread_packed(self._redis, self._command(wake_id), self._block_ms)
+                if self._rung[0] and time.monotonic() - self._poked_at > WAKE_TTL_S / 3:
+                    await self._poke()  # keep the rung stream alive while rung streams need it
+                resp, unrung = await self._read(wake_id, now)
                 backoff = 0.05
                 if failing:
                     failing = False
@@ -660,6 +774,7 @@ class MultiReader:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
+            now = False
             for key, entries in resp:
                 if not entries:
                     continue
@@ -668,8 +783,14 @@ class MultiReader:
                     continue
                 if key not in self._ids:
                     continue  # removed while the read was in flight
-                self._ids[key] = entries[-1][0]
-                self._bulk_ids[key] = _bulk(entries[-1][0])
+                last = entries[-1][0]
+                self._ids[key] = last
+                if key in self._rung[1]:
+                    self._rung[1][key] = _bulk(last)
+                    if len(entries) >= self._count:
+                        now = True  # more may wait, and no ring is coming for them
+                elif key in self._blocked[1]:
+                    self._blocked[1][key] = _bulk(last)
                 entries = self._fresh(key, entries)
                 if not entries:
                     continue
@@ -677,6 +798,11 @@ class MultiReader:
                     self._on_entries(key, entries)
                 except Exception:
                     log.exception("stream consumer failed", extra={"stream": key.decode()})
+            if unrung and not self._closing:
+                # Rung streams had entries but nothing rang for a whole sweep: a writer that does
+                # not ring (the claim script, the call API), or our wake stream is gone (Redis lost
+                # its data) and every ring is dropped. Make it anew; it costs one round trip.
+                await self._poke()
 
 
 class LaneWriter:
@@ -727,6 +853,9 @@ class LaneWriter:
     def xadd(self, key: str, fields: Fields, maxlen: int | None = None) -> None:
         self._for(key).xadd(key, fields, maxlen)
 
+    def ring(self, key: str, wake_key: str | None) -> None:
+        self._for(key).ring(key, wake_key)
+
     def command(self, name: str, *args: Any, **kwargs: Any) -> None:
         key = args[2] if name == "eval" and len(args) > 2 and args[1] else args[0]
         self._for(key).command(name, *args, **kwargs)
@@ -747,11 +876,13 @@ class LaneReader:
     (shared/streams.py, `Keys`); on one Redis there is one lane, so this is one `MultiReader`."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, process_id: str, on_entries: OnEntries,
-                 *, on_error: OnError | None = None) -> None:
+                 *, on_error: OnError | None = None,
+                 on_follow: Callable[[int, int], None] | None = None) -> None:
         # One client for every lane: its blocked reads only wait, so a dead node's lanes failing
         # and the client relearning the slots cost the live lanes a reconnect (measured: gaps of
         # at most 0.19 s on them during a promotion), unlike the writers (LaneWriter).
         self._keys = keys
+        self._on_follow = on_follow  # (rung, following) whenever either changes
         self._readers = [MultiReader(redis, keys.wake(process_id, lane), on_entries, on_error=on_error)
                          for lane in range(max(1, keys.lanes))]
 
@@ -774,9 +905,27 @@ class LaneReader:
 
     async def add(self, key: str, from_id: str = "0-0") -> None:
         await self._reader(key).add(key, from_id)
+        self._followed()
 
     def remove(self, key: str) -> None:
         self._reader(key).remove(key)
+        self._followed()
+
+    def ring(self, key: str, rung: bool) -> None:
+        self._reader(key).ring(key, rung)
+        self._followed()
+
+    def _followed(self) -> None:
+        if self._on_follow is not None:
+            self._on_follow(self.rung, self.following)
+
+    @property
+    def rung(self) -> int:
+        return sum(reader.rung for reader in self._readers)
+
+    @property
+    def following(self) -> int:
+        return sum(reader.following for reader in self._readers)
 
 
 Writer = BatchWriter | LaneWriter  # what the tiers write through (LaneWriter on a cluster)

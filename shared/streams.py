@@ -7,6 +7,7 @@ across processes). Keeping the encoding here means the gateway and the worker ca
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ IN_MARK = b"mark"
 IN_STOP = b"stop"
 IN_DETACH = b"detach"  # the Twilio socket closed without `stop` (gateway drain or network)
 IN_SILENCE = b"silence"  # worker-local only: caller audio stalled, keep Vapi fed
+# The writer of a stream says it rings its reader's wake stream after every batch from now on:
+# `v` = the reader's process id (shared/redisio.py, `MultiReader`; docs/architecture.md).
+IN_RING = b"ring"
 # The call API steers a live call: `v` = JSON {"op": "hangup" | "say" | "transfer" |
 # "answered_by", ...}; untrusted, parsed by worker/call.py `parse_control`.
 IN_CONTROL = b"ctl"
@@ -31,7 +35,8 @@ OUT_MEDIA = b"m"
 OUT_MARK = b"mark"
 OUT_CLEAR = b"clear"
 OUT_HANGUP = b"hangup"
-OUT_OWN = b"own"  # a new owner (epoch `e`) took the call: older epochs' entries are stale
+OUT_OWN = b"own"  # a new owner (epoch `e`, worker id `w`) took the call: older epochs' are stale
+OUT_RING = b"ring"  # as IN_RING, from the owner to the gateway holding the Twilio socket
 
 WORKER_GROUP = "workers"
 
@@ -131,6 +136,12 @@ class Keys:
         return f"{self.prefix}{self.lane_tag(lane)}wake:{process_id}"
 
     @property
+    def rings(self) -> bool:
+        """Whether writers ring their readers (one Redis; on a cluster every stream is named in
+        its lane's blocked read, as the wake stream would have to share the stream's slot)."""
+        return not self.lanes
+
+    @property
     def layout(self) -> str:
         """The lane count the deployment was started with: every process must agree."""
         return f"{self._c()}layout"
@@ -174,6 +185,29 @@ class Keys:
 
     def all_call_keys(self, sid: str) -> tuple[str, str, str, str]:
         return (self.call(sid), self.inbound(sid), self.outbound(sid), self.events(sid))
+
+
+def gateway_reader(gateway_id: str) -> str:
+    """The reader id (its wake stream's name, `Keys.wake`) of the gateway `gateway_id`."""
+    return f"gw-{gateway_id}"
+
+
+def worker_reader(worker_id: str) -> str:
+    """The reader id (its wake stream's name, `Keys.wake`) of the worker `worker_id`."""
+    return f"wk-{worker_id}"
+
+
+_RING_TARGET = re.compile(rb"[A-Za-z0-9._:-]{1,100}")
+
+
+def ring_target(raw: object) -> str | None:
+    """A process id named by an entry or a record (untrusted: another version, a bad writer) as
+    the reader to ring, or None when it is not a plausible one."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if isinstance(raw, bytes) and _RING_TARGET.fullmatch(raw):
+        return raw.decode()
+    return None
 
 
 def entry(kind: bytes, audio: bytes | None = None, value: str | bytes | None = None,

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -29,6 +30,28 @@ from tests.conftest import (
 )
 
 UNAVAILABLE = "Sorry, the assistant is not available right now. Please try again later."
+
+
+async def streams_followed(proc: Proc) -> dict[str, float]:
+    """A process's `callbridge_redis_streams_followed` gauge, by mode (rung / blocked)."""
+    assert proc.health_url
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(proc.health_url.replace("/readyz", "/metrics"), timeout=5)).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("callbridge_redis_streams_followed{"):
+            mode = line.split('mode="', 1)[1].split('"', 1)[0]
+            out[mode] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def until_rung(*procs: Proc, rung: int = 1, timeout: float = 10.0) -> None:
+    """Each process reads `rung` call streams rung by their writer, none in its blocked read."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        while (got := await streams_followed(proc)) != {"rung": rung, "blocked": 0}:
+            assert time.monotonic() < deadline, f"{proc.name}: streams followed {got}"
+            await asyncio.sleep(0.05)
 
 
 async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -193,6 +216,8 @@ async def test_call_with_greeting_two_turns_and_hangup(stack: Stack) -> None:
     overrides = session.body["assistantOverrides"]
     assert overrides["variableValues"]["twilioCallSid"] == call.call_sid
     assert overrides["metadata"]["from"] == call.from_
+    # Each side's writer rings its reader: neither names the call's stream in its blocked read.
+    await until_rung(stack.gateway, stack.worker)
 
     await two_turns_then_hang_up(call)
     await session.wait_closed(2)

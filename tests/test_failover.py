@@ -18,7 +18,15 @@ from tests.conftest import (
     gateway_proc,
     worker_proc,
 )
-from tests.test_e2e import Stack, caller_utterance, make_stack, until, utterances_heard, wait_heard
+from tests.test_e2e import (
+    Stack,
+    caller_utterance,
+    make_stack,
+    until,
+    until_rung,
+    utterances_heard,
+    wait_heard,
+)
 from tests.test_lifecycle import _env as lifecycle_env
 from tests.test_lifecycle import sims  # noqa: F401 - the fixture: stand-ins behind one public name
 
@@ -120,6 +128,8 @@ async def _killed(stack: Stack) -> None:
     await until(lambda: len(second.caller_turns) >= 1, 10, "the gap's words at the new session")
     survivor = await stack.owner(call.call_sid)
     assert survivor is not victim
+    # The new owner and the gateway ring each other again (gateway/doorbell.py).
+    await until_rung(stack.gateway, survivor)
     await call.hangup()
     await second.wait_closed(5)
     assert stack.vapi.open_sessions() == 0

@@ -36,12 +36,16 @@ class Host:
         self.vapi: Any = None
         self.twilio: Any = None
         self.done: list[bool] = []
+        self.rung: list[bool] = []
 
     def session_done(self, session: CallSession, completed: bool) -> None:
         self.done.append(completed)
 
     def wake_ticker(self, session: CallSession) -> None:
         pass
+
+    def inbound_rung(self, sid: str, rung: bool) -> None:
+        self.rung.append(rung)
 
     def emit_due(self, session: CallSession, now: float) -> None:
         pass
@@ -429,3 +433,27 @@ async def test_a_released_session_ends_even_when_its_setup_loses_the_cancel(host
     assert run.cancelled() and len(host.done) == 1
     if sys.version_info < (3, 12):
         assert vapi.connecting.is_set(), "the setup lost its first cancel and went on"
+
+
+async def test_the_session_rings_its_gateway_and_reads_in_as_its_gateway_says(
+        host: Host, redis: aioredis.Redis) -> None:
+    """The record's gateway is rung from the claim on; a `start` sends `in` back to the blocked
+    read and names the gateway to ring; an `IN_RING` naming us makes `in` rung, one naming
+    another worker does not. Each ring change is said on `out`, under our epoch."""
+    host.vapi = StalledVapi()
+    session = CallSession(host, "CA1", {b"sid": b"CA1"}, epoch=3,
+                          record={"status": "live", "gateway": "g1"})
+    run = asyncio.create_task(session.run())
+    start = orjson.dumps({"stream_sid": "MZ2", "gateway": "g2"})
+    session.on_inbound([(b"1-0", {b"k": S.IN_START, b"s": b"MZ2", b"v": start}),
+                        (b"2-0", {b"k": S.IN_RING, b"v": b"w-test"}),
+                        (b"3-0", {b"k": S.IN_RING, b"v": b"w-other"}),
+                        (b"4-0", {b"k": S.IN_START, b"s": b"MZ3", b"v": b'{"gateway": "bad id"}'})])
+    assert host.rung == [False, True, False, False]
+    await host.writer.flush()
+    out = await redis.xrange(host.keys.outbound("CA1"))
+    rings = [(f[b"v"], f[b"e"]) for _id, f in out if f[b"k"] == S.OUT_RING]
+    assert rings == [(b"g1", b"3"), (b"g2", b"3")]
+    assert host.keys.outbound("CA1") not in host.writer._rings, "a gateway named badly is not rung"
+    session.on_inbound([(b"5-0", {b"k": S.IN_STOP, b"s": b"MZ3"})])
+    await asyncio.wait_for(run, 5)

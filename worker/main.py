@@ -20,6 +20,7 @@ from fastapi import FastAPI, Response
 from redis.exceptions import RedisError
 
 from shared import metrics
+from shared import streams as S
 from shared.health import readiness
 from shared.logs import error_fields
 from shared.redisio import (
@@ -82,8 +83,9 @@ class Worker:
                                                    max_connections=4),
             on_error=_redis_error, on_flushed=media_latency_observer(
                 metrics.HOP_LATENCY.labels("worker_to_redis").observe))
-        self.inbox = LaneReader(self._reader_redis, self.keys, f"wk-{self.worker_id}",
-                                self._on_inbound, on_error=_redis_error)
+        self.inbox = LaneReader(self._reader_redis, self.keys, S.worker_reader(self.worker_id),
+                                self._on_inbound, on_error=_redis_error,
+                                on_follow=metrics.streams_followed)
         self.vapi = VapiClient(settings)
         self.twilio = TwilioRest(settings)
         self.sessions: dict[str, CallSession] = {}
@@ -276,6 +278,7 @@ class Worker:
         self.sessions.pop(sid, None)
         self._by_in_key.pop(self.keys.inbound(sid).encode(), None)
         self.inbox.remove(self.keys.inbound(sid))
+        self.writer.ring(self.keys.outbound(sid), None)
         self._playing.discard(session)
         metrics.CALLS_ACTIVE.set(len(self.sessions))
         if not completed:
@@ -293,6 +296,11 @@ class Worker:
             self.writer.command("expire", key, max(s.ended_ttl_s, s.call_record_ttl_s))
         self.writer.command("srem", self.keys.worker_calls(self.worker_id), sid)
         log.info("call finished", extra={"call_sid": sid, "reason": reason})
+
+    def inbound_rung(self, sid: str, rung: bool) -> None:
+        """Whether the gateway rings us after writing the call's `in` (gateway/doorbell.py)."""
+        if self.sessions.get(sid) is not None:
+            self.inbox.ring(self.keys.inbound(sid), rung)
 
     def _on_inbound(self, key: bytes, entries: Entries) -> None:
         session = self._by_in_key.get(key)

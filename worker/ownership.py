@@ -68,7 +68,8 @@ local owner = redis.call('HGET', KEYS[1], 'owner')
 if (owner or '') ~= ARGV[2] then return 0 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'k', 'own', 'e', epoch, 't', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'k', 'own', 'e', epoch, 't', ARGV[4],
+           'w', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return epoch
 """

@@ -86,6 +86,7 @@ class SessionHost(Protocol):
 
     def session_done(self, session: CallSession, completed: bool) -> None: ...
     def wake_ticker(self, session: CallSession) -> None: ...
+    def inbound_rung(self, sid: str, rung: bool) -> None: ...
 
 
 _METRICS: dict[str, Callable[[str, float], None]] = {
@@ -130,6 +131,7 @@ class CallSession:
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._ring_gateway(record.get("gateway"))
 
     # What the worker reads --------------------------------------------------------------------
 
@@ -163,8 +165,13 @@ class CallSession:
             elif kind == S.IN_MARK:
                 self._feed(core.mark, eid, f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_START:
+                stream_sid, gateway = _announced(f.get(b"v", b"{}"))
+                self.w.inbound_rung(self.sid, False)  # a new socket: its gateway may not ring
+                self._ring_gateway(gateway)
                 self._feed(core.stream_start, eid, f.get(b"s", b"").decode(errors="replace"), now,
-                           _announced_sid(f.get(b"v", b"{}")))
+                           stream_sid)
+            elif kind == S.IN_RING:  # the gateway rings us from here on (gateway/doorbell.py)
+                self.w.inbound_rung(self.sid, f.get(b"v") == self.w.worker_id.encode())
             elif kind == S.IN_DTMF:
                 self._feed(core.dtmf, eid, f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_STOP:
@@ -254,6 +261,16 @@ class CallSession:
             _FRAMES_OUT.inc()
         self.w.writer.xadd(self.out_key, S.entry(kind, audio, value=value, epoch=self.epoch_b),
                            self.w.settings.stream_maxlen)
+
+    def _ring_gateway(self, raw: object) -> None:
+        """Ring the gateway `raw` names (the record's, a `start`'s) after each batch written to
+        `out`, and say so there (gateway/doorbell.py); stop ringing when it names none."""
+        if not self.keys.rings:
+            return
+        gateway = S.ring_target(raw)
+        self.w.writer.ring(self.out_key, self.keys.wake(S.gateway_reader(gateway)) if gateway else None)
+        if gateway:
+            self.out(S.OUT_RING, value=gateway)
 
     def update_call(self, mapping: dict[str, str]) -> None:
         """HSET on the call record, only while we still own the call (our epoch is its epoch)."""
@@ -494,11 +511,14 @@ class CallSession:
         self._feed(self.core.rest_hangup_done, outcome, time.monotonic())
 
 
-def _announced_sid(raw: bytes) -> str:
-    """The streamSid inside a `start` entry's JSON (the entry's own `s` field comes first)."""
+def _announced(raw: bytes) -> tuple[str, object]:
+    """The streamSid inside a `start` entry's JSON (the entry's own `s` field comes first), and
+    the gateway it names (untrusted: S.ring_target checks it)."""
     try:
         info = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return ""
-    sid = info.get("stream_sid") if isinstance(info, dict) else None
-    return sid if isinstance(sid, str) else ""
+        return "", None
+    if not isinstance(info, dict):
+        return "", None
+    sid = info.get("stream_sid")
+    return sid if isinstance(sid, str) else "", info.get("gateway")
