@@ -1018,7 +1018,7 @@ def _render(r: dict[str, Any]) -> str:
     lines.append(f"  (sim send skew, tick -> socket write: p50 {_f(sk['p50'], 0)} "
                  f"p99 {_f(sk['p99'], 0)} max {_f(sk['max'], 0)} ms; not counted above)")
     lines.append("bridge hop histograms, window delta (ms, estimated from buckets with linear "
-                 "interpolation, as Prometheus histogram_quantile):")
+                 "interpolation, as Prometheus histogram_quantile; n = frames timed, one in 8):")
     for hop, d in r["bridge_histograms"].items():
         lines.append(f"  {hop:<17} [{d['process']:<7}]  p50 {_f(d['p50_ms'], 6)}  "
                      f"p99 {_f(d['p99_ms'], 6)}  n={d['count']}")

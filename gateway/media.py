@@ -406,6 +406,9 @@ def _mark_name(value: bytes | None) -> str | None:
         return None
 
 
+_HOP_SAMPLE = metrics.Sample()
+
+
 async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: OwnerFence,
                      info: SocketInfo, bell: Doorbell) -> bool:
     """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed). An entry
@@ -437,7 +440,7 @@ async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: Owner
                 await send(out.media(audio))
                 info.live = True
                 frames.inc()
-                if (age := _age_s(f, now)) is not None:
+                if _HOP_SAMPLE.due() and (age := _age_s(f, now)) is not None:
                     latency.observe(age)
             elif kind == S.OUT_MARK:
                 name = _mark_name(f.get(b"v"))

@@ -103,15 +103,24 @@ SEQ_FIELD = b"q"
 MAX_WRITERS_PER_KEY = 16
 
 
-def media_latency_observer(observe: Callable[[float], None], kind: bytes = b"m") -> OnFlushed:
-    """A flush hook timing each audio entry from its sender stamp to Redis acknowledging it."""
+def media_latency_observer(observe: Callable[[float], None], kind: bytes = b"m",
+                           every: int = 8) -> OnFlushed:
+    """A flush hook timing audio entries (one in `every`) from their sender stamp to Redis
+    acknowledging them."""
+    n = 0
 
     def on_flushed(batch: Batch, now_ns: int) -> None:
+        nonlocal n
         for name, args, _kw in batch:
             if name == "xadd":
                 fields = args[1]
-                if fields.get(b"k") == kind and b"t" in fields:
-                    observe((now_ns - int(fields[b"t"])) / 1e9)
+                if fields.get(b"k") == kind:
+                    n += 1
+                    if n >= every:
+                        n = 0
+                        t = fields.get(b"t")
+                        if t is not None:
+                            observe((now_ns - int(t)) / 1e9)
 
     return on_flushed
 
@@ -531,17 +540,11 @@ def pack_batch(batch: Batch) -> bytes | None:
     out = []
     try:
         for name, args, kwargs in batch:
+            if name == "xadd":
+                out.append(_pack_xadd(args[0], args[1], kwargs.get("maxlen"), kwargs.get("approximate")))
+                continue
             if name == "ring":
                 parts = _ring_parts(args[0])
-            elif name == "xadd":
-                key, fields = args
-                parts = [b"XADD", _arg(key)]
-                if kwargs.get("maxlen"):
-                    parts += [b"MAXLEN", b"~" if kwargs.get("approximate") else b"=",
-                              _arg(kwargs["maxlen"])]
-                parts.append(b"*")
-                for k, v in fields.items():
-                    parts += [_arg(k), _arg(v)]
             elif name == "hset" and len(args) == 1 and set(kwargs) == {"mapping"} and kwargs["mapping"]:
                 parts = [b"HSET", _arg(args[0])]
                 for k, v in kwargs["mapping"].items():
@@ -554,6 +557,39 @@ def pack_batch(batch: Batch) -> bytes | None:
     except (TypeError, ValueError):
         return None
     return b"".join(out)
+
+
+# XADD is most of every batch (a frame is one), and all of it but the values repeats: the
+# command, key and MAXLEN part per stream, and the few field names. Kept packed, the entry costs
+# one format per value (docs/performance.md, "Redis writes"); bounded, as streams come and go.
+_XADD_HEADS: dict[tuple[Any, Any, Any], bytes] = {}
+_FIELD_BULKS: dict[bytes, bytes] = {}
+_MAX_PACKED = 20_000
+
+
+def _pack_xadd(key: Any, fields: Fields, maxlen: Any, approximate: Any) -> bytes:
+    head = _XADD_HEADS.get((key, maxlen, approximate))
+    if head is None:
+        parts = [b"XADD", _arg(key)]
+        if maxlen:
+            parts += [b"MAXLEN", b"~" if approximate else b"=", _arg(maxlen)]
+        parts.append(b"*")
+        if len(_XADD_HEADS) >= _MAX_PACKED:
+            _XADD_HEADS.clear()
+        head = _XADD_HEADS[(key, maxlen, approximate)] = b"".join(_bulk(p) for p in parts)
+    n = (6 if maxlen else 3) + 2 * len(fields)
+    packed = [b"*%d\r\n" % n, head]
+    names = _FIELD_BULKS
+    for k, v in fields.items():
+        name = names.get(k)
+        if name is None:
+            name = _bulk(_arg(k))
+            if len(k) <= 8 and isinstance(k, bytes) and len(names) < 64:
+                names[k] = name
+        packed.append(name)
+        v = v if isinstance(v, bytes) else _arg(v)
+        packed.append(b"$%d\r\n%s\r\n" % (len(v), v))
+    return b"".join(packed)
 
 
 class MultiReader:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redisio import MAX_WRITERS_PER_KEY, BatchWriter, Entries, MultiReader, connect
+from shared.redisio import MAX_WRITERS_PER_KEY, BatchWriter, Entries, MultiReader, connect, pack_batch
 
 
 class CutProxy:
@@ -368,3 +368,29 @@ async def test_the_client_cpu_bench_runs_both_ways_and_reports(redis_url: str) -
     figures = await run(url, rounds=1, per_round=5)
     assert set(figures) == {"write packed", "write redis-py", "read packed", "read redis-py"}
     assert all(f["min_us"] > 0 and f["median_us"] >= f["min_us"] for f in figures.values())
+
+
+def test_an_xadd_packed_from_kept_parts_is_byte_for_byte_the_plain_packing() -> None:
+    """`pack_batch` keeps each stream's XADD head and the field names packed; the result must be
+    the RESP of the plain argument list, however often a key or a field name comes back."""
+    from shared.redisio import _resp
+
+    def plain(key: str, fields: dict, maxlen: int | None, approximate: bool) -> bytes:  # type: ignore[type-arg]
+        parts = [b"XADD", key.encode()]
+        if maxlen:
+            parts += [b"MAXLEN", b"~" if approximate else b"=", b"%d" % maxlen]
+        parts.append(b"*")
+        for k, v in fields.items():
+            k = k if isinstance(k, bytes) else k.encode()
+            parts += [k, v if isinstance(v, bytes) else str(v).encode()]
+        return _resp(parts)
+
+    cases = [("cb:call:CA1:in", {b"k": b"m", b"a": b"\x00\xff" * 80, b"t": b"17"}, 2000, True),
+             ("cb:call:CA1:in", {b"k": b"mark", b"v": "name", b"t": 18}, 2000, True),
+             ("cb:call:CA1:in", {b"k": b"m"}, 2000, False),
+             ("cb:call:CA2:out", {b"a-much-longer-field-name": b"", "e": b"3"}, None, False),
+             ("cb:call:CA2:out", {b"k": b"\r\n$3\r\n"}, None, False)]
+    for _ in range(2):  # the second time from the kept parts
+        for key, fields, maxlen, approximate in cases:
+            kw = {"maxlen": maxlen, "approximate": approximate} if maxlen else {}
+            assert pack_batch([("xadd", (key, fields), kw)]) == plain(key, fields, maxlen, approximate)

@@ -61,6 +61,7 @@ _FRAMES_OUT = metrics.Tally(metrics.FRAMES.labels("out", "redis"))
 _FRAMES_FROM_VAPI = metrics.Tally(metrics.FRAMES.labels("out", "vapi"))
 _BYTES_FROM_VAPI = metrics.Tally(metrics.AUDIO_BYTES.labels("out", "vapi"))
 _FRAMES_TO_VAPI = metrics.Tally(metrics.FRAMES.labels("in", "vapi"))
+_HOP_SAMPLE = metrics.Sample()
 P = ParamSpec("P")
 
 # Messages queued for the Vapi socket (each normally one 20 ms frame): beyond this Vapi is not
@@ -476,7 +477,8 @@ class CallSession:
                 return  # the reader sees the close and ends the call
             if sent_at is not None:
                 frames.inc()
-                latency.observe(max(0.0, time.time() - sent_at))
+                if _HOP_SAMPLE.due():
+                    latency.observe(max(0.0, time.time() - sent_at))
 
     def _close_vapi(self, send_end: bool) -> None:
         self._vapi_closed = True
