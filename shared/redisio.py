@@ -297,6 +297,7 @@ class BatchWriter:
         self.batches = 0
         self._writer_id = uuid.uuid4().hex[:12].encode()
         self._seq = 0
+        self._conn = KeptConnection(redis)
         self._rings: dict[str, str] = {}  # stream -> the wake stream of the process reading it
         self._ring_due: set[str] = set()
 
@@ -363,6 +364,7 @@ class BatchWriter:
         if self._task:  # one cancel can be lost (shared/tasks.py): stop_tasks cancels again
             task, self._task = self._task, None
             await stop_tasks([task], 5.0, every=1.0, what="redis writer")
+        await self._conn.release()
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -378,7 +380,7 @@ class BatchWriter:
                 self._idle.set()
                 continue
             try:
-                results = await _pipeline(self._redis, batch)
+                results = await _pipeline(self._redis, batch, self._conn)
                 retry = [cmd for cmd, r in zip(batch, results, strict=False) if _retryable(r)]
                 if retry:  # on a cluster, one node went away: the rest of the batch landed
                     raise _PartialWrite(retry)
@@ -418,7 +420,7 @@ class BatchWriter:
                 self._idle.set()
 
 
-async def _pipeline(redis: aioredis.Redis, batch: Batch) -> list[Any]:
+async def _pipeline(redis: aioredis.Redis, batch: Batch, kept: KeptConnection | None = None) -> list[Any]:
     """Send the batch as one pipeline; each command's reply or error, in order.
 
     On one Redis the commands are packed here and written on a pooled connection in one go, and
@@ -435,7 +437,7 @@ async def _pipeline(redis: aioredis.Redis, batch: Batch) -> list[Any]:
             else:
                 getattr(pipe, name)(*args, **kwargs)
         return list(await pipe.execute(raise_on_error=False))
-    return await _raw(redis, packed, len(batch), _socket_timeout(redis))
+    return await _raw(redis, packed, len(batch), _socket_timeout(redis), kept)
 
 
 RAW_TIMEOUT_S = 5.0
@@ -445,11 +447,13 @@ def _socket_timeout(redis: aioredis.Redis) -> float:
     return float(redis.connection_pool.connection_kwargs.get("socket_timeout") or RAW_TIMEOUT_S)
 
 
-async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: float) -> list[Any]:
-    """Write `packed` on a pooled connection and read `replies` raw replies (an error reply is
-    returned in its place); any failure drops the connection, whose replies are then unknown."""
+async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: float,
+               kept: KeptConnection | None = None) -> list[Any]:
+    """Write `packed` on a pooled connection (or the one `kept`) and read `replies` raw replies
+    (an error reply is returned in its place); any failure drops the connection, whose replies
+    are then unknown (a kept one reconnects at its next use)."""
     pool = redis.connection_pool
-    conn = await pool.get_connection()
+    conn = await (pool.get_connection() if kept is None else kept.get())
     try:
         async with asyncio.timeout(timeout):  # one deadline for the batch, not one per reply
             await conn.send_packed_command(packed, check_health=False)
@@ -464,7 +468,28 @@ async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: floa
         await conn.disconnect(nowait=True)
         raise
     finally:
-        await pool.release(conn)
+        if kept is None:
+            await pool.release(conn)
+
+
+class KeptConnection:
+    """One pooled connection held by a user that issues one command at a time (a writer's
+    flusher, a reader's loop). Taking and giving back a pooled connection for every round trip
+    cost about 3 % of a worker (redis-py's pool lock, its deprecation wrapper, the release)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis  # a cluster client has no pool of its own, and is never asked here
+        self._conn: Any = None
+
+    async def get(self) -> Any:
+        if self._conn is None:
+            self._conn = await self._redis.connection_pool.get_connection()
+        return self._conn
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._redis.connection_pool.release(conn)
 
 
 async def xread(redis: aioredis.Redis, streams: dict[bytes, bytes], count: int,
@@ -481,11 +506,11 @@ async def xread(redis: aioredis.Redis, streams: dict[bytes, bytes], count: int,
     return (await xread_packed(redis, _resp(parts), block_ms))[0]
 
 
-async def xread_packed(redis: aioredis.Redis, command: bytes, block_ms: int,
-                       replies: int = 1) -> list[list[tuple[bytes, Entries]]]:
+async def xread_packed(redis: aioredis.Redis, command: bytes, block_ms: int, replies: int = 1,
+                       kept: KeptConnection | None = None) -> list[list[tuple[bytes, Entries]]]:
     """`xread` for `replies` XREADs (the first with BLOCK `block_ms`) the caller packed as RESP
     itself (on one Redis): each one's streams and entries."""
-    got = await _raw(redis, command, replies, block_ms / 1000 + _socket_timeout(redis))
+    got = await _raw(redis, command, replies, block_ms / 1000 + _socket_timeout(redis), kept)
     return [_xread_reply(reply) for reply in got]
 
 
@@ -630,6 +655,7 @@ class MultiReader:
         self._blocked: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
         self._rung: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
         self._rings = not isinstance(redis, RedisCluster)  # rings are for one Redis only
+        self._conn = KeptConnection(redis)
 
         def head(block_ms: int | None) -> bytes:
             block = (b"BLOCK", b"%d" % block_ms) if block_ms is not None else ()
@@ -676,6 +702,7 @@ class MultiReader:
             self._task = None
             every = self._block_ms / 1000 + 1
             await stop_tasks([task], 2 * every, every=every, what="redis reader")
+        await self._conn.release()
         try:
             await self._redis.delete(self._wake_key)
         except (RedisError, OSError):
@@ -779,7 +806,7 @@ class MultiReader:
             return await xread(self._redis, streams, self._count, self._block_ms), False
         command, replies = self._command(wake_id, now)
         block_ms = 0 if now else self._sweep_ms if replies == 2 else self._block_ms
-        got = await xread_packed(self._redis, command, block_ms, replies)
+        got = await xread_packed(self._redis, command, block_ms, replies, self._conn)
         if replies == 1:
             return got[0], False
         return got[0] + got[1], not now and not got[0] and bool(got[1])

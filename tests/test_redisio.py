@@ -394,3 +394,55 @@ def test_an_xadd_packed_from_kept_parts_is_byte_for_byte_the_plain_packing() -> 
         for key, fields, maxlen, approximate in cases:
             kw = {"maxlen": maxlen, "approximate": approximate} if maxlen else {}
             assert pack_batch([("xadd", (key, fields), kw)]) == plain(key, fields, maxlen, approximate)
+
+
+async def test_the_writer_and_the_reader_keep_one_connection_each_and_survive_it_being_killed(
+        redis_url: str, prefix: str) -> None:
+    """Each holds one pooled connection across round trips (`KeptConnection`); when Redis drops it
+    (CLIENT KILL, a restart), the next round trip reconnects, and nothing is lost."""
+    r = aioredis.Redis.from_url(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    key = f"{prefix}kept"
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def on_entries(_key: bytes, entries: Entries) -> None:
+        got.extend(f[b"v"] for _id, f in entries)
+        arrived.set()
+
+    reader = MultiReader(r, f"{prefix}wake:kept", on_entries, block_ms=200)
+    writer = BatchWriter(r)
+    reader.start()
+    writer.start()
+    try:
+        await reader.add(key)
+
+        async def write_and_see(v: bytes) -> None:
+            writer.xadd(key, {b"v": v})
+            await writer.flush()
+            async with asyncio.timeout(10):
+                while v not in got:
+                    arrived.clear()
+                    await arrived.wait()
+
+        for n in range(5):
+            await write_and_see(b"%d" % n)
+        writer_conn, reader_conn = writer._conn._conn, reader._conn._conn
+        assert writer_conn is not None and reader_conn is not None and writer_conn is not reader_conn
+        await write_and_see(b"again")
+        assert (writer._conn._conn, reader._conn._conn) == (writer_conn, reader_conn), "kept"
+        before = [conn._writer.get_extra_info("sockname")[:2] for conn in (writer_conn, reader_conn)]
+        for host, port in before:  # as Redis sees them: our side's address
+            assert await admin.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+        for n in range(5, 10):
+            await write_and_see(b"%d" % n)
+        after = [conn._writer.get_extra_info("sockname")[:2] for conn in (writer_conn, reader_conn)]
+        assert all(a != b for a, b in zip(after, before, strict=True)), "both reconnected"
+        assert got == [b"0", b"1", b"2", b"3", b"4", b"again", *(b"%d" % n for n in range(5, 10))]
+    finally:
+        await reader.close()
+        await writer.close()
+        assert writer._conn._conn is None and reader._conn._conn is None, "given back at close"
+        await admin.delete(key)
+        await admin.aclose()
+        await r.aclose()
