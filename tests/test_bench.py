@@ -226,14 +226,16 @@ def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
     assert isinstance(report["ratio"]["saturated"], bool), report["ratio"]
 
 
-def test_a_baseline_run_that_saturated_the_machine_or_lost_frames_is_flagged() -> None:
+def test_a_baseline_run_that_saturated_the_machine_a_process_or_lost_frames_is_flagged() -> None:
     """A process running behind batches more and costs less per call, so such a ratio flatters
     the bridge: the report says so rather than calling the target met."""
     from callbridge.bench_direct import _saturated
 
-    calm = {"machine_busy_cores": 1.2, "frames_lost": {"inbound": 0, "outbound": 0}}
+    calm = {"machine_busy_cores": 1.2, "busiest_process_core_pct": 60.0,
+            "frames_lost": {"inbound": 0, "outbound": 0}}
     assert not _saturated(calm, 2) and not _saturated(None, 2)
     assert _saturated({**calm, "machine_busy_cores": 1.85}, 2)
+    assert _saturated({**calm, "busiest_process_core_pct": 85.3}, 2), "one process near a core"
     assert _saturated({**calm, "frames_lost": {"inbound": 0, "outbound": 3}}, 2)
 
 
