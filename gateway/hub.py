@@ -106,6 +106,9 @@ class OutboundHub:
             return True
         return False
 
+    def follows(self, out_key: str) -> bool:
+        return out_key.encode() in self._queues
+
     def ring(self, out_key: str, rung: bool) -> None:
         """Whether `out_key`'s writer rings us (gateway/doorbell.py)."""
         self._reader.ring(out_key, rung)

@@ -188,8 +188,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         pipe = st.redis.pipeline(transaction=False)
         pipe.xrevrange(out_key, count=1)
         pipe.hget(st.keys.call(sid), "epoch")  # the current owner's: nothing older may play
-        pipe.hget(st.keys.call(sid), "owner")  # to ring (gateway/doorbell.py)
-        last, epoch, owner = await pipe.execute()
+        pipe.hmget(st.keys.call(sid), ["owner", "owner_rings"])  # whom to ring (gateway/doorbell.py)
+        last, epoch, (owner, owner_rings) = await pipe.execute()
         from_id = last[0][0].decode() if last else "0-0"
         floor = epoch_of({b"e": epoch}) if isinstance(epoch, bytes) else None
         fence = OwnerFence(floor or 0)
@@ -198,13 +198,16 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         await _reject(ws, "redis_error")
         return
     announce = orjson.dumps({"stream_sid": start.stream_sid, "params": start.custom_parameters,
-                         "gateway": st.process_id})
+                             "gateway": st.process_id, "rings": True})
     st.writer.xadd(in_key, S.entry(S.IN_START, value=announce, stream=start.stream_sid), maxlen)
     bell = Doorbell(st, in_key, out_key)
-    bell.owner(owner)  # `start` sent the owner's reading of `in` back to blocked: ring it again
+    bell.owner(owner if owner == owner_rings else None)  # only an owner that rings back knows
+    # rings (another version's would be woken twice a batch); `start` sent its reading of `in`
+    # back to blocked, and the ring entry after it moves it to rung again
     st.writer.command("expire", in_key, st.settings.call_ttl_s)  # even if no worker ever claims it
     st.writer.command("hset", st.keys.call(sid), mapping={"stream_sid": start.stream_sid,
-                                                          "gateway": st.process_id})
+                                                          "gateway": st.process_id,
+                                                          "gateway_rings": st.process_id})
     ensure_ttl(st.writer, st.settings.call_ttl_s, st.keys.call(sid))
     metrics.MEDIA_SOCKETS.inc()
     info = SocketInfo(last_rx=time.monotonic(), call_sid=sid, stream_sid=start.stream_sid,
@@ -222,7 +225,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
             await ws.close(code=1001)
         ended = await _supervise(ws, sid, receiver, sender)
     finally:
-        last_here = st.hub.detach(out_key, queue)
+        st.hub.detach(out_key, queue)
         st.sockets.pop(ws, None)
         metrics.MEDIA_SOCKETS.dec()
         hung_up = sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
@@ -232,8 +235,8 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
             # The worker must know the stream is gone even when Twilio did not say `stop`.
             st.writer.xadd(in_key, S.entry(S.IN_DETACH, value=detach, stream=start.stream_sid), maxlen)
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key)
-        if last_here:  # after `detach`, which still rings
-            bell.close()
+        if not st.hub.follows(out_key):  # no newer socket of the call here (decided after the
+            bell.close()                  # awaits above); after `detach`, which still rings
         metrics.MEDIA_CLOSED.labels(cause).inc()
         if cause in ("stop", "hangup", "no_worker"):  # the call is over: its place is free
             st.writer.command("zrem", st.keys.active, sid)

@@ -35,7 +35,7 @@ def ensure_ttl(writer: Writer, ttl_s: int, *keys: str) -> None:
 REASSERT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'ended' then return 0 end
-redis.call('HSET', KEYS[1], 'stream_sid', ARGV[1], 'gateway', ARGV[2])
+redis.call('HSET', KEYS[1], 'stream_sid', ARGV[1], 'gateway', ARGV[2], 'gateway_rings', ARGV[2])
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'live')
 elseif not status then

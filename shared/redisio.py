@@ -363,8 +363,8 @@ class BatchWriter:
             pass
         if self._task:  # one cancel can be lost (shared/tasks.py): stop_tasks cancels again
             task, self._task = self._task, None
-            await stop_tasks([task], 5.0, every=1.0, what="redis writer")
-        await self._conn.release()
+            ended = await stop_tasks([task], 5.0, every=1.0, what="redis writer")
+            await self._conn.release(usable=ended)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -477,18 +477,37 @@ class KeptConnection:
     flusher, a reader's loop). Taking and giving back a pooled connection for every round trip
     cost about 3 % of a worker (redis-py's pool lock, its deprecation wrapper, the release)."""
 
+    IDLE_S = 5.0  # idle longer, it is checked before use
+
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis  # a cluster client has no pool of its own, and is never asked here
         self._conn: Any = None
+        self._used_at = 0.0
 
     async def get(self) -> Any:
+        now = time.monotonic()
+        if self._conn is not None and now - self._used_at > self.IDLE_S:
+            # A server or proxy may have closed an idle connection: used as is, the next batch
+            # would fail, be logged and counted as a Redis error, and wait a backoff. (redis-py's
+            # pool skips its own check while its maintenance notifications are on, the default.)
+            try:
+                stale = await self._conn.can_read()  # the close, or a reply nobody read
+            except (RedisError, OSError):
+                stale = True
+            if stale:
+                await self._conn.disconnect(nowait=True)  # the next send reconnects
         if self._conn is None:
             self._conn = await self._redis.connection_pool.get_connection()
+        self._used_at = now
         return self._conn
 
-    async def release(self) -> None:
+    async def release(self, usable: bool = True) -> None:
+        """Give the connection back; one a task may still be using (`usable` False) is closed
+        first, so no one else reads its replies."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            if not usable:
+                await conn.disconnect(nowait=True)
             await self._redis.connection_pool.release(conn)
 
 
@@ -671,6 +690,8 @@ class MultiReader:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._poked_at = 0.0
+        self._poked_id: bytes | None = None  # our last poke's entry id
+        self._poking: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -701,8 +722,10 @@ class MultiReader:
                 await self._poke()
             self._task = None
             every = self._block_ms / 1000 + 1
-            await stop_tasks([task], 2 * every, every=every, what="redis reader")
-        await self._conn.release()
+            ended = await stop_tasks([task], 2 * every, every=every, what="redis reader")
+            await self._conn.release(usable=ended)
+        if self._poking is not None:
+            await stop_tasks([self._poking], 1.0, what="redis reader poke")
         try:
             await self._redis.delete(self._wake_key)
         except (RedisError, OSError):
@@ -794,9 +817,16 @@ class MultiReader:
             pipe = self._redis.pipeline(transaction=False)
             pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=1, approximate=False)
             pipe.expire(self._wake_key, WAKE_TTL_S)
-            await pipe.execute()
+            entry_id, _ = await pipe.execute()
         except (RedisError, OSError):
-            pass  # the read loop notices within block_ms anyway
+            return  # the read loop notices within block_ms anyway
+        if isinstance(entry_id, bytes):
+            self._poked_id = entry_id
+
+    def _poke_soon(self) -> None:
+        """A poke that does not hold up the read loop (it takes a connection of its own)."""
+        if self._poking is None or self._poking.done():
+            self._poking = asyncio.create_task(self._poke(), name="redis-reader-poke")
 
     async def _read(self, wake_id: bytes, now: bool) -> tuple[list[tuple[bytes, Entries]], bool]:
         """One round trip: the entries read, and whether rung streams had entries although the
@@ -819,7 +849,7 @@ class MultiReader:
         while not self._closing:
             try:
                 if self._rung[0] and time.monotonic() - self._poked_at > WAKE_TTL_S / 3:
-                    await self._poke()  # keep the rung stream alive while rung streams need it
+                    self._poke_soon()  # keep the wake stream alive while rung streams need it
                 resp, unrung = await self._read(wake_id, now)
                 backoff = 0.05
                 if failing:
@@ -838,6 +868,12 @@ class MultiReader:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             now = False
+            if self._poked_id is not None:
+                if _id_tuple(self._poked_id) < _id_tuple(wake_id):
+                    # The wake stream was made anew below where we read from (Redis restarted
+                    # empty on a clock behind ours): rings would go unseen. Read it whole.
+                    wake_id = b"0-0"
+                self._poked_id = None
             for key, entries in resp:
                 if not entries:
                     continue
@@ -865,7 +901,12 @@ class MultiReader:
                 # Rung streams had entries but nothing rang for a whole sweep: a writer that does
                 # not ring (the claim script, the call API), or our wake stream is gone (Redis lost
                 # its data) and every ring is dropped. Make it anew; it costs one round trip.
-                await self._poke()
+                self._poke_soon()
+
+
+def _id_tuple(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return (int(ms) if ms.isdigit() else 0, int(seq) if seq.isdigit() else 0)
 
 
 class LaneWriter:

@@ -61,7 +61,7 @@ async def test_reassert_restores_a_lost_record_but_never_takes_a_call_back(
     await redis.delete(keys.call(sid))  # Redis restarted without its data
     assert await O.reassert(redis, keys, sid, "w1", epoch, 60, {"status": "live"}) == 1
     record = await redis.hgetall(keys.call(sid))
-    assert record == {b"owner": b"w1", b"epoch": b"1", b"status": b"live"}
+    assert record == {b"owner": b"w1", b"owner_rings": b"w1", b"epoch": b"1", b"status": b"live"}
     assert 0 < await redis.ttl(keys.call(sid)) <= 60
     await redis.delete(keys.call(sid))  # lost again, and the caller hung up meanwhile:
     await redis.hset(keys.call(sid), mapping={"status": "ended", "end_reason": "caller-hangup"})

@@ -446,3 +446,32 @@ async def test_the_writer_and_the_reader_keep_one_connection_each_and_survive_it
         await admin.delete(key)
         await admin.aclose()
         await r.aclose()
+
+
+async def test_a_kept_connection_idle_past_its_bound_is_checked_before_use(
+        redis_url: str, prefix: str) -> None:
+    """A server or proxy may close an idle connection; the writer's next batch must not fail on
+    it (a logged Redis error and a backoff), as it would if the kept connection were used as is."""
+    r = aioredis.Redis.from_url(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    errors: list[str] = []
+    writer = BatchWriter(r, on_error=errors.append)
+    writer.start()
+    key = f"{prefix}idle"
+    try:
+        writer.xadd(key, {b"v": b"1"})
+        await writer.flush()
+        conn = writer._conn._conn
+        host, port = conn._writer.get_extra_info("sockname")[:2]
+        assert await admin.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+        await _until(lambda: conn._reader.at_eof(), "the close to reach the client")  # idle time
+        writer._conn.IDLE_S = 0.0  # as if it had been idle past the bound
+        writer.xadd(key, {b"v": b"2"})
+        await writer.flush()
+        assert errors == [], "the dead connection was noticed before the batch, not by its failure"
+        assert [f[b"v"] for _id, f in await admin.xrange(key)] == [b"1", b"2"]
+    finally:
+        await writer.close()
+        await admin.delete(key)
+        await admin.aclose()
+        await r.aclose()

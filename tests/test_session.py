@@ -437,23 +437,41 @@ async def test_a_released_session_ends_even_when_its_setup_loses_the_cancel(host
 
 async def test_the_session_rings_its_gateway_and_reads_in_as_its_gateway_says(
         host: Host, redis: aioredis.Redis) -> None:
-    """The record's gateway is rung from the claim on; a `start` sends `in` back to the blocked
-    read and names the gateway to ring; an `IN_RING` naming us makes `in` rung, one naming
-    another worker does not. Each ring change is said on `out`, under our epoch."""
+    """The record's gateway is rung from the claim on, if the record says it rings back; a
+    `start` sends `in` back to the blocked read and names the gateway to ring (if it says it
+    rings: another version's is not rung); an `IN_RING` naming us makes `in` rung, one naming
+    another worker does not. Each ring change is said on `out`, under our epoch; an empty one
+    when we stop ringing."""
     host.vapi = StalledVapi()
     session = CallSession(host, "CA1", {b"sid": b"CA1"}, epoch=3,
-                          record={"status": "live", "gateway": "g1"})
+                          record={"status": "live", "gateway": "g1", "gateway_rings": "g1"})
     run = asyncio.create_task(session.run())
-    start = orjson.dumps({"stream_sid": "MZ2", "gateway": "g2"})
+    start = orjson.dumps({"stream_sid": "MZ2", "gateway": "g2", "rings": True})
     session.on_inbound([(b"1-0", {b"k": S.IN_START, b"s": b"MZ2", b"v": start}),
                         (b"2-0", {b"k": S.IN_RING, b"v": b"w-test"}),
                         (b"3-0", {b"k": S.IN_RING, b"v": b"w-other"}),
-                        (b"4-0", {b"k": S.IN_START, b"s": b"MZ3", b"v": b'{"gateway": "bad id"}'})])
+                        (b"4-0", {b"k": S.IN_START, b"s": b"MZ3",
+                                  b"v": b'{"gateway": "bad id", "rings": true}'})])
     assert host.rung == [False, True, False, False]
+    out_key = host.keys.outbound("CA1")
+    assert out_key not in host.writer._rings, "a gateway named badly is not rung"
+    session.on_inbound([(b"5-0", {b"k": S.IN_START, b"s": b"MZ4", b"v": b'{"gateway": "g5"}'})])
+    assert out_key not in host.writer._rings, "a gateway that does not say it rings is not rung"
+    session.on_inbound([(b"6-0", {b"k": S.IN_START, b"s": b"MZ5",
+                                  b"v": b'{"gateway": "g6", "rings": true}'})])
+    assert host.writer._rings[out_key] == host.keys.wake(S.gateway_reader("g6"))
     await host.writer.flush()
-    out = await redis.xrange(host.keys.outbound("CA1"))
+    out = await redis.xrange(out_key)
     rings = [(f[b"v"], f[b"e"]) for _id, f in out if f[b"k"] == S.OUT_RING]
-    assert rings == [(b"g1", b"3"), (b"g2", b"3")]
-    assert host.keys.outbound("CA1") not in host.writer._rings, "a gateway named badly is not rung"
-    session.on_inbound([(b"5-0", {b"k": S.IN_STOP, b"s": b"MZ3"})])
+    assert rings == [(b"g1", b"3"), (b"g2", b"3"), (b"", b"3"), (b"g6", b"3")]
+    session.on_inbound([(b"7-0", {b"k": S.IN_STOP, b"s": b"MZ5"})])
     await asyncio.wait_for(run, 5)
+
+
+async def test_a_record_whose_gateway_does_not_ring_back_is_not_rung(host: Host) -> None:
+    """An older gateway wrote `gateway` but not `gateway_rings`: ringing it would wake it twice
+    a batch, for nothing."""
+    session = CallSession(host, "CA2", {b"sid": b"CA2"}, epoch=1,
+                          record={"status": "live", "gateway": "g-old", "gateway_rings": "g-gone"})
+    assert host.keys.outbound("CA2") not in host.writer._rings
+    assert session._ringing is None

@@ -67,7 +67,7 @@ if not status or status == 'ended' then return -1 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if (owner or '') ~= ARGV[2] then return 0 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'owner_rings', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'k', 'own', 'e', epoch, 't', ARGV[4],
            'w', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -91,7 +91,7 @@ if epoch then
   return 0
 end
 if redis.call('HGET', KEYS[1], 'status') == 'ended' then return 0 end  -- hung up meanwhile
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'owner_rings', ARGV[1], 'epoch', ARGV[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """

@@ -132,7 +132,10 @@ class CallSession:
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._ring_gateway(record.get("gateway"))
+        self._ringing: str | None = None  # the gateway whose wake stream we ring after `out`
+        # Only a gateway that rings back knows rings (another version's would be woken twice).
+        gateway = record.get("gateway")
+        self._ring_gateway(gateway if gateway and gateway == record.get("gateway_rings") else None)
 
     # What the worker reads --------------------------------------------------------------------
 
@@ -166,9 +169,9 @@ class CallSession:
             elif kind == S.IN_MARK:
                 self._feed(core.mark, eid, f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_START:
-                stream_sid, gateway = _announced(f.get(b"v", b"{}"))
+                stream_sid, gateway, rings = _announced(f.get(b"v", b"{}"))
                 self.w.inbound_rung(self.sid, False)  # a new socket: its gateway may not ring
-                self._ring_gateway(gateway)
+                self._ring_gateway(gateway if rings is True else None)
                 self._feed(core.stream_start, eid, f.get(b"s", b"").decode(errors="replace"), now,
                            stream_sid)
             elif kind == S.IN_RING:  # the gateway rings us from here on (gateway/doorbell.py)
@@ -270,8 +273,9 @@ class CallSession:
             return
         gateway = S.ring_target(raw)
         self.w.writer.ring(self.out_key, self.keys.wake(S.gateway_reader(gateway)) if gateway else None)
-        if gateway:
-            self.out(S.OUT_RING, value=gateway)
+        if gateway or self._ringing:  # an empty one: we stopped ringing, read `out` blocked again
+            self.out(S.OUT_RING, value=gateway or "")
+        self._ringing = gateway
 
     def update_call(self, mapping: dict[str, str]) -> None:
         """HSET on the call record, only while we still own the call (our epoch is its epoch)."""
@@ -513,14 +517,14 @@ class CallSession:
         self._feed(self.core.rest_hangup_done, outcome, time.monotonic())
 
 
-def _announced(raw: bytes) -> tuple[str, object]:
-    """The streamSid inside a `start` entry's JSON (the entry's own `s` field comes first), and
-    the gateway it names (untrusted: S.ring_target checks it)."""
+def _announced(raw: bytes) -> tuple[str, object, object]:
+    """The streamSid inside a `start` entry's JSON (the entry's own `s` field comes first), the
+    gateway it names and whether that gateway rings (untrusted: S.ring_target checks the id)."""
     try:
         info = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return "", None
+        return "", None, None
     if not isinstance(info, dict):
-        return "", None
+        return "", None, None
     sid = info.get("stream_sid")
-    return sid if isinstance(sid, str) else "", info.get("gateway")
+    return sid if isinstance(sid, str) else "", info.get("gateway"), info.get("rings")
