@@ -59,7 +59,7 @@ def build_state(settings: Settings) -> GatewayState:
         writer=LaneWriter(redis, keys, lambda: connect(settings.redis_url or "", cluster=cluster,
                                                        max_connections=4),
                           on_error=on_redis_error, on_flushed=media_latency_observer(
-            metrics.HOP_LATENCY.labels("twilio_to_redis").observe)),
+            metrics.HOP_LATENCY.labels("twilio_to_redis").observe, every=metrics.HOP_SAMPLE)),
         hub=OutboundHub(reader, keys, S.gateway_reader(process_id), on_error=on_redis_error),
         process_id=process_id,
     )

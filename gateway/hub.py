@@ -96,15 +96,12 @@ class OutboundHub:
         await self._reader.add(out_key, from_id)
         return queue
 
-    def detach(self, out_key: str, queue: OutQueue) -> bool:
-        """Stop delivering to `queue`, unless the call's stream already re-attached here; True
-        when the stream is no longer followed."""
+    def detach(self, out_key: str, queue: OutQueue) -> None:
+        """Stop delivering to `queue`, unless the call's stream already re-attached here."""
         key = out_key.encode()
         if self._queues.get(key) is queue:
             del self._queues[key]
             self._reader.remove(out_key)
-            return True
-        return False
 
     def follows(self, out_key: str) -> bool:
         return out_key.encode() in self._queues

@@ -104,7 +104,7 @@ MAX_WRITERS_PER_KEY = 16
 
 
 def media_latency_observer(observe: Callable[[float], None], kind: bytes = b"m",
-                           every: int = 8) -> OnFlushed:
+                           every: int = 1) -> OnFlushed:
     """A flush hook timing audio entries (one in `every`) from their sender stamp to Redis
     acknowledging them."""
     n = 0
@@ -643,7 +643,7 @@ class MultiReader:
     any writer works with. *Rung*: its writer rings this process's wake stream after every batch
     it writes there (`BatchWriter.ring`), so only the wake stream needs to block; the rung streams
     are read without BLOCK right behind it, in the same pipeline. A blocked read costs Redis about
-    2 µs per stream it names when it blocks and wakes, a plain read about 0.5 µs, and the blocked
+    2 µs per stream it names when it blocks and wakes, a plain read about 1.1 µs, and the blocked
     read is re-issued after every wake-up (docs/performance.md, "Where the rest goes"). A stream
     is rung only once its writer said it rings us (`ring`), and goes back to blocked the moment
     its writer may change; a rung stream is still read at least every RING_SWEEP_MS, so an entry

@@ -81,7 +81,7 @@ async def test_the_blocked_read_names_only_the_streams_whose_writer_does_not_rin
     assert (r.rung, r.following) == (0, 2)
 
 
-async def test_a_rung_stream_is_read_when_its_writer_rings_and_only_then(
+async def test_a_rung_stream_is_read_when_its_writer_rings_with_no_sweep_needed(
         client: aioredis.Redis, prefix: str) -> None:
     """No sweep within the test: what arrives came through the ring."""
     reading, writer, wake = await _pair(client, prefix, block_ms=HOUR_MS, sweep_ms=HOUR_MS)

@@ -475,3 +475,20 @@ async def test_a_kept_connection_idle_past_its_bound_is_checked_before_use(
         await admin.delete(key)
         await admin.aclose()
         await r.aclose()
+
+
+def test_the_flush_hook_and_the_hop_sample_time_one_audio_frame_in_every() -> None:
+    """Hop histograms time one frame in HOP_SAMPLE (two observations a frame per tier cost ~2 %
+    of a worker); other kinds of entry are not counted."""
+    from shared import metrics
+    from shared.redisio import media_latency_observer
+
+    seen: list[float] = []
+    hook = media_latency_observer(seen.append, every=3)
+    no_kw: dict[str, object] = {}
+    media = ("xadd", ("k", {b"k": b"m", b"t": b"1000000000"}), no_kw)
+    mark = ("xadd", ("k", {b"k": b"mark", b"t": b"1000000000"}), no_kw)
+    hook([media, mark, media, mark, media, media, media, media, media], 3_000_000_000)
+    assert seen == [2.0, 2.0], "the 3rd and 6th audio entries, marks not counted"
+    sample = metrics.Sample(every=metrics.HOP_SAMPLE)
+    assert [sample.due() for _ in range(2 * metrics.HOP_SAMPLE)].count(True) == 2

@@ -82,7 +82,7 @@ class Worker:
             self.redis, self.keys, lambda: connect(settings.redis_url or "", cluster=cluster,
                                                    max_connections=4),
             on_error=_redis_error, on_flushed=media_latency_observer(
-                metrics.HOP_LATENCY.labels("worker_to_redis").observe))
+                metrics.HOP_LATENCY.labels("worker_to_redis").observe, every=metrics.HOP_SAMPLE))
         self.inbox = LaneReader(self._reader_redis, self.keys, S.worker_reader(self.worker_id),
                                 self._on_inbound, on_error=_redis_error,
                                 on_follow=metrics.streams_followed)
