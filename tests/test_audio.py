@@ -30,6 +30,7 @@ from shared.audio import (
     Upsampler2x,
     dominant_frequency,
     pcm16_to_ulaw,
+    prepare_uplinks,
     rms_dbfs,
     tone,
     ulaw_to_pcm16,
@@ -229,6 +230,44 @@ def test_mulaw_mode_is_passthrough() -> None:
 def test_unknown_format_raises(cls: type[Uplink] | type[Downlink], fmt: str) -> None:
     with pytest.raises(ValueError, match="unknown audio format"):
         cls(fmt)
+
+
+def test_prepared_uplinks_are_bit_exact_across_calls() -> None:
+    """One read's frames of several calls converted in one pass give exactly what each call's
+    Uplink gives frame by frame, whatever the mix of calls, frame counts and odd sizes."""
+    rng = np.random.default_rng(11)
+    ref = [Uplink("pcm_s16le") for _ in range(4)]
+    got = [Uplink("pcm_s16le") for _ in range(4)]
+    for _ in range(30):
+        batch = [[rng.integers(0, 256, int(rng.choice([160, 160, 80, 1])), dtype=np.uint8).tobytes()
+                  for _ in range(int(rng.integers(0, 4)))] for _ in range(4)]
+        prepare_uplinks(list(zip(got, batch, strict=True)))
+        for r, g, frames in zip(ref, got, batch, strict=True):
+            for frame in frames:
+                assert g.convert(frame) == r.convert(frame)
+
+
+def test_prepared_uplink_gives_way_to_what_the_call_does_first() -> None:
+    """What was prepared holds only from the state it was prepared in: a different frame first
+    (silence fill, a held frame), or a reset (barge-in), and the Uplink converts afresh."""
+    rng = np.random.default_rng(12)
+    frames = [rng.integers(0, 256, 160, dtype=np.uint8).tobytes() for _ in range(3)]
+    other = rng.integers(0, 256, 160, dtype=np.uint8).tobytes()
+    ref, got = Uplink("pcm_s16le"), Uplink("pcm_s16le")
+    prepare_uplinks([(got, frames)])
+    assert got.convert(frames[0]) == ref.convert(frames[0])
+    assert got.convert(other) == ref.convert(other)  # not prepared: the rest is dropped
+    assert got.convert(frames[1]) == ref.convert(frames[1])
+    prepare_uplinks([(got, frames)])
+    got.reset()
+    ref.reset()
+    assert got.convert(frames[0]) == ref.convert(frames[0])
+    # Equal bytes are not the same frame: only the very object prepared is taken.
+    prepare_uplinks([(got, [frames[1]])])
+    assert got.convert(bytes(bytearray(frames[1]))) == ref.convert(frames[1])
+    mulaw = Uplink("mulaw")
+    prepare_uplinks([(mulaw, frames), (got, [])])
+    assert mulaw.convert(frames[0]) == frames[0]
 
 
 def test_upsampler_rejects_partial_samples() -> None:

@@ -492,3 +492,41 @@ def test_the_flush_hook_and_the_hop_sample_time_one_audio_frame_in_every() -> No
     assert seen == [2.0, 2.0], "the 3rd and 6th audio entries, marks not counted"
     sample = metrics.Sample(every=metrics.HOP_SAMPLE)
     assert [sample.due() for _ in range(2 * metrics.HOP_SAMPLE)].count(True) == 2
+
+
+async def test_the_read_hook_sees_a_whole_reads_fresh_entries_before_any_is_handed_out(
+    redis_url: str, prefix: str, redis: aioredis.Redis
+) -> None:
+    """`on_read` (the worker converts a read's caller audio in one pass there) is called once per
+    read with every stream's fresh entries, before `on_entries` gets the first of them; a hook
+    that raises costs nothing but its own work."""
+    client = aioredis.Redis.from_url(redis_url)
+    seen: list[str] = []
+
+    def on_read(batch: list[tuple[bytes, Entries]]) -> None:
+        seen.append("read:" + ",".join(sorted(f"{k.decode()}={len(e)}" for k, e in batch)))
+        if len(seen) == 1:
+            raise RuntimeError("a broken hook")
+
+    reader = MultiReader(client, f"{prefix}wake:hook",
+                         lambda key, entries: seen.append(f"entries:{key.decode()}"), on_read=on_read)
+    a, b = f"{prefix}a", f"{prefix}b"
+    await redis.xadd(a, {b"v": b"1"})
+    await redis.xadd(a, {b"v": b"2"})
+    await redis.xadd(b, {b"v": b"3"})
+    await reader.add(a)
+    await reader.add(b)
+    reader.start()
+    try:
+        await _until(lambda: len([s for s in seen if s.startswith("entries:")]) >= 2, "not delivered")
+        first = seen.index(next(s for s in seen if s.startswith("entries:")))
+        assert first > 0 and seen[first - 1].startswith("read:"), seen
+        reads = [s for s in seen if s.startswith("read:")]
+        assert f"read:{a}=2,{b}=1" in reads or reads == [f"read:{a}=2", f"read:{b}=1"], seen
+        before = len(seen)
+        await redis.xadd(b, {b"v": b"4"})
+        await _until(lambda: len(seen) >= before + 2, "the reader stopped after the broken hook")
+        assert seen[before:before + 2] == [f"read:{b}=1", f"entries:{b}"], seen
+    finally:
+        await reader.close()
+        await client.aclose()

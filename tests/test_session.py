@@ -475,3 +475,49 @@ async def test_a_record_whose_gateway_does_not_ring_back_is_not_rung(host: Host)
                           record={"status": "live", "gateway": "g-old", "gateway_rings": "g-gone"})
     assert host.keys.outbound("CA2") not in host.writer._rings
     assert session._ringing is None
+
+
+async def test_send_now_writes_at_once_in_order_and_gives_way_to_back_pressure_and_close() -> None:
+    """`send_now` on a real websockets connection over loopback: frames written without awaiting
+    arrive in order with those sent by `ws.send`; once the peer stops reading and the transport's
+    buffer passes its limit it declines (the caller queues), so what sits in our buffer stays
+    bounded; on a closed socket it declines too."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from worker.vapi_client import send_now
+
+    got: list[bytes] = []
+    reading = asyncio.Event()
+    reading.set()
+
+    async def handler(ws: ServerConnection) -> None:
+        async for msg in ws:
+            got.append(msg if isinstance(msg, bytes) else msg.encode())
+            await reading.wait()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None, max_queue=1) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await connect(f"ws://127.0.0.1:{port}", compression=None, write_limit=8192)
+        assert send_now(ws, b"a")
+        await ws.send(b"b")
+        assert send_now(ws, "c")
+        for _ in range(200):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [b"a", b"b", b"c"]
+
+        reading.clear()  # the peer stalls: the kernel's buffers fill, then the transport's
+        frame, taken = bytes(640), 0
+        for _ in range(100_000):
+            if not send_now(ws, frame):
+                break
+            taken += 1
+            await asyncio.sleep(0)  # let the loop try to write, as between frames
+        else:
+            pytest.fail("send_now never declined on a peer that reads nothing")
+        assert ws.transport.get_write_buffer_size() <= 8192 + len(frame) + 16
+        reading.set()
+        await ws.close()
+        assert not send_now(ws, frame), "a closed socket declines"

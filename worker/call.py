@@ -545,6 +545,11 @@ class CallCore:
 
     # Caller-side inputs (entries of call:{sid}:in; `entry_id` '' when not from the stream) -----
 
+    def uplink_ahead(self) -> Uplink | None:
+        """The converter the caller's next frames will go through, if they go to Vapi now: the
+        worker converts a whole read's frames ahead in one pass (shared/audio.py)."""
+        return self._uplink if self.vapi_up and self.phase is not Phase.DONE else None
+
     def caller_frame(self, entry_id: str, audio: bytes, sent_at: float, now: float) -> list[Command]:
         """20 ms of the caller's μ-law; `sent_at` is the gateway's wall-clock stamp."""
         if self.phase is Phase.DONE:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from shared import metrics
 from shared import streams as S
+from shared.audio import prepare_uplinks
 from shared.health import readiness
 from shared.logs import error_fields
 from shared.redisio import (
@@ -85,7 +86,7 @@ class Worker:
                 metrics.HOP_LATENCY.labels("worker_to_redis").observe, every=metrics.HOP_SAMPLE))
         self.inbox = LaneReader(self._reader_redis, self.keys, S.worker_reader(self.worker_id),
                                 self._on_inbound, on_error=_redis_error,
-                                on_follow=metrics.streams_followed)
+                                on_read=self._on_read, on_follow=metrics.streams_followed)
         self.vapi = VapiClient(settings)
         self.twilio = TwilioRest(settings)
         self.sessions: dict[str, CallSession] = {}
@@ -301,6 +302,19 @@ class Worker:
         """Whether the gateway rings us after writing the call's `in` (gateway/doorbell.py)."""
         if self.sessions.get(sid) is not None:
             self.inbox.ring(self.keys.inbound(sid), rung)
+
+    def _on_read(self, batch: list[tuple[bytes, Entries]]) -> None:
+        """Before one read's entries go to their calls: convert the caller audio of all of them
+        in one vectorised pass (shared/audio.py, `prepare_uplinks`)."""
+        jobs = []
+        for key, entries in batch:
+            session = self._by_in_key.get(key)
+            if session is not None:
+                job = session.uplink_job(entries)
+                if job is not None:
+                    jobs.append(job)
+        if jobs:
+            prepare_uplinks(jobs)
 
     def _on_inbound(self, key: bytes, entries: Entries) -> None:
         session = self._by_in_key.get(key)

@@ -4,9 +4,10 @@ The core decides everything; this adapter only feeds it what happens and carries
 says. Inputs: caller entries from `call:{sid}:in` (pushed by the worker's shared reader), the Vapi
 setup, the Vapi socket's messages, and ticks (the worker's shared playout ticker while audio is
 being paced, one loop timer at `next_deadline()` otherwise). Outputs go to the worker's batch
-writer (every `out` entry stamped with our epoch, every hash write fenced by it), to one ordered,
-bounded queue for the Vapi socket, or start the few awaitable jobs (closing Vapi, the REST
-hang-up). Every task it starts is supervised: one that fails ends the call, saying why.
+writer (every `out` entry stamped with our epoch, every hash write fenced by it), to the Vapi
+socket (written at once, or through one ordered, bounded queue while the socket pushes back), or
+start the few awaitable jobs (closing Vapi, the REST hang-up). Every task it starts is
+supervised: one that fails ends the call, saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from shared import metrics
 from shared import streams as S
 from shared import vapi_proto as V
+from shared.audio import Uplink
 from shared.logs import call_sid_var, error_fields
 from shared.redisio import TRANSIENT, Entries, Writer
 from shared.settings import Settings
@@ -51,7 +53,7 @@ from worker.call import (
     parse_control,
 )
 from worker.twilio_rest import TwilioRest
-from worker.vapi_client import VapiClient, VapiError
+from worker.vapi_client import VapiClient, VapiError, send_now
 
 __all__ = ["MAX_VAPI_QUEUE", "SESSION_TASKS_STOP_S", "CallSession", "Ending", "SessionHost"]
 
@@ -62,6 +64,7 @@ _FRAMES_FROM_VAPI = metrics.Tally(metrics.FRAMES.labels("out", "vapi"))
 _BYTES_FROM_VAPI = metrics.Tally(metrics.AUDIO_BYTES.labels("out", "vapi"))
 _FRAMES_TO_VAPI = metrics.Tally(metrics.FRAMES.labels("in", "vapi"))
 _HOP_SAMPLE = metrics.Sample()
+_TO_VAPI_LATENCY = metrics.HOP_LATENCY.labels("twilio_to_vapi")
 P = ParamSpec("P")
 
 # Messages queued for the Vapi socket (each normally one 20 ms frame): beyond this Vapi is not
@@ -126,6 +129,7 @@ class CallSession:
         self._vapi_closed = False
         self._tx: deque[tuple[bytes | str, float | None]] = deque()
         self._tx_wake = asyncio.Event()
+        self._sending = False  # the sender task is inside `ws.send`
         self._tasks: set[asyncio.Task[Any]] = set()  # cancelled when the session ends
         self._closers: set[asyncio.Task[Any]] = set()  # awaited when the session ends
         self._setup_call: object | None = None
@@ -185,6 +189,14 @@ class CallSession:
                            f.get(b"v", b"").decode(errors="replace"), now)
             elif kind == S.IN_CONTROL:  # the call API; parse_control never raises
                 self._feed(core.control, eid, parse_control(f.get(b"v", b"")), now)
+
+    def uplink_job(self, entries: Entries) -> tuple[Uplink, list[bytes]] | None:
+        """The caller frames among `entries` that will be converted for Vapi, and by what."""
+        uplink = None if self._aborted else self.core.uplink_ahead()
+        if uplink is None:
+            return None
+        frames = [f[b"a"] for _id, f in entries if f.get(b"k") == S.IN_MEDIA and b"a" in f]
+        return (uplink, frames) if frames else None
 
     def on_tick(self, now: float) -> None:
         """The worker's shared playout ticker (every 10 ms while `playing`): the core ticks only
@@ -285,11 +297,20 @@ class CallSession:
     def _send_vapi(self, payload: bytes | str, sent_at: float | None) -> None:
         if self._ws is None:
             return
+        if not self._tx and not self._sending and send_now(self._ws, payload):
+            self._sent(sent_at)  # the common case: no task switch per frame
+            return
         if isinstance(payload, bytes) and len(self._tx) >= MAX_VAPI_QUEUE:
             metrics.DROPPED.labels("inbound_overflow").inc()
             return
         self._tx.append((payload, sent_at))
         self._tx_wake.set()
+
+    def _sent(self, sent_at: float | None) -> None:
+        if sent_at is not None:  # audio (text carries no stamp)
+            _FRAMES_TO_VAPI.inc()
+            if _HOP_SAMPLE.due():
+                _TO_VAPI_LATENCY.observe(max(0.0, time.time() - sent_at))
 
     def _rearm(self) -> None:
         """Tick when the core next needs it: the shared ticker while audio is being paced (it
@@ -466,23 +487,22 @@ class CallSession:
         self._feed(core.vapi_closed, time.monotonic(), False)
 
     async def _vapi_sender(self, ws: ClientConnection) -> None:
-        """The one writer of the Vapi socket, so audio and text leave in the core's order."""
-        latency = metrics.HOP_LATENCY.labels("twilio_to_vapi")
-        frames = _FRAMES_TO_VAPI
+        """What `_send_vapi` could not write at once (back-pressure, a fragmented send), in the
+        core's order: while this has a message, every later one queues behind it."""
         while True:
             if not self._tx:
                 self._tx_wake.clear()
                 await self._tx_wake.wait()
                 continue
             payload, sent_at = self._tx.popleft()
+            self._sending = True
             try:
                 await ws.send(payload)
             except ConnectionClosed:
                 return  # the reader sees the close and ends the call
-            if sent_at is not None:
-                frames.inc()
-                if _HOP_SAMPLE.due():
-                    latency.observe(max(0.0, time.time() - sent_at))
+            finally:
+                self._sending = False
+            self._sent(sent_at)
 
     def _close_vapi(self, send_end: bool) -> None:
         self._vapi_closed = True

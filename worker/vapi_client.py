@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.protocol import State
 
 from shared import vapi_proto as V
 from shared.settings import Settings
@@ -181,3 +182,29 @@ class VapiClient:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             raise VapiError("vapi-unreachable", "socket",
                             f"{type(exc).__name__}" + (f" HTTP {status}" if status else "")) from None
+
+
+def send_now(ws: ClientConnection, payload: bytes | str) -> bool:
+    """Write one message to the socket now, without awaiting, when nothing could make
+    `ws.send` wait: the socket open, no fragmented message in progress, no back-pressure.
+    False when something could (the caller then queues it for `ws.send`, in order).
+
+    Why: the worker's shared stream reader must not await one call's socket, so each call has a
+    sender task; handing every 20 ms frame to it costs a task switch, an event and `send`'s
+    async context per frame (docs/performance.md, "Against a direct bridge"). This writes through
+    the connection's sans-I/O protocol exactly as `send` does inside its context."""
+    try:
+        if (ws.protocol.state is not State.OPEN or ws.send_in_progress is not None or ws.paused
+                or ws.transport.is_closing() or not _SEND_DATA):
+            return False
+    except AttributeError:  # another websockets release: `send` alone is always right
+        return False
+    if isinstance(payload, bytes):
+        ws.protocol.send_binary(payload)
+    else:
+        ws.protocol.send_text(payload.encode())
+    ws.send_data()
+    return True
+
+
+_SEND_DATA = callable(getattr(ClientConnection, "send_data", None))
