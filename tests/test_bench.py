@@ -224,6 +224,8 @@ def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
     ratio = report["ratio"]["bridge_total_over_direct"]
     assert ratio is not None and ratio > 0, report["ratio"]
     assert isinstance(report["ratio"]["saturated"], bool), report["ratio"]
+    normalised = report["ratio"]["normalised_by_load_generator"]
+    assert normalised is not None and normalised > 0, report["ratio"]
 
 
 def test_a_baseline_run_that_saturated_the_machine_a_process_or_lost_frames_is_flagged() -> None:
