@@ -444,6 +444,9 @@ async def _pipeline(redis: aioredis.Redis, batch: Batch, kept: KeptConnection | 
 RAW_TIMEOUT_S = 5.0
 
 
+_DRAIN_ABOVE = 1 << 20  # bytes waiting in the transport before a round trip awaits the drain
+
+
 def _socket_timeout(redis: aioredis.Redis) -> float:
     return float(redis.connection_pool.connection_kwargs.get("socket_timeout") or RAW_TIMEOUT_S)
 
@@ -453,8 +456,10 @@ async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: floa
     """Write `packed` on a pooled connection (or the one `kept`) and read `replies` raw replies
     (an error reply is returned in its place); any failure drops the connection, whose replies
     are then unknown (a kept one reconnects at its next use)."""
+    if kept is not None:
+        return await kept.round_trip(packed, replies, timeout)
     pool = redis.connection_pool
-    conn = await (pool.get_connection() if kept is None else kept.get())
+    conn = await pool.get_connection()
     try:
         async with asyncio.timeout(timeout):  # one deadline for the batch, not one per reply
             await conn.send_packed_command(packed, check_health=False)
@@ -469,14 +474,19 @@ async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: floa
         await conn.disconnect(nowait=True)
         raise
     finally:
-        if kept is None:
-            await pool.release(conn)
+        await pool.release(conn)
 
 
 class KeptConnection:
     """One pooled connection held by a user that issues one command at a time (a writer's
     flusher, a reader's loop). Taking and giving back a pooled connection for every round trip
-    cost about 3 % of a worker (redis-py's pool lock, its deprecation wrapper, the release)."""
+    cost about 3 % of a worker (redis-py's pool lock, its deprecation wrapper, the release).
+
+    Its round trips write on the connection's stream and read through its reply parser directly,
+    under a deadline kept by one loop timer that is re-armed only when it fires: redis-py's
+    `send_packed_command` and `read_response` set a timeout each (two timer handles per round
+    trip, with ours) and format the host name for an error that rarely comes
+    (docs/performance.md, "Against a direct bridge")."""
 
     IDLE_S = 5.0  # idle longer, it is checked before use
 
@@ -484,6 +494,69 @@ class KeptConnection:
         self._redis = redis  # a cluster client has no pool of its own, and is never asked here
         self._conn: Any = None
         self._used_at = 0.0
+        self._deadline: float | None = None  # of the round trip in flight (loop time)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._expired: Any = None  # the connection the watchdog cut
+
+    async def round_trip(self, packed: bytes, replies: int, timeout: float) -> list[Any]:
+        """Write `packed`, read `replies` raw replies (an error reply in its place); a failure or
+        the deadline drops the connection, whose replies are then unknown (it reconnects at its
+        next use)."""
+        conn = await self.get()
+        writer, parser = getattr(conn, "_writer", None), getattr(conn, "_parser", None)
+        if writer is None or parser is None or not conn.is_connected:
+            return await self._round_trip_slow(conn, packed, replies, timeout)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._deadline, self._expire)
+        try:
+            writer.write(packed)
+            if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
+                await writer.drain()
+            out = [await parser.read_response() for _ in range(replies)]
+        except BaseException as exc:
+            await conn.disconnect(nowait=True)
+            if self._expired is conn:
+                raise RedisTimeoutError(f"no reply within {timeout:.1f} s") from exc
+            raise
+        finally:
+            self._deadline = None
+            self._expired = None
+        return out
+
+    async def _round_trip_slow(self, conn: Any, packed: bytes, replies: int,
+                               timeout: float) -> list[Any]:
+        """Through redis-py's own calls: to connect, or with a redis-py whose internals differ."""
+        try:
+            async with asyncio.timeout(timeout):  # one deadline for the batch, not one per reply
+                await conn.send_packed_command(packed, check_health=False)
+                out: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        out.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:  # this command's error; the next reply follows
+                        out.append(exc)
+            return out
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
+    def _expire(self) -> None:
+        """The watchdog: a round trip past its deadline has its connection cut, which ends its
+        read at once; one still within it re-arms the timer for its own deadline."""
+        self._watchdog = None
+        if self._deadline is None:
+            return  # idle: the next round trip arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._watchdog = loop.call_at(self._deadline, self._expire)
+            return
+        conn = self._conn
+        transport = getattr(getattr(conn, "_writer", None), "transport", None)
+        if transport is not None:
+            self._expired = conn
+            transport.abort()
 
     async def get(self) -> Any:
         now = time.monotonic()

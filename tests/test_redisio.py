@@ -9,8 +9,18 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.redisio import MAX_WRITERS_PER_KEY, BatchWriter, Entries, MultiReader, connect, pack_batch
+from shared.redisio import (
+    MAX_WRITERS_PER_KEY,
+    BatchWriter,
+    Entries,
+    KeptConnection,
+    MultiReader,
+    connect,
+    pack_batch,
+)
 
 
 class CutProxy:
@@ -266,7 +276,6 @@ async def test_the_packed_pipeline_writes_and_answers_as_redis_pys_does(redis_ur
     """On one Redis the batch writer packs its commands itself: the same batch sent packed and
     through redis-py's pipeline leaves the same data and the same replies, an error reply in the
     middle stays in its place, and what the packer does not know goes to redis-py's pipeline."""
-    from redis.exceptions import ResponseError
 
     from shared.redisio import _pipeline, pack_batch
 
@@ -530,3 +539,38 @@ async def test_the_read_hook_sees_a_whole_reads_fresh_entries_before_any_is_hand
     finally:
         await reader.close()
         await client.aclose()
+
+
+async def test_a_kept_round_trip_past_its_deadline_is_cut_and_the_next_one_reconnects(
+        redis_url: str, prefix: str) -> None:
+    """The kept connection's deadline is one loop timer, re-armed only when it fires: round trips
+    that each end in time pass it however long they go on; one that gets no reply in time has
+    its connection cut (a TimeoutError, which every caller treats as a transient failure), an
+    error reply stays in its place, and the next round trip reconnects."""
+    r = aioredis.Redis.from_url(redis_url)
+    kept = KeptConnection(r)
+    ping = b"*1\r\n$4\r\nPING\r\n"
+    try:
+        assert await kept.round_trip(ping, 1, 0.3) == [b"PONG"]  # connects (redis-py's path)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 0.8  # past the first deadline, with round trips in flight
+        n = 0
+        while loop.time() < until:
+            assert await kept.round_trip(ping * 2, 2, 0.3) == [b"PONG", b"PONG"]
+            n += 1
+        assert n > 10, n
+        key = f"{prefix}k"
+        got = await kept.round_trip(pack_batch([("set", (key, "x"), {}), ("incr", (key,), {})])
+                                    + ping, 3, 0.3)  # INCR of "x": an error reply
+        assert got[0] == b"OK" and isinstance(got[1], ResponseError) and got[2] == b"PONG", got
+        conn = kept._conn
+        block = f"*3\r\n$5\r\nBLPOP\r\n${len(prefix) + 5}\r\n{prefix}empty\r\n$2\r\n10\r\n".encode()
+        started = loop.time()
+        with pytest.raises(RedisTimeoutError):
+            await kept.round_trip(block, 1, 0.3)
+        assert 0.25 < loop.time() - started < 3, "cut at its deadline, not at the server's"
+        assert not conn.is_connected
+        assert await kept.round_trip(ping, 1, 0.3) == [b"PONG"], "reconnected"
+    finally:
+        await kept.release()
+        await r.aclose()
