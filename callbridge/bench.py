@@ -188,6 +188,17 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def _rss_kb(pid: int) -> int | None:
+    """Resident memory of a process (VmRSS, KB); None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _runqueue_wait_seconds(pid: int) -> float | None:
     """Time the process's threads were runnable but waiting for a CPU (/proc/PID/task/*/schedstat)."""
     total = 0.0
@@ -468,6 +479,8 @@ class _Window:
     wait1: dict[str, float | None] = field(default_factory=dict)
     busy0: tuple[int, int, int] = (0, 0, 0)
     busy1: tuple[int, int, int] = (0, 0, 0)
+    rss0: dict[str, int | None] = field(default_factory=dict)  # KB, before any call was placed
+    rss1: dict[str, int | None] = field(default_factory=dict)  # KB, at the window's end
 
 
 def _pcts(values: list[float]) -> dict[str, float | None]:
@@ -696,7 +709,11 @@ async def _bench(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None]
             print(f"callbridge bench: {problem}", file=sys.stderr)
             return 1
 
-        # Place the calls on a ramp.
+        # Place the calls on a ramp, after noting each process's memory with none.
+        pids = {p.name: p.pid for p in procs}
+        pids.update(redis_pids)
+        pids["bench (sims)"] = os.getpid()
+        rss0 = {k: _rss_kb(v) if v else None for k, v in pids.items()}
         t_place = _mono()
         failures: list[str] = []
 
@@ -751,10 +768,7 @@ async def _bench(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None]
         # Measure.
         metric_urls = [_base_url(p) + "/metrics" for p in procs]
         scrape0 = await _scrape(metric_urls)
-        pids = {p.name: p.pid for p in procs}
-        pids.update(redis_pids)
-        pids["bench (sims)"] = os.getpid()
-        win = _Window()
+        win = _Window(rss0=rss0)
         if hooks:
             await hooks.window_start()
         win.busy0 = _machine_jiffies()
@@ -766,6 +780,7 @@ async def _bench(cfg: _Config, redis_url: str, redis_pids: dict[str, int | None]
         win.cpu1 = {k: _cpu_seconds(v) if v else None for k, v in pids.items()}
         win.wait1 = {k: _runqueue_wait_seconds(v) if v else None for k, v in pids.items()}
         win.busy1 = _machine_jiffies()
+        win.rss1 = {k: _rss_kb(v) if v else None for k, v in pids.items()}
         if hooks:
             await hooks.window_end()
         early = [c for c, s in pairs if c.ended.is_set() or not s.is_open]
@@ -857,9 +872,14 @@ def _cpu_figures(pids: dict[str, int | None], win: _Window, n: int) -> tuple[dic
         a, b = win.cpu0.get(name), win.cpu1.get(name)
         wa, wb = win.wait0.get(name), win.wait1.get(name)
         wait_pct = None if wa is None or wb is None else round(100 * (wb - wa) / secs, 1)
+        ra, rb = win.rss0.get(name), win.rss1.get(name)
+        memory = {"rss_mb": None if rb is None else round(rb / 1024, 1),
+                  # the issue's measure: RSS growth from no call to n calls, per call
+                  "rss_growth_kb_per_call": None if ra is None or rb is None or not n
+                  else round((rb - ra) / n, 1)}
         if a is None or b is None:
             cpu[name] = {"pid": pid, "cpu_s": None, "core_pct": None, "core_pct_per_call": None,
-                         "cpu_s_per_call_min": None, "runqueue_wait_pct": wait_pct}
+                         "cpu_s_per_call_min": None, "runqueue_wait_pct": wait_pct, **memory}
             continue
         used = b - a
         ours += used
@@ -870,6 +890,7 @@ def _cpu_figures(pids: dict[str, int | None], win: _Window, n: int) -> tuple[dic
             "core_pct_per_call": round(100 * used / secs / n, 3),
             "cpu_s_per_call_min": round(used / (n * secs / 60), 3),
             "runqueue_wait_pct": wait_pct,
+            **memory,
         }
     procs_s, irq_s, steal_s = ((b - a) / _CLK_TCK / secs for a, b in zip(win.busy0, win.busy1,
                                                                           strict=True))
@@ -1047,12 +1068,14 @@ def _render(r: dict[str, Any]) -> str:
 def _render_cpu_targets(r: dict[str, Any]) -> list[str]:
     lines = [""]
     lines.append("CPU over the window          pid     cpu s  % core  % core/call  cpu s/call-min"
-                 "  runq wait %")
+                 "  runq wait %  RSS MB  RSS KB/call")
     for name, d in r["cpu"].items():
         lines.append(f"  {name:<22} {_f(d['pid'], 7)} {_f(d['cpu_s'], 8)} {_f(d['core_pct'], 7, 1)} "
                      f"{_f(d['core_pct_per_call'], 12, 3)} {_f(d['cpu_s_per_call_min'], 15, 3)} "
-                     f"{_f(d['runqueue_wait_pct'], 12, 1)}")
-    lines.append("  (runq wait %: share of the window the process was runnable but waiting for a CPU)")
+                     f"{_f(d['runqueue_wait_pct'], 12, 1)} {_f(d.get('rss_mb'), 7, 1)} "
+                     f"{_f(d.get('rss_growth_kb_per_call'), 12, 1)}")
+    lines.append("  (runq wait %: share of the window the process was runnable but waiting for a CPU;")
+    lines.append("   RSS KB/call: resident memory at the window's end less before any call, per call)")
     t = r["targets"]
     lines.append("")
     lines.append("targets: " + ", ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in t.items()))

@@ -422,6 +422,18 @@ def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | Non
                  "workers": None if not workers or None in workers
                  else round(sum(w for w in workers if w is not None), 3),
                  "redis": per_call("redis-server")}
+    def rss(name: str) -> float | None:
+        v = cpu.get(name, {}).get("rss_growth_kb_per_call")
+        return None if v is None else float(v)
+
+    if direct:
+        memory: dict[str, float | None] = {"direct_bridge": rss(NAME)}
+    else:
+        wmem = [rss(k) for k in cpu if k.startswith("worker-")]
+        memory = {"gateway": rss("gateway"),
+                  "workers": None if not wmem or None in wmem
+                  else round(sum(w for w in wmem if w is not None), 1),
+                  "redis": rss("redis-server")}
     known = [v for v in tiers.values() if v is not None]
     total = round(sum(known), 3) if known and len(known) == len(tiers) else None
     c = result["context"]
@@ -431,6 +443,7 @@ def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | Non
         "frames_lost": {"inbound": fr["inbound_lost"], "outbound": fr["outbound_lost"]},
         "errors": {"protocol": err["protocol_errors"], "calls_ended_early": err["calls_ended_early"]},
         "core_pct_per_call": {**tiers, "total": total, "bench_sims": per_call("bench (sims)")},
+        "rss_growth_kb_per_call": memory,
         "machine_busy_cores": c["machine_busy_cores"],
         "busiest_process_core_pct": max((v.get("core_pct") or 0 for k, v in cpu.items()
                                          if k != "bench (sims)"), default=None),
@@ -486,6 +499,10 @@ def _render(r: dict[str, Any]) -> str:
         row("                 Redis", "core_pct_per_call", "redis"),
         row("                 total (bridge processes)", "core_pct_per_call", "total"),
         row("                 bench (load generator)", "core_pct_per_call", "bench_sims"),
+        row("RSS growth per call (KB): direct bridge", "rss_growth_kb_per_call", "direct_bridge", prec=1),
+        row("                          gateway", "rss_growth_kb_per_call", "gateway", prec=1),
+        row("                          worker(s)", "rss_growth_kb_per_call", "workers", prec=1),
+        row("                          Redis", "rss_growth_kb_per_call", "redis", prec=1),
         row("machine busy cores in the window", "machine_busy_cores", prec=2),
         row("  busiest bridge process, % of a core", "busiest_process_core_pct", prec=1),
         row("  of which processes not of this bench", "other_processes_busy_cores", prec=2),

@@ -109,6 +109,9 @@ def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
         assert report["stale_frames_after_clear"]["stale"] == 0
         assert report["interruption_to_clear_ms"]["without_clear"] == 0
     assert report["cpu"]["gateway"]["cpu_s"] > 0 and report["cpu"]["worker-1"]["cpu_s"] > 0
+    for name in ("gateway", "worker-1", "bench (sims)"):  # memory, as /proc says
+        assert report["cpu"][name]["rss_mb"] > 10, report["cpu"][name]
+        assert isinstance(report["cpu"][name]["rss_growth_kb_per_call"], float)
 
 
 def test_bench_failover_runs_and_reports_the_figures() -> None:
@@ -220,6 +223,9 @@ def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
         for tier in (*tiers, "total", "bench_sims"):
             assert cpu[tier] is not None and cpu[tier] > 0, (name, tier, cpu)
     assert "gateway" not in cols["direct"]["core_pct_per_call"]
+    for name, tiers in (("direct", ("direct_bridge",)), ("bridge", ("gateway", "workers"))):
+        for tier in tiers:  # RSS growth from no call to 4 calls, per call: a number, any sign
+            assert isinstance(cols[name]["rss_growth_kb_per_call"][tier], float), (name, tier)
     assert report["runs"]["direct"]["cpu"].keys() == {"direct-bridge", "bench (sims)"}
     ratio = report["ratio"]["bridge_total_over_direct"]
     assert ratio is not None and ratio > 0, report["ratio"]
