@@ -265,8 +265,9 @@ def prepare_uplinks(jobs: list[tuple[Uplink, list[bytes]]]) -> None:
         ready.clear()
         row = start
         for frame, x in zip(frames, pcm, strict=True):
+            # The history is copied: a view would keep the whole read's audio alive with it.
             ready.append((frame, y[2 * row:2 * (row + x.size)].tobytes(),
-                          xe[row + x.size:row + x.size + keep]))
+                          xe[row + x.size:row + x.size + keep].copy()))
             row += x.size
 
 

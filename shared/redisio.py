@@ -444,6 +444,15 @@ async def _pipeline(redis: aioredis.Redis, batch: Batch, kept: KeptConnection | 
 RAW_TIMEOUT_S = 5.0
 
 
+def _closed(conn: Any) -> bool:
+    """Whether the peer closed a connected, idle connection (or our watchdog cut it): the
+    transport is closing, or the reader has seen the end of the stream (asyncio keeps a
+    transport half-open on EOF)."""
+    writer, reader = getattr(conn, "_writer", None), getattr(conn, "_reader", None)
+    return bool((writer is not None and writer.transport.is_closing())
+                or (reader is not None and reader.at_eof()))
+
+
 _DRAIN_ABOVE = 1 << 20  # bytes waiting in the transport before a round trip awaits the drain
 
 
@@ -504,7 +513,9 @@ class KeptConnection:
         next use)."""
         conn = await self.get()
         writer, parser = getattr(conn, "_writer", None), getattr(conn, "_parser", None)
-        if writer is None or parser is None or not conn.is_connected:
+        if writer is None or parser is None or not conn.is_connected or _closed(conn):
+            if conn.is_connected:
+                await conn.disconnect(nowait=True)  # closed by Redis, or cut: connect anew
             return await self._round_trip_slow(conn, packed, replies, timeout)
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + timeout
@@ -515,6 +526,9 @@ class KeptConnection:
             if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
                 await writer.drain()
             out = [await parser.read_response() for _ in range(replies)]
+        except asyncio.CancelledError:
+            await conn.disconnect(nowait=True)
+            raise
         except BaseException as exc:
             await conn.disconnect(nowait=True)
             if self._expired is conn:
@@ -522,7 +536,9 @@ class KeptConnection:
             raise
         finally:
             self._deadline = None
-            self._expired = None
+            expired, self._expired = self._expired, None
+        if expired is conn:  # the replies came, but in the loop turn the watchdog cut them off
+            await conn.disconnect(nowait=True)
         return out
 
     async def _round_trip_slow(self, conn: Any, packed: bytes, replies: int,
@@ -544,7 +560,9 @@ class KeptConnection:
 
     def _expire(self) -> None:
         """The watchdog: a round trip past its deadline has its connection cut, which ends its
-        read at once; one still within it re-arms the timer for its own deadline."""
+        read at once; one still within it re-arms the timer for its own deadline. (A trip with a
+        shorter timeout than the one that armed the timer is cut when that timer fires: at most
+        the difference late, under a second for the reader's block times.)"""
         self._watchdog = None
         if self._deadline is None:
             return  # idle: the next round trip arms it again

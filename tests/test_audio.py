@@ -245,6 +245,8 @@ def test_prepared_uplinks_are_bit_exact_across_calls() -> None:
         for r, g, frames in zip(ref, got, batch, strict=True):
             for frame in frames:
                 assert g.convert(frame) == r.convert(frame)
+                assert g._up is not None and g._up._hist.base is None, \
+                    "the history owns its samples: a view would keep the whole read alive"
 
 
 def test_prepared_uplink_gives_way_to_what_the_call_does_first() -> None:

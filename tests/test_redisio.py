@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -574,3 +575,37 @@ async def test_a_kept_round_trip_past_its_deadline_is_cut_and_the_next_one_recon
     finally:
         await kept.release()
         await r.aclose()
+
+
+async def test_a_kept_connection_cut_by_a_stall_or_by_redis_is_made_anew_before_the_next_trip(
+        redis_url: str, prefix: str) -> None:
+    """Two ways a kept connection dies between round trips: the loop stalls past a deadline (the
+    watchdog cuts the connection in the same turn as the replies come, so the trip may still
+    succeed), or Redis closes it (CLIENT KILL). Either way the next round trip must not be the
+    one that finds out: it connects anew and succeeds."""
+    r = aioredis.Redis.from_url(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    kept = KeptConnection(r)
+    ping = b"*1\r\n$4\r\nPING\r\n"
+    loop = asyncio.get_running_loop()
+    try:
+        assert await kept.round_trip(ping, 1, 0.3) == [b"PONG"]
+        trip = asyncio.create_task(kept.round_trip(ping, 1, 0.3))
+        await asyncio.sleep(0)  # written; now the loop stalls past the deadline
+        loop.call_soon(time.sleep, 0.5)
+        try:
+            assert await trip == [b"PONG"]
+        except RedisTimeoutError:
+            pass  # cut before the reply was read: as good
+        assert await kept.round_trip(ping, 1, 0.3) == [b"PONG"], "the trip after a stall"
+
+        conn = kept._conn
+        host, port = conn._writer.get_extra_info("sockname")[:2]
+        assert await admin.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+        await _until(lambda: conn._writer.transport.is_closing() or conn._reader.at_eof(),
+                     "the close never arrived")
+        assert await kept.round_trip(ping, 1, 0.3) == [b"PONG"], "the trip after CLIENT KILL"
+    finally:
+        await kept.release()
+        await r.aclose()
+        await admin.aclose()

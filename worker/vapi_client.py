@@ -203,7 +203,10 @@ def send_now(ws: ClientConnection, payload: bytes | str) -> bool:
         ws.protocol.send_binary(payload)
     else:
         ws.protocol.send_text(payload.encode())
-    ws.send_data()
+    try:
+        ws.send_data()
+    except Exception:  # as `send` does: the socket is dead, and its reader ends the call
+        ws.transport.abort()
     return True
 
 
