@@ -410,30 +410,23 @@ def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | Non
         return None
     cpu, lat, fr, err = result["cpu"], result["latency_ms"], result["frames"], result["errors"]
 
-    def per_call(name: str) -> float | None:
-        v = cpu.get(name, {}).get("core_pct_per_call")
-        return None if v is None else float(v)
+    def by_tier(figure: str, prec: int) -> dict[str, float | None]:
+        """One figure of each process, the workers summed, under the column's tier names."""
+        def one(name: str) -> float | None:
+            v = cpu.get(name, {}).get(figure)
+            return None if v is None else float(v)
 
-    if direct:
-        tiers: dict[str, float | None] = {"direct_bridge": per_call(NAME)}
-    else:
-        workers = [per_call(k) for k in cpu if k.startswith("worker-")]
-        tiers = {"gateway": per_call("gateway"),
-                 "workers": None if not workers or None in workers
-                 else round(sum(w for w in workers if w is not None), 3),
-                 "redis": per_call("redis-server")}
-    def rss(name: str) -> float | None:
-        v = cpu.get(name, {}).get("rss_growth_kb_per_call")
-        return None if v is None else float(v)
+        if direct:
+            return {"direct_bridge": one(NAME)}
+        workers = [one(k) for k in cpu if k.startswith("worker-")]
+        return {"gateway": one("gateway"),
+                "workers": None if not workers or None in workers
+                else round(sum(w for w in workers if w is not None), prec),
+                "redis": one("redis-server")}
 
-    if direct:
-        memory: dict[str, float | None] = {"direct_bridge": rss(NAME)}
-    else:
-        wmem = [rss(k) for k in cpu if k.startswith("worker-")]
-        memory = {"gateway": rss("gateway"),
-                  "workers": None if not wmem or None in wmem
-                  else round(sum(w for w in wmem if w is not None), 1),
-                  "redis": rss("redis-server")}
+    tiers = by_tier("core_pct_per_call", 3)
+    memory = by_tier("rss_growth_kb_per_call", 1)
+    sims = cpu.get("bench (sims)", {}).get("core_pct_per_call")
     known = [v for v in tiers.values() if v is not None]
     total = round(sum(known), 3) if known and len(known) == len(tiers) else None
     c = result["context"]
@@ -442,7 +435,7 @@ def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | Non
         "latency_ms": {d: {"p50": lat[d]["p50"], "p99": lat[d]["p99"]} for d in ("inbound", "outbound")},
         "frames_lost": {"inbound": fr["inbound_lost"], "outbound": fr["outbound_lost"]},
         "errors": {"protocol": err["protocol_errors"], "calls_ended_early": err["calls_ended_early"]},
-        "core_pct_per_call": {**tiers, "total": total, "bench_sims": per_call("bench (sims)")},
+        "core_pct_per_call": {**tiers, "total": total, "bench_sims": None if sims is None else float(sims)},
         "rss_growth_kb_per_call": memory,
         "machine_busy_cores": c["machine_busy_cores"],
         "busiest_process_core_pct": max((v.get("core_pct") or 0 for k, v in cpu.items()

@@ -470,6 +470,14 @@ async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: floa
     pool = redis.connection_pool
     conn = await pool.get_connection()
     try:
+        return await _round_trip(conn, packed, replies, timeout)
+    finally:
+        await pool.release(conn)
+
+
+async def _round_trip(conn: Any, packed: bytes, replies: int, timeout: float) -> list[Any]:
+    """One round trip through redis-py's own calls on `conn` (which they connect if need be)."""
+    try:
         async with asyncio.timeout(timeout):  # one deadline for the batch, not one per reply
             await conn.send_packed_command(packed, check_health=False)
             out: list[Any] = []
@@ -482,8 +490,6 @@ async def _raw(redis: aioredis.Redis, packed: bytes, replies: int, timeout: floa
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
-    finally:
-        await pool.release(conn)
 
 
 class KeptConnection:
@@ -516,7 +522,7 @@ class KeptConnection:
         if writer is None or parser is None or not conn.is_connected or _closed(conn):
             if conn.is_connected:
                 await conn.disconnect(nowait=True)  # closed by Redis, or cut: connect anew
-            return await self._round_trip_slow(conn, packed, replies, timeout)
+            return await _round_trip(conn, packed, replies, timeout)  # connects; any redis-py
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + timeout
         if self._watchdog is None:
@@ -540,23 +546,6 @@ class KeptConnection:
         if expired is conn:  # the replies came, but in the loop turn the watchdog cut them off
             await conn.disconnect(nowait=True)
         return out
-
-    async def _round_trip_slow(self, conn: Any, packed: bytes, replies: int,
-                               timeout: float) -> list[Any]:
-        """Through redis-py's own calls: to connect, or with a redis-py whose internals differ."""
-        try:
-            async with asyncio.timeout(timeout):  # one deadline for the batch, not one per reply
-                await conn.send_packed_command(packed, check_health=False)
-                out: list[Any] = []
-                for _ in range(replies):
-                    try:
-                        out.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # this command's error; the next reply follows
-                        out.append(exc)
-            return out
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
 
     def _expire(self) -> None:
         """The watchdog: a round trip past its deadline has its connection cut, which ends its
