@@ -512,9 +512,9 @@ def _normalised(direct: dict[str, Any] | None, bridge: dict[str, Any] | None) ->
 
     The two runs follow each other, and this VM's speed moves between them (the direct bridge at
     25 calls took 0.93-1.30 % of a core per call within one hour). The load generator does the
-    same work per frame in both, so its CPU measures the machine's speed of the moment: three
-    runs of the same code within the hour gave plain ratios of 2.22-2.83 and normalised ones of
-    2.19-2.25 (docs/performance.md, "Against a direct bridge")."""
+    same work per frame in both, so its CPU measures the machine's speed of the moment: four
+    runs of the same code within the hour gave plain ratios of 1.71-2.26 and normalised ones of
+    2.10-2.19 (docs/performance.md, "Against a direct bridge")."""
     try:
         d, b = direct["core_pct_per_call"], bridge["core_pct_per_call"]  # type: ignore[index]
         return round((b["total"] / b["bench_sims"]) / (d["total"] / d["bench_sims"]), 2)
