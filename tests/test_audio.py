@@ -264,9 +264,6 @@ def test_prepared_uplink_gives_way_to_what_the_call_does_first() -> None:
     got.reset()
     ref.reset()
     assert got.convert(frames[0]) == ref.convert(frames[0])
-    # Equal bytes are not the same frame: only the very object prepared is taken.
-    prepare_uplinks([(got, [frames[1]])])
-    assert got.convert(bytes(bytearray(frames[1]))) == ref.convert(frames[1])
     mulaw = Uplink("mulaw")
     prepare_uplinks([(mulaw, frames), (got, [])])
     assert mulaw.convert(frames[0]) == frames[0]
