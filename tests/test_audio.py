@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +292,25 @@ def test_tone_rms_and_dominant_frequency() -> None:
     assert dominant_frequency(b"", 8000) == 0.0
     out = Downlink("pcm_s16le").convert(tone(700, 0.5, 16000).tobytes())
     assert dominant_frequency(ulaw_to_pcm16(out), 8000) == pytest.approx(700, abs=2.0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts threads in /proc; OpenBLAS starts extra ones only with 2+ cores")
+@pytest.mark.parametrize("entry", ["worker.main", "gateway.app", "callbridge.bench", "sim.vapi.sim"])
+def test_numpy_blas_stays_on_one_thread(entry: str) -> None:
+    """Importing any entry point first keeps OpenBLAS from starting (and spinning) its threads.
+
+    The matrix product is the shape of a 100-call batched upsample, which OpenBLAS threads when
+    it may; the process must still have one thread after it.
+    """
+    code = (
+        f"import {entry}, os, numpy as np\n"
+        "x = np.ones((96000, 25)); taps = np.ones((25, 2))\n"
+        "for _ in range(5): np.dot(x, taps)\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "NUM_THREADS" not in k}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["1", "1"], (run.stdout, run.stderr[-2000:])
