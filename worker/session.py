@@ -319,7 +319,10 @@ class CallSession:
         if self.core.playing:
             self.w.wake_ticker(self)
             return
-        deadline = self.core.next_deadline()
+        self._arm(self.core.next_deadline())
+
+    def _arm(self, deadline: float | None) -> None:
+        """The call's loop timer at `deadline`, moved only when that comes earlier."""
         if deadline is None or not self._running or self._done.is_set():
             return
         if self._timer is not None:
@@ -331,8 +334,21 @@ class CallSession:
         self._timer = loop.call_at(max(deadline, loop.time() + 0.001), self._on_timer)
 
     def _on_timer(self) -> None:
+        """The timer fires at the deadline it was set for; inputs since may have moved that
+        later (each frame of an utterance moves its end mark), and then it only moves on:
+        while audio streams in real time that is most firings."""
         self._timer = None
-        self._feed(self.core.tick, time.monotonic())
+        if self._aborted:
+            return
+        now = time.monotonic()
+        try:
+            deadline = self.core.next_deadline()
+        except Exception:  # a broken core: let the tick fail and end the call (`_feed`)
+            deadline = now
+        if deadline is None or deadline > now:
+            self._arm(deadline)
+            return
+        self._feed(self.core.tick, now)
 
     # Lifecycle --------------------------------------------------------------------------------
 
