@@ -248,6 +248,8 @@ def _redis_pid(redis_url: str, private: RedisServer | None) -> int | None:
 Buckets = dict[str, dict[float, float]]  # hop -> {le: cumulative count}
 COUNTERS = ("callbridge_messages_dropped_total", "callbridge_redis_errors_total",
             "callbridge_barge_ins_total")
+# Gauges read at the window's end (summed over processes, or their largest for a `max`).
+GAUGES = ("callbridge_worker_playout_unsent_seconds", "callbridge_worker_playout_unsent_max_seconds")
 
 
 @dataclass
@@ -255,6 +257,7 @@ class _Scrape:
     hops: Buckets = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)  # 'name{label}' -> value
     hists: Buckets = field(default_factory=dict)  # EXTRA_HISTOGRAMS name -> {le: cumulative count}
+    gauges: dict[str, float] = field(default_factory=dict)  # GAUGES name -> value
 
 
 async def _scrape(urls: Iterable[str]) -> _Scrape:
@@ -270,6 +273,9 @@ async def _scrape(urls: Iterable[str]) -> _Scrape:
             b = out.hists.setdefault(s.name[:-7], {})
             le = float(s.labels["le"])
             b[le] = b.get(le, 0.0) + float(s.value)
+        elif s.name in GAUGES:
+            v, was = float(s.value), out.gauges.get(s.name)
+            out.gauges[s.name] = v if was is None else (max(was, v) if "_max_" in s.name else was + v)
         elif s.name in COUNTERS:
             label = ",".join(s.labels.values())
             name = s.name.removeprefix("callbridge_").removesuffix("_total")
@@ -302,7 +308,15 @@ def _delta(after: _Scrape, before: _Scrape) -> _Scrape:
     counters = {k: v - before.counters.get(k, 0.0) for k, v in after.counters.items()}
     hists = {name: {le: n - before.hists.get(name, {}).get(le, 0.0) for le, n in b.items()}
              for name, b in after.hists.items()}
-    return _Scrape(hops, {k: v for k, v in counters.items() if v}, hists)
+    return _Scrape(hops, {k: v for k, v in counters.items() if v}, hists, after.gauges)
+
+
+def _unsent_figures(scraped: _Scrape, calls: int) -> dict[str, float | None]:
+    """The workers' playout buffers at the window's end: what an assistant's audio waits there."""
+    total = scraped.gauges.get(GAUGES[0])
+    most = scraped.gauges.get(GAUGES[1])
+    return {"mean_per_call": None if total is None or not calls else round(total / calls * 1000, 1),
+            "max": None if most is None else round(most * 1000, 1)}
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -989,6 +1003,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         "sim_send_skew_ms": {k: v for k, v in _pcts(skew).items() if k in ("p50", "p99", "max")},
         "bridge_histograms": hist,
         "bridge_counters": {k: int(v) for k, v in sorted(scraped.counters.items())},
+        "playout_unsent_ms": _unsent_figures(scraped, n),
         "frames": {
             "inbound_sent": in_sent, "inbound_lost": in_lost,
             "outbound_sent": out_sent, "outbound_lost": out_lost,
@@ -1043,7 +1058,11 @@ def _render(r: dict[str, Any]) -> str:
     for hop, d in r["bridge_histograms"].items():
         lines.append(f"  {hop:<17} [{d['process']:<7}]  p50 {_f(d['p50_ms'], 6)}  "
                      f"p99 {_f(d['p99_ms'], 6)}  n={d['count']}")
-    bc = r["bridge_counters"]
+    bc, pu = r["bridge_counters"], r.get("playout_unsent_ms")
+    if pu and pu["max"] is not None:
+        lines.append(f"  worker playout buffers at the window's end (assistant audio held unsent, "
+                     f"waiting for its pacing slot): mean {_f(pu['mean_per_call'], 0, 1)} ms per call, "
+                     f"max {_f(pu['max'], 0, 1)} ms")
     lines.append("  bridge counters in the window: "
                  + (", ".join(f"{k} {v}" for k, v in bc.items()) if bc else "no drops, no Redis errors"))
     lines.append(

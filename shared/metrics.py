@@ -158,6 +158,17 @@ CLAIMS = Counter(
 )
 VAPI_SOCKETS = Gauge("callbridge_worker_vapi_sockets", "Open Vapi transport sockets.",
                      multiprocess_mode="livesum")
+PLAYOUT_UNSENT = Gauge(
+    "callbridge_worker_playout_unsent_seconds",
+    "Assistant audio this worker holds unsent, summed over its calls, read at scrape: audio waits "
+    "here for its pacing slot (only PLAYOUT_LEAD_MS is handed to Twilio ahead). Vapi's bursts "
+    "raise it for a moment; over callbridge_worker_calls_active, a level that stays up while "
+    "assistants speak is how late their audio is.",
+    multiprocess_mode="livesum")
+PLAYOUT_UNSENT_MAX = Gauge(
+    "callbridge_worker_playout_unsent_max_seconds",
+    "The most assistant audio any one call of this worker holds unsent, read at scrape.",
+    multiprocess_mode="livemax")
 VAPI_SETUP = Histogram(
     "callbridge_vapi_setup_seconds",
     "Vapi call setup: POST /call plus transport socket connect.",

@@ -105,6 +105,9 @@ def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
     assert report["errors"]["calls_ended_early"] == 0
     if scenario == "duplex":
         assert report["frames"]["inbound_lost"] == 0 and report["frames"]["outbound_lost"] == 0
+        unsent = report["playout_unsent_ms"]  # the worker's gauges, read from its /metrics
+        assert unsent["max"] is not None and 0 <= unsent["mean_per_call"] <= unsent["max"], unsent
+        assert "worker playout buffers at the window's end" in run.stdout
     else:
         assert report["stale_frames_after_clear"]["stale"] == 0
         assert report["interruption_to_clear_ms"]["without_clear"] == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from worker.playback import FRAME_BYTES, Playout
+import pytest
+
+from worker.playback import FRAME_BYTES, Playout, unsent
 
 
 def frames_until(
@@ -193,3 +195,15 @@ def test_marks_carry_the_owner_prefix_and_only_ours_count() -> None:
     assert marks == ["7.0:100", "7.0:200"]
     assert not p.on_mark("0:100") and not p.on_mark("6.0:100"), "a previous owner's echo"
     assert p.on_mark("7.0:200") and p.turns[0].heard_ms == 200
+
+
+def test_unsent_sums_and_takes_the_largest_held_audio() -> None:
+    """The worker's scrape-time gauges: audio not yet handed to Twilio, per call and in all."""
+    idle, talking, bursting = Playout(), Playout(), Playout()
+    talking.push(b"\xff" * 800, now=0.0)  # 100 ms
+    bursting.push(b"\xff" * 8000, now=0.0)  # 1 s
+    assert unsent([]) == (0.0, 0.0)
+    assert unsent([idle, talking, bursting]) == (pytest.approx(1.1), 1.0)
+    # The frame that starts playing now and the lead's worth behind it (100 ms) go at once.
+    assert len(bursting.due(now=0.0)) == 6
+    assert unsent([idle, talking, bursting]) == (pytest.approx(0.98), pytest.approx(0.88))

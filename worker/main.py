@@ -43,6 +43,7 @@ from shared.tasks import stop_tasks
 from worker import ownership
 from worker.claims import WATCH_STOP_S, Claimer, ensure_group
 from worker.ownership import Lease
+from worker.playback import unsent
 from worker.session import SESSION_TASKS_STOP_S, CallSession
 from worker.twilio_rest import TwilioRest
 from worker.vapi_client import VapiClient
@@ -362,6 +363,9 @@ class Worker:
 
         @app.get("/metrics")
         async def prometheus_metrics() -> Response:
+            total, most = unsent(s.core.playout for s in self.sessions.values())
+            metrics.PLAYOUT_UNSENT.set(total)
+            metrics.PLAYOUT_UNSENT_MAX.set(most)
             body, content_type = metrics.exposition()
             return Response(body, media_type=content_type)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 FRAME_S = 0.020
@@ -282,3 +283,14 @@ class Playout:
         self._sent.clear()
         self._end_mark = None
         self._play_at = now
+
+
+def unsent(playouts: Iterable[Playout]) -> tuple[float, float]:
+    """Assistant audio held unsent over these calls, in seconds: the total, and the most any one
+    call holds (the worker's scrape-time gauges)."""
+    total = most = 0.0
+    for p in playouts:
+        held = p.buffered_s
+        total += held
+        most = max(most, held)
+    return total, most
