@@ -61,7 +61,7 @@ from shared.logs import error_fields
 from shared.security import webhook_signature_ok, ws_signature_ok
 from shared.settings import Settings
 from shared.twilio_proto import Mark, Media, Outbound, ProtocolError, Start, Stop, parse
-from worker.playback import Playout
+from worker.playback import Playout, unsent
 from worker.vapi_client import VapiClient, VapiError
 
 if TYPE_CHECKING:  # the bench's side only: the bridge process does not import the bench
@@ -97,6 +97,7 @@ class _Bridge:
         self.settings = settings
         self.vapi = VapiClient(settings)
         self.playing: set[_Call] = set()
+        self.calls: set[_Call] = set()  # for the playout gauges, as the worker reports them
         self._tick_wake = asyncio.Event()
 
     def play(self, call: _Call) -> None:
@@ -143,9 +144,11 @@ class _Call:
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._vapi_side(), name="vapi"),
                  asyncio.create_task(self._twilio_sender(), name="twilio-send")]
+        self.bridge.calls.add(self)
         try:
             await self._twilio_reader()
         finally:
+            self.bridge.calls.discard(self)
             self.over = True
             self.bridge.playing.discard(self)
             for task in tasks:
@@ -362,6 +365,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        metrics.set_playout_unsent(unsent(call.playout for call in bridge.calls))
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 

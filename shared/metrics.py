@@ -169,6 +169,14 @@ PLAYOUT_UNSENT_MAX = Gauge(
     "callbridge_worker_playout_unsent_max_seconds",
     "The most assistant audio any one call of this worker holds unsent, read at scrape.",
     multiprocess_mode="livemax")
+
+
+def set_playout_unsent(held: tuple[float, float]) -> None:
+    """The playout gauges, from `worker.playback.unsent` (total, most), at a scrape."""
+    PLAYOUT_UNSENT.set(held[0])
+    PLAYOUT_UNSENT_MAX.set(held[1])
+
+
 VAPI_SETUP = Histogram(
     "callbridge_vapi_setup_seconds",
     "Vapi call setup: POST /call plus transport socket connect.",

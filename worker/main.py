@@ -363,9 +363,7 @@ class Worker:
 
         @app.get("/metrics")
         async def prometheus_metrics() -> Response:
-            total, most = unsent(s.core.playout for s in self.sessions.values())
-            metrics.PLAYOUT_UNSENT.set(total)
-            metrics.PLAYOUT_UNSENT_MAX.set(most)
+            metrics.set_playout_unsent(unsent(s.core.playout for s in self.sessions.values()))
             body, content_type = metrics.exposition()
             return Response(body, media_type=content_type)
 
