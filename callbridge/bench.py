@@ -665,9 +665,9 @@ def _stand_ins_never_pause() -> Iterator[None]:
     """No garbage collection in the load generator during a run (its calls, warm-up, window and
     teardown); what was alive before is frozen out of reach first, while no call runs. The
     stand-ins play Twilio and Vapi, which do not stop for our collector; the bench's records grow
-    with every run, and in the second run of `--baseline direct` at 100 calls full collections of
-    them stopped both stand-ins for 98-167 ms inside the window: audio they then sent in a bunch
-    was measured as the bridge's latency (docs/performance.md, "Where it stands")."""
+    with every run, and in the second run of `--baseline direct` at 100 calls a full collection of
+    them stopped both stand-ins for 167 ms inside the window: audio they then sent in a bunch was
+    measured as the bridge's latency (docs/performance.md, "Where it stands")."""
     gc.collect()
     gc.freeze()
     gc.disable()
