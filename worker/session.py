@@ -336,7 +336,7 @@ class CallSession:
     def _on_timer(self) -> None:
         """The timer fires at the deadline it was set for; inputs since may have moved that
         later (each frame of an utterance moves its end mark), and then it only moves on:
-        while audio streams in real time that is most firings."""
+        while audio streams in real time, about half the firings (docs/performance.md)."""
         self._timer = None
         if self._aborted:
             return
