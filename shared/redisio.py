@@ -50,6 +50,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.streams import Keys
 from shared.tasks import stop_tasks
 
+try:  # hiredis's "no whole reply yet", as redis-py configures its reader
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # another redis-py: every reply through `read_response`
+    _NOT_ENOUGH_DATA = None
+
 log = logging.getLogger("callbridge.redis")
 
 
@@ -492,6 +497,32 @@ async def _round_trip(conn: Any, packed: bytes, replies: int, timeout: float) ->
         raise
 
 
+async def _replies(parser: Any, n: int) -> list[Any]:
+    """`n` replies off `parser` (an error reply in its place), taken from hiredis's reader in one
+    loop: redis-py's `read_response` is a coroutine per reply, and a round trip of the data path
+    carries several (docs/performance.md, "Redis reads"). It is `read_response`'s loop, inlined:
+    a reply that says the connection is broken is raised, a push message (RESP3 only; these
+    connections speak RESP2) handed to redis-py. Without hiredis, `read_response` each."""
+    reader = getattr(parser, "_reader", None)
+    if _NOT_ENOUGH_DATA is None or reader is None or not hasattr(parser, "read_from_socket"):
+        return [await parser.read_response() for _ in range(n)]
+    gets, push = reader.gets, getattr(parser, "_hiredis_PushNotificationType", None) or ()
+    out: list[Any] = []
+    while len(out) < n:
+        reply = gets()
+        if reply is _NOT_ENOUGH_DATA:
+            await parser.read_from_socket()
+        elif isinstance(reply, RedisConnectionError):
+            raise reply
+        elif isinstance(reply, list) and reply and isinstance(reply[0], RedisConnectionError):
+            raise reply[0]
+        elif push and isinstance(reply, push):
+            await parser.handle_push_response(reply)
+        else:
+            out.append(reply)
+    return out
+
+
 class KeptConnection:
     """One pooled connection held by a user that issues one command at a time (a writer's
     flusher, a reader's loop). Taking and giving back a pooled connection for every round trip
@@ -531,7 +562,7 @@ class KeptConnection:
             writer.write(packed)
             if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
                 await writer.drain()
-            out = [await parser.read_response() for _ in range(replies)]
+            out = await _replies(parser, replies)
         except asyncio.CancelledError:
             await conn.disconnect(nowait=True)
             raise

@@ -46,6 +46,8 @@ class CutProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            if hasattr(self._server, "close_clients"):  # 3.13+: wait_closed waits for them
+                self._server.close_clients()
             await self._server.wait_closed()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
