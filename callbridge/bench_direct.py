@@ -54,7 +54,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from shared import metrics
+from shared import eager, metrics
 from shared import vapi_proto as V
 from shared.audio import Downlink, Uplink
 from shared.logs import error_fields
@@ -139,6 +139,9 @@ class _Call:
         self._conn: ClientConnection | None = None
         self._tx: deque[str] = deque()
         self._tx_wake = asyncio.Event()
+        self._rest: eager.Rest[None] | None = None  # a send started at once that suspended
+        self._sending = False  # the sender task is inside a send
+        self._dead = False  # a send failed: the socket is gone, the reader sees it
         self._stale_until = 0.0
 
     async def run(self) -> None:
@@ -269,21 +272,45 @@ class _Call:
         metrics.BARGE_INS.inc()
 
     def _send(self, text: str) -> None:
-        self._tx.append(text)
-        self._tx_wake.set()
+        """As the gateway sends (gateway/sender.py): at once when nothing is queued or in
+        flight, else queued for the sender task, in order."""
+        if self._dead:
+            return
+        if self._tx or self._sending or self._rest is not None:
+            self._tx.append(text)
+            self._tx_wake.set()
+            return
+        try:
+            self._rest = eager.start(self.ws.send_text(text))
+        except Exception:  # the socket is gone: the reader sees the disconnect
+            self._dead = True
+            return
+        if self._rest is not None:
+            self._tx_wake.set()
 
     async def _twilio_sender(self) -> None:
         """The one writer of the Twilio socket, so media, marks and clears keep their order."""
         send = self.ws.send_text
-        while True:
-            if not self._tx:
-                self._tx_wake.clear()
-                await self._tx_wake.wait()
-                continue
-            try:
-                await send(self._tx.popleft())
-            except Exception:  # the socket is gone: the reader sees the disconnect
-                return
+        try:
+            while not self._dead:
+                if self._rest is None and not self._tx:
+                    self._tx_wake.clear()
+                    await self._tx_wake.wait()
+                    continue
+                self._sending = True
+                try:
+                    if self._rest is not None:
+                        rest, self._rest = self._rest, None
+                        await rest
+                    else:
+                        await send(self._tx.popleft())
+                except Exception:
+                    self._dead = True
+                finally:
+                    self._sending = False
+        finally:
+            if self._rest is not None:
+                self._rest.close()
 
 
 def answer(stream_url: str, from_: str, to: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -34,12 +35,21 @@ class OutQueue:
         self._size = 0
         self._max = max_media
         self._ready = asyncio.Event()
+        self._waiting = False  # the consumer waits in `get` (it has nothing to carry out)
+        # The consumer's way to take entries at once while it waits (gateway/sender.py): None
+        # when it took them all, else what is left to queue (and wake it for, even if empty).
+        self.direct: Callable[[Entries], Entries | None] | None = None
 
     @property
     def size(self) -> int:
         return self._size
 
     def put(self, entries: Entries) -> None:
+        if self._waiting and self.direct is not None and not self._batches:
+            left = self.direct(entries)
+            if left is None:
+                return
+            entries = left
         self._batches.append(entries)
         self._size += len(entries)
         if self._size > self._max:
@@ -49,7 +59,11 @@ class OutQueue:
     async def get(self) -> Entries:
         while not self._batches:
             self._ready.clear()
-            await self._ready.wait()
+            self._waiting = True
+            try:
+                await self._ready.wait()
+            finally:
+                self._waiting = False
         batch = self._batches.popleft()
         self._size -= len(batch)
         return batch

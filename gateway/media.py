@@ -21,8 +21,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gateway.doorbell import Doorbell
 from gateway.fence import OwnerFence, epoch_of
-from gateway.hub import OutQueue
 from gateway.records import ensure_ttl, reassert
+from gateway.sender import TwilioSender
 from gateway.state import (
     CHECK_OWNER,
     CLOSE_IDLE,
@@ -56,7 +56,6 @@ log = logging.getLogger("callbridge.gateway.media")
 # Per-frame counters, tallied (shared/metrics.py, `Tally`).
 _FRAMES_IN = metrics.Tally(metrics.FRAMES.labels("in", "twilio"))
 _BYTES_IN = metrics.Tally(metrics.AUDIO_BYTES.labels("in", "twilio"))
-_FRAMES_OUT = metrics.Tally(metrics.FRAMES.labels("out", "twilio"))
 router = APIRouter()
 
 # Close codes: 1008 policy violation (auth, a malformed start), 1013 try again later (draining /
@@ -214,8 +213,9 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
                       attached=time.monotonic(), live=live)
     st.sockets[ws] = info
     log.info("media stream started")
-    sender = asyncio.create_task(_send_loop(ws, queue, Outbound(start.stream_sid), fence, info, bell),
-                                 name="twilio-send")
+    sender = asyncio.create_task(
+        TwilioSender(ws, queue, Outbound(start.stream_sid), fence, info, bell).run(),
+        name="twilio-send")
     receiver = asyncio.create_task(
         _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)),
         name="twilio-receive")
@@ -385,81 +385,3 @@ async def _check_owner(st: GatewayState, ws: WebSocket, info: SocketInfo, since:
     await st.writer.flush()
     with contextlib.suppress(Exception):
         await ws.close(code=NORMAL)
-
-
-# Bounds on what an `out` entry may carry: entries are untrusted like any Redis data.
-MAX_OUT_AUDIO = 16_000  # bytes of μ-law in one entry (2 s); the worker writes 160 (20 ms)
-MAX_OUT_MARK = 256  # a mark name; the worker's are `{epoch}.{turn}:{ms}`
-
-
-def _age_s(fields: dict[bytes, bytes], now_ns: int) -> float | None:
-    """Seconds since the sender stamped the entry, or None when the stamp is not a number."""
-    t = fields.get(b"t")
-    if t is None or not 0 < len(t) <= 20 or not t.isdigit():
-        return None
-    return (now_ns - int(t)) / 1e9
-
-
-def _mark_name(value: bytes | None) -> str | None:
-    if not value or len(value) > MAX_OUT_MARK:
-        return None
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-_HOP_SAMPLE = metrics.Sample()
-
-
-async def _send_loop(ws: WebSocket, queue: OutQueue, out: Outbound, fence: OwnerFence,
-                     info: SocketInfo, bell: Doorbell) -> bool:
-    """Redis -> Twilio. Returns True when the worker asked us to hang up (socket closed). An entry
-    that is not one we can send is counted and dropped; the audio after it goes on. Entries of
-    a replaced owner are dropped (gateway/fence.py). Notes on `info` that the owner wrote (it is
-    alive) and sent audio or marks (the call went live)."""
-    frames = _FRAMES_OUT
-    latency = metrics.HOP_LATENCY.labels("worker_to_twilio")
-    send = ws.send_text
-    while True:
-        entries = await queue.get()
-        now, mono = time.time_ns(), time.monotonic()
-        for _id, f in entries:
-            admitted = fence.admit(f)
-            if not admitted:
-                if admitted is None:  # a new owner: drop what the old one left in Twilio's buffer
-                    bell.new_owner(f)
-                    await send(out.clear())
-                else:
-                    _drop("stale_owner")
-                continue
-            info.last_out = mono
-            kind = f.get(b"k")
-            if kind == S.OUT_MEDIA:
-                audio = f.get(b"a")
-                if not audio or len(audio) > MAX_OUT_AUDIO:
-                    _drop("bad_out_entry")
-                    continue
-                await send(out.media(audio))
-                info.live = True
-                frames.inc()
-                if _HOP_SAMPLE.due() and (age := _age_s(f, now)) is not None:
-                    latency.observe(age)
-            elif kind == S.OUT_MARK:
-                name = _mark_name(f.get(b"v"))
-                if name is None:
-                    _drop("bad_out_entry")
-                    continue
-                await send(out.mark(name))
-                info.live = True
-            elif kind == S.OUT_CLEAR:
-                await send(out.clear())
-                if (age := _age_s(f, now)) is not None:
-                    metrics.CLEAR_LATENCY.observe(age)
-            elif kind == S.OUT_RING:
-                bell.rung(f)
-            elif kind == S.OUT_HANGUP:
-                await ws.close(code=NORMAL)
-                return True
-            else:
-                _drop("bad_out_entry")
