@@ -63,6 +63,7 @@ from shared.settings import Settings
 from shared.twilio_proto import Mark, Media, Outbound, ProtocolError, Start, Stop, parse
 from worker.playback import Playout, unsent
 from worker.vapi_client import VapiClient, VapiError
+from worker.vapi_socket import VapiConnection
 
 if TYPE_CHECKING:  # the bench's side only: the bridge process does not import the bench
     from callbridge.bench import _Config
@@ -218,29 +219,33 @@ class _Call:
             while self.backlog:  # no await between the last check and `self.vapi`: order kept
                 await ws.send(self.uplink.convert(self.backlog.popleft()))
             self.vapi = ws
-            frames, nbytes = _COUNT["frames_from_vapi"], _COUNT["bytes_from_vapi"]
+            if isinstance(ws, VapiConnection):  # as the worker takes them (worker/vapi_socket.py)
+                ws.take_messages(self._on_vapi)
             async for msg in ws:
-                now = _mono()
-                if isinstance(msg, bytes):
-                    frames.inc()
-                    nbytes.inc(len(msg))
-                    if now >= self._stale_until:
-                        self.playout.push(self.downlink.convert(msg), now)
-                        self.emit(now)
-                    continue
-                try:
-                    parsed = V.parse(msg)
-                except ValueError:
-                    metrics.DROPPED.labels("vapi_bad_json").inc()
-                    continue
-                if isinstance(parsed, V.UserInterrupted):
-                    self._barge_in(now)
-                elif (isinstance(parsed, V.SpeechUpdate) and parsed.role == "assistant"
-                      and parsed.status == "started"):
-                    self._stale_until = 0.0  # the next turn: its audio plays
+                self._on_vapi(msg)
         self.vapi = None
         with contextlib.suppress(Exception):  # the assistant's side ended: so does the call
             await self.ws.close(code=1000)
+
+    def _on_vapi(self, msg: bytes | str) -> None:
+        now = _mono()
+        if isinstance(msg, bytes):
+            _COUNT["frames_from_vapi"].inc()
+            _COUNT["bytes_from_vapi"].inc(len(msg))
+            if now >= self._stale_until:
+                self.playout.push(self.downlink.convert(msg), now)
+                self.emit(now)
+            return
+        try:
+            parsed = V.parse(msg)
+        except ValueError:
+            metrics.DROPPED.labels("vapi_bad_json").inc()
+            return
+        if isinstance(parsed, V.UserInterrupted):
+            self._barge_in(now)
+        elif (isinstance(parsed, V.SpeechUpdate) and parsed.role == "assistant"
+              and parsed.status == "started"):
+            self._stale_until = 0.0  # the next turn: its audio plays
 
     def emit(self, now: float) -> None:
         """Send what the pacer says is due; keep the call on the ticker while audio waits."""

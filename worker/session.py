@@ -54,6 +54,7 @@ from worker.call import (
 )
 from worker.twilio_rest import TwilioRest
 from worker.vapi_client import VapiClient, VapiError, send_now
+from worker.vapi_socket import VapiConnection
 
 __all__ = ["MAX_VAPI_QUEUE", "SESSION_TASKS_STOP_S", "CallSession", "Ending", "SessionHost"]
 
@@ -457,6 +458,8 @@ class CallSession:
             return
         self._ws = ws
         self._connected = True
+        if isinstance(ws, VapiConnection):
+            ws.take_messages(self._from_vapi)
         self._spawn(self._vapi_sender(ws), "vapi-send")
         self._spawn(self._downlink(ws), "vapi-read")
         now = time.monotonic()
@@ -478,29 +481,45 @@ class CallSession:
         return out
 
     async def _downlink(self, ws: ClientConnection) -> None:
-        """Vapi's messages in arrival order: audio and parsed control messages into the core."""
-        frames, nbytes = _FRAMES_FROM_VAPI, _BYTES_FROM_VAPI
-        core = self.core
+        """Vapi's messages in arrival order into the core. Most reach `_from_vapi` straight from
+        the socket as they arrive (worker/vapi_socket.py); this takes what the socket queued
+        instead, and sees it close."""
         try:
             async for msg in ws:
-                if isinstance(msg, bytes):
-                    frames.inc()
-                    nbytes.inc(len(msg))
-                    self._feed(core.vapi_audio, msg, time.monotonic())
-                    continue
-                try:
-                    parsed = V.parse(msg)
-                except ValueError:
-                    metrics.DROPPED.labels("vapi_bad_json").inc()
-                    continue
-                self._feed(core.vapi_message, parsed, time.monotonic())
+                self._on_vapi(msg)
         except ConnectionClosed:
             pass
         except Exception as exc:  # a bug or a message we could not handle: end the call, say why
             log.error("vapi downlink failed", extra=error_fields(exc))
-            self._feed(core.vapi_closed, time.monotonic(), True)
+            self._feed(self.core.vapi_closed, time.monotonic(), True)
             return
-        self._feed(core.vapi_closed, time.monotonic(), False)
+        self._feed(self.core.vapi_closed, time.monotonic(), False)
+
+    def _from_vapi(self, msg: bytes | str) -> None:
+        """A message straight from the socket, inside its `data_received`: must not raise."""
+        try:
+            self._on_vapi(msg)
+        except Exception as exc:
+            token = call_sid_var.set(self.sid)
+            try:
+                log.error("vapi downlink failed", extra=error_fields(exc))
+            finally:
+                call_sid_var.reset(token)
+            self._feed(self.core.vapi_closed, time.monotonic(), True)
+
+    def _on_vapi(self, msg: bytes | str) -> None:
+        """One Vapi message, audio or a control message, into the core."""
+        if isinstance(msg, bytes):
+            _FRAMES_FROM_VAPI.inc()
+            _BYTES_FROM_VAPI.inc(len(msg))
+            self._feed(self.core.vapi_audio, msg, time.monotonic())
+            return
+        try:
+            parsed = V.parse(msg)
+        except ValueError:
+            metrics.DROPPED.labels("vapi_bad_json").inc()
+            return
+        self._feed(self.core.vapi_message, parsed, time.monotonic())
 
     async def _vapi_sender(self, ws: ClientConnection) -> None:
         """What `_send_vapi` could not write at once (back-pressure, a fragmented send), in the

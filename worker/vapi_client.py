@@ -20,6 +20,7 @@ from websockets.protocol import State
 
 from shared import vapi_proto as V
 from shared.settings import Settings
+from worker.vapi_socket import VapiConnection
 
 log = logging.getLogger("callbridge.vapi")
 USER_AGENT = "callbridge/0.1 (+https://github.com/callbridge)"
@@ -177,6 +178,7 @@ class VapiClient:
                 close_timeout=2,
                 max_size=2**20,
                 compression=None,
+                create_connection=VapiConnection,
             )
         except Exception as exc:  # never echo the URL: some exceptions embed it
             status = getattr(getattr(exc, "response", None), "status_code", None)
