@@ -98,7 +98,8 @@ class Playout:
             self._end_mark = None  # the utterance goes on: its next frames carry the marks
         self._buf += ulaw
         self._last_push = now
-        self.turns.setdefault(self.turn, TurnRecord())
+        if self.turn not in self.turns:
+            self.turns[self.turn] = TurnRecord()
         return dropped
 
     @property
@@ -164,7 +165,9 @@ class Playout:
                     and now - self._fill_started < self.prebuffer_s):
                 return out
             self._play_at = now
-        rec = self.turns.setdefault(self.turn, TurnRecord())
+        rec = self.turns.get(self.turn)
+        if rec is None:  # (not setdefault: that builds a record on every call)
+            rec = self.turns[self.turn] = TurnRecord()
         while self._buf and self._play_at - self.lead_s <= now:
             if len(self._buf) < FRAME_BYTES:
                 if now - self._last_push < self.tail_wait_s:
