@@ -500,9 +500,10 @@ async def _round_trip(conn: Any, packed: bytes, replies: int, timeout: float) ->
 async def _replies(parser: Any, n: int) -> list[Any]:
     """`n` replies off `parser` (an error reply in its place), taken from hiredis's reader in one
     loop: redis-py's `read_response` is a coroutine per reply, and a round trip of the data path
-    carries several (docs/performance.md, "Redis reads"). It is `read_response`'s loop, inlined:
-    a reply that says the connection is broken is raised, a push message (RESP3 only; these
-    connections speak RESP2) handed to redis-py. Without hiredis, `read_response` each."""
+    carries several (docs/performance.md, "What the 3 December evening round changed"). It is
+    `read_response`'s loop, inlined: a reply that says the connection is broken is raised, a
+    push message (RESP3 only; these connections speak RESP2) handed to redis-py. Without
+    hiredis, `read_response` each."""
     reader = getattr(parser, "_reader", None)
     if _NOT_ENOUGH_DATA is None or reader is None or not hasattr(parser, "read_from_socket"):
         return [await parser.read_response() for _ in range(n)]
