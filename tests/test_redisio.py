@@ -563,8 +563,9 @@ async def test_a_kept_round_trip_past_its_deadline_is_cut_and_the_next_one_recon
             n += 1
         assert n > 10, n
         key = f"{prefix}k"
-        got = await kept.round_trip(pack_batch([("set", (key, "x"), {}), ("incr", (key,), {})])
-                                    + ping, 3, 0.3)  # INCR of "x": an error reply
+        packed = pack_batch([("set", (key, "x"), {}), ("incr", (key,), {})])
+        assert packed is not None
+        got = await kept.round_trip(packed + ping, 3, 0.3)  # INCR of "x": an error reply
         assert got[0] == b"OK" and isinstance(got[1], ResponseError) and got[2] == b"PONG", got
         conn = kept._conn
         block = f"*3\r\n$5\r\nBLPOP\r\n${len(prefix) + 5}\r\n{prefix}empty\r\n$2\r\n10\r\n".encode()
