@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from gateway.doorbell import Doorbell
 from gateway.fence import OwnerFence, epoch_of
 from gateway.records import ensure_ttl, reassert
-from gateway.sender import TwilioSender
+from gateway.sender import NORMAL, TwilioSender
 from gateway.state import (
     CHECK_OWNER,
     CLOSE_IDLE,
@@ -60,7 +60,8 @@ router = APIRouter()
 
 # Close codes: 1008 policy violation (auth, a malformed start), 1013 try again later (draining /
 # Redis down), 1011 internal error (the socket is ended so that Twilio re-attaches).
-POLICY, TRY_LATER, NORMAL, INTERNAL_ERROR = 1008, 1013, 1000, 1011
+# 1000 normal (NORMAL, gateway/sender.py) for a hang-up and every other deliberate close.
+POLICY, TRY_LATER, INTERNAL_ERROR = 1008, 1013, 1011
 # How long a closing socket waits for its two loops to end once cancelled (each cancel is
 # repeated, since one can be lost: shared/tasks.py); past it they are left behind, with a warning.
 SOCKET_TASKS_STOP_S = 2.0

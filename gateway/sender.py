@@ -15,7 +15,6 @@ it, a hang-up's close) goes to the task, which saves a task switch per frame
 
 from __future__ import annotations
 
-import logging
 import time
 
 from starlette.websockets import WebSocket
@@ -31,12 +30,11 @@ from shared.twilio_proto import Outbound
 
 __all__ = ["MAX_OUT_AUDIO", "MAX_OUT_MARK", "NORMAL", "TwilioSender"]
 
-log = logging.getLogger("callbridge.gateway.sender")
 _FRAMES_OUT = metrics.Tally(metrics.FRAMES.labels("out", "twilio"))
 _HOP_SAMPLE = metrics.Sample()
 _LATENCY = metrics.HOP_LATENCY.labels("worker_to_twilio")
 
-NORMAL = 1000  # the close code of a hang-up
+NORMAL = 1000  # the close code of a hang-up (and of every deliberate close: gateway/media.py)
 # Bounds on what an `out` entry may carry: entries are untrusted like any Redis data.
 MAX_OUT_AUDIO = 16_000  # bytes of μ-law in one entry (2 s); the worker writes 160 (20 ms)
 MAX_OUT_MARK = 256  # a mark name; the worker's are `{epoch}.{turn}:{ms}`
