@@ -984,6 +984,7 @@ async def test_session_end_hook_and_max_duration(sim: VapiSim) -> None:
         await c.wait(lambda: bool(c.frames), 2)
         await session.end("assistant-forwarded-call")
         assert c.of("status-update", status="ended")[0]["endedReason"] == "assistant-forwarded-call"
+        await asyncio.wait_for(ws.wait_closed(), 2)  # the close frame follows the last message
         assert ws.close_code == 1000
     body = call_body()
     body["assistantOverrides"]["maxDurationSeconds"] = 0.3  # Vapi's minimum is 10; not checked
