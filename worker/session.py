@@ -489,9 +489,8 @@ class CallSession:
                 self._on_vapi(msg)
         except ConnectionClosed:
             pass
-        except Exception as exc:  # a bug or a message we could not handle: end the call, say why
-            log.error("vapi downlink failed", extra=error_fields(exc))
-            self._feed(self.core.vapi_closed, time.monotonic(), True)
+        except Exception as exc:
+            self._downlink_failed(exc)
             return
         self._feed(self.core.vapi_closed, time.monotonic(), False)
 
@@ -500,12 +499,17 @@ class CallSession:
         try:
             self._on_vapi(msg)
         except Exception as exc:
-            token = call_sid_var.set(self.sid)
-            try:
-                log.error("vapi downlink failed", extra=error_fields(exc))
-            finally:
-                call_sid_var.reset(token)
-            self._feed(self.core.vapi_closed, time.monotonic(), True)
+            self._downlink_failed(exc)
+
+    def _downlink_failed(self, exc: Exception) -> None:
+        """A bug or a message we could not handle, on either way in: end the call, say why (with
+        the call's sid: `_from_vapi` runs in the socket's context, not the session's)."""
+        token = call_sid_var.set(self.sid)
+        try:
+            log.error("vapi downlink failed", extra=error_fields(exc))
+        finally:
+            call_sid_var.reset(token)
+        self._feed(self.core.vapi_closed, time.monotonic(), True)
 
     def _on_vapi(self, msg: bytes | str) -> None:
         """One Vapi message, audio or a control message, into the core."""
