@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from gateway import api, console, media, webhooks
+from gateway import api, console, media, twilio_socket, webhooks
 from gateway.hub import OutboundHub
 from gateway.outbound import Dialer
 from gateway.state import GatewayState
@@ -161,8 +161,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """App factory for running under a process manager, e.g.
-    `uvicorn gateway.app:app_from_env --factory --workers 4` (set PROMETHEUS_MULTIPROC_DIR so
-    /metrics adds up all processes). `callbridge gateway` is one process with graceful drain."""
+    `uvicorn gateway.app:app_from_env --factory --workers 4 --ws gateway.twilio_socket:MediaProtocol`
+    (set PROMETHEUS_MULTIPROC_DIR so /metrics adds up all processes; `--ws` as `server_config`
+    chooses). `callbridge gateway` is one process with graceful drain."""
     from shared.logs import setup_logging
     from shared.settings import load_settings
 
@@ -172,13 +173,14 @@ def app_from_env() -> FastAPI:
 
 
 def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
-    """How the gateway's uvicorn runs: the sans-I/O websockets implementation with keepalive
-    pings on the Twilio socket, a frame size bound, and no access log on the media path."""
+    """How the gateway's uvicorn runs: the sans-I/O websockets implementation (with the media
+    socket's shorter path, gateway/twilio_socket.py) with keepalive pings on the Twilio socket,
+    a frame size bound, and no access log on the media path."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        ws="websockets-sansio",
+        ws=twilio_socket.MediaProtocol if twilio_socket.usable() else "websockets-sansio",
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.twilio_ping_interval_s,
         ws_ping_timeout=settings.twilio_ping_timeout_s,

@@ -1,9 +1,10 @@
 """The Twilio Media Stream socket: authenticate, then pump frames between Twilio and Redis.
 
-Inbound: every Twilio event becomes one entry on `call:{sid}:in` (raw μ-law, not base64) via the
-process-wide batch writer. Outbound: the hub hands us `call:{sid}:out` entries, which we turn into
-`media` / `mark` / `clear` messages or a deliberate close on `hangup`. Nothing here outlives the
-socket; a closed socket without `stop` is reported to the worker as `detach`.
+Inbound (gateway/receiver.py): every Twilio event becomes one entry on `call:{sid}:in` (raw
+μ-law, not base64) via the process-wide batch writer. Outbound (gateway/sender.py): the hub hands
+us `call:{sid}:out` entries, which become `media` / `mark` / `clear` messages or a deliberate
+close on `hangup`. Nothing here outlives the socket; a closed socket without `stop` is reported
+to the worker as `detach`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gateway.doorbell import Doorbell
 from gateway.fence import OwnerFence, epoch_of
+from gateway.receiver import TwilioReceiver, decode
 from gateway.records import ensure_ttl, reassert
 from gateway.sender import NORMAL, TwilioSender
 from gateway.state import (
@@ -40,22 +41,12 @@ from shared.security import verify_stream_token, ws_signature_ok
 from shared.tasks import stop_tasks
 from shared.twilio_proto import (
     Connected,
-    Dtmf,
-    Mark,
-    Media,
     Outbound,
     ProtocolError,
     Start,
-    Stop,
-    TwilioEvent,
-    Unknown,
-    parse,
 )
 
 log = logging.getLogger("callbridge.gateway.media")
-# Per-frame counters, tallied (shared/metrics.py, `Tally`).
-_FRAMES_IN = metrics.Tally(metrics.FRAMES.labels("in", "twilio"))
-_BYTES_IN = metrics.Tally(metrics.AUDIO_BYTES.labels("in", "twilio"))
 router = APIRouter()
 
 # Close codes: 1008 policy violation (auth, a malformed start), 1013 try again later (draining /
@@ -77,17 +68,6 @@ def _drop(cause: str) -> None:
     metrics.DROPPED.labels(cause).inc()
 
 
-def _decode(msg: Mapping[str, Any], limit: int) -> TwilioEvent:
-    """One ASGI websocket message -> a Twilio event; ProtocolError (for the caller to count and
-    drop) when it is binary, oversized or not a valid Media Streams message."""
-    text = msg.get("text")
-    if text is None:
-        raise ProtocolError("binary")
-    if len(text) > limit:
-        raise ProtocolError("oversized")
-    return parse(text)
-
-
 async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
     """Read until `start`; `connected` comes first. Anything else before it is dropped; a
     malformed `start` ends the socket (Twilio sends one start, so no good one will follow)."""
@@ -97,7 +77,7 @@ async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
         if msg["type"] == "websocket.disconnect":
             raise Rejected("disconnected")
         try:
-            event = _decode(msg, limit)
+            event = decode(msg, limit)
         except ProtocolError as exc:
             _drop(exc.cause)
             if exc.event == "start":
@@ -218,7 +198,7 @@ async def _serve(ws: WebSocket, st: GatewayState, start: Start, live: bool) -> N
         TwilioSender(ws, queue, Outbound(start.stream_sid), fence, info, bell).run(),
         name="twilio-send")
     receiver = asyncio.create_task(
-        _receive_loop(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)),
+        TwilioReceiver(ws, st, in_key, maxlen, info, start.stream_sid, st.keys.call(sid)).run(),
         name="twilio-receive")
     ended = "closed"
     try:
@@ -274,48 +254,6 @@ async def _supervise(ws: WebSocket, sid: str, receiver: asyncio.Task[str],
             if task is receiver:
                 return receiver.result() if exc is None and not task.cancelled() else "closed"
     return "closed"
-
-
-async def _receive_loop(
-    ws: WebSocket, st: GatewayState, in_key: str, maxlen: int, info: SocketInfo, stream_sid: str,
-    call_key: str,
-) -> str:
-    """Twilio -> Redis until `stop` or the socket closes (our sender's close for a hangup, the
-    idle watchdog's, or Twilio's); returns which. One await per message: this is the hot path."""
-    limit = st.settings.max_message_bytes
-    xadd = st.writer.xadd
-    frames, nbytes = _FRAMES_IN, _BYTES_IN
-    receive = ws.receive
-    clock = time.monotonic
-    while True:
-        msg = await receive()
-        if msg["type"] == "websocket.disconnect":
-            return info.closed_by or "closed"
-        info.last_rx = clock()
-        try:
-            event = _decode(msg, limit)
-        except ProtocolError as exc:
-            _drop(exc.cause)
-            continue
-        if isinstance(event, Media):
-            xadd(in_key, S.entry(S.IN_MEDIA, event.payload), maxlen)
-            frames.inc()
-            nbytes.inc(len(event.payload))
-        elif isinstance(event, Mark):
-            xadd(in_key, S.entry(S.IN_MARK, value=event.name), maxlen)
-        elif isinstance(event, Dtmf):
-            xadd(in_key, S.entry(S.IN_DTMF, value=event.digit), maxlen)
-        elif isinstance(event, Stop):
-            xadd(in_key, S.entry(S.IN_STOP, stream=stream_sid), maxlen)
-            # Recorded here too, so a worker taking the call over later knows it is over.
-            st.writer.command("hset", call_key, mapping={
-                "status": S.STATUS_ENDED, "end_reason": "caller-hangup", "ended_at": str(time.time())})
-            ensure_ttl(st.writer, st.settings.call_ttl_s, in_key, call_key)
-            return "stop"
-        elif isinstance(event, Unknown):
-            _drop("unknown_event")
-        else:
-            _drop("unexpected_event")  # a second connected/start
 
 
 def redis_came_back(st: GatewayState) -> None:

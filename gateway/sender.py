@@ -7,7 +7,8 @@ Entries of a replaced owner are dropped (gateway/fence.py). `info` learns that t
 
 The socket has one sender task, so a send that has to wait (back-pressure) holds up the entries
 behind it, in order. But most entries never need the task: while it waits for entries, the hub
-hands them to `_direct` in the reader's turn of the loop, and each send starts there at once
+hands them to `_direct` in the reader's turn of the loop, and each send starts there at once:
+written straight to the socket (gateway/twilio_socket.py), else through ASGI started eagerly
 (shared/eager.py). Only what cannot finish at once (a send that suspended, the entries behind
 it, a hang-up's close) goes to the task, which saves a task switch per frame
 (docs/performance.md, "Against a direct bridge").
@@ -19,6 +20,7 @@ import time
 
 from starlette.websockets import WebSocket
 
+from gateway import twilio_socket
 from gateway.doorbell import Doorbell
 from gateway.fence import OwnerFence
 from gateway.hub import OutQueue
@@ -66,6 +68,8 @@ class TwilioSender:
                  info: SocketInfo, bell: Doorbell) -> None:
         self._ws = ws
         self._send_text = ws.send_text
+        proto = twilio_socket.taps(ws)
+        self._send_now = proto.send_text_now if proto is not None else None
         self._queue = queue
         self._out = out
         self._fence = fence
@@ -159,4 +163,7 @@ class TwilioSender:
         return None
 
     def _send(self, text: str) -> None:
+        """Only called with nothing in flight (`_carry_out` stops at a send that suspended)."""
+        if self._send_now is not None and self._send_now(text):
+            return  # written to the socket in this turn: no coroutine (gateway/twilio_socket.py)
         self._rest = eager.start(self._send_text(text))

@@ -126,7 +126,7 @@ TIERS = {
              "test_cancel", "test_doorbell", "test_playback", "test_readme", "test_redisio", "test_resume",
              "test_security", "test_sender", "test_session", "test_sim_twilio", "test_sim_vapi",
              "test_socket_state", "test_standalone", "test_twilio_proto", "test_vad", "test_vapi_proto",
-             "test_vapi_socket"},
+             "test_twilio_socket", "test_vapi_socket"},
     "e2e": {"test_api", "test_bench", "test_call_control", "test_cli", "test_cluster", "test_console",
             "test_console_browser", "test_conversation", "test_demo", "test_e2e", "test_failover",
             "test_lifecycle", "test_multiprocess", "test_redis_outage"},

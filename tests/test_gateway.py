@@ -785,9 +785,9 @@ async def test_a_failing_sender_closes_the_socket_with_1011(
 async def test_a_failing_receiver_closes_the_socket_with_1011(
     gw: Gw, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.media
+    import gateway.receiver
 
-    real = gateway.media.parse
+    real = gateway.receiver.parse
 
     def broken(text: str | bytes) -> Any:
         if "boom" in str(text):
@@ -797,7 +797,7 @@ async def test_a_failing_receiver_closes_the_socket_with_1011(
     caplog.set_level(logging.INFO, logger="callbridge")
     before = await _metric(gw, "callbridge_gateway_media_closed_total", cause="error")
     sid, ws = await _live_socket(gw, redis)
-    monkeypatch.setattr(gateway.media, "parse", broken)  # a bug in the uplink, injected
+    monkeypatch.setattr(gateway.receiver, "parse", broken)  # a bug in the uplink, injected
     await ws.send('{"event":"boom"}')
     await _closed_for_error(gw, redis, sid, ws, caplog, before)
 

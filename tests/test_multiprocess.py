@@ -35,6 +35,7 @@ async def test_metrics_add_up_across_uvicorn_worker_processes(
     env = base_env(redis_url, prefix, PUBLIC_URL=f"http://127.0.0.1:{port}",
                    PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
     server = Proc("uvicorn-x2", ["gateway.app:app_from_env", "--factory", "--workers", "2",
+                                 "--ws", "gateway.twilio_socket:MediaProtocol",  # as the README says
                                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                   env, health_url=f"http://127.0.0.1:{port}/readyz",
                   program=[sys.executable, "-m", "uvicorn"]).start()
