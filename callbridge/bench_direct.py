@@ -54,6 +54,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from gateway import twilio_socket
 from shared import eager, metrics
 from shared import vapi_proto as V
 from shared.audio import Downlink, Uplink
@@ -62,7 +63,7 @@ from shared.security import webhook_signature_ok, ws_signature_ok
 from shared.settings import Settings
 from shared.twilio_proto import Mark, Media, Outbound, ProtocolError, Start, Stop, parse
 from worker.playback import Playout, unsent
-from worker.vapi_client import VapiClient, VapiError
+from worker.vapi_client import VapiClient, VapiError, send_now
 from worker.vapi_socket import VapiConnection
 
 if TYPE_CHECKING:  # the bench's side only: the bridge process does not import the bench
@@ -144,10 +145,17 @@ class _Call:
         self._sending = False  # the sender task is inside a send
         self._dead = False  # a send failed: the socket is gone, the reader sees it
         self._stale_until = 0.0
+        self._limit = s.max_message_bytes
+        self._stopped: asyncio.Future[None] | None = None  # `stop` seen by `_on_twilio_now`
+        self._vtx: deque[bytes] = deque()  # caller audio waiting for the Vapi sender task
+        self._vtx_wake = asyncio.Event()
+        proto = twilio_socket.taps(ws)
+        self._send_now = proto.send_text_now if proto is not None else None
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._vapi_side(), name="vapi"),
-                 asyncio.create_task(self._twilio_sender(), name="twilio-send")]
+                 asyncio.create_task(self._twilio_sender(), name="twilio-send"),
+                 asyncio.create_task(self._vapi_sender(), name="vapi-send")]
         self.bridge.calls.add(self)
         try:
             await self._twilio_reader()
@@ -168,37 +176,83 @@ class _Call:
                     await self.ws.close(code=1000)
 
     async def _twilio_reader(self) -> None:
-        """Twilio -> Vapi until `stop` or the socket closes."""
-        limit = self.bridge.settings.max_message_bytes
-        frames_in, bytes_in, frames_vapi = _COUNT["frames_in"], _COUNT["bytes_in"], _COUNT["frames_vapi"]
+        """Twilio -> Vapi until `stop` or the socket closes. As the gateway reads (gateway/
+        receiver.py): messages come to `_on_twilio` as they are read when the socket offers
+        that, and through the ASGI queue otherwise."""
         receive = self.ws.receive
+        proto = twilio_socket.taps(self.ws)
+        if proto is None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect" or self._on_twilio(msg.get("text")):
+                    return
+        stopped = self._stopped = asyncio.get_running_loop().create_future()
+        proto.take_text(self._on_twilio_now)
+        recv: asyncio.Future[Any] | None = None
+        try:
+            while not stopped.done():
+                recv = asyncio.ensure_future(receive())
+                await asyncio.wait((recv, stopped), return_when=asyncio.FIRST_COMPLETED)
+                if stopped.done():
+                    return
+                msg = recv.result()
+                if msg["type"] == "websocket.disconnect" or self._on_twilio(msg.get("text")):
+                    return
+        finally:
+            proto.take_text(None)
+            if recv is not None and not recv.done():
+                recv.cancel()
+
+    def _on_twilio_now(self, text: str) -> None:
+        stopped = self._stopped
+        if stopped is not None and not stopped.done() and self._on_twilio(text):
+            stopped.set_result(None)
+
+    def _on_twilio(self, text: str | None) -> bool:
+        """One Twilio message; True at `stop`."""
+        if text is None or len(text) > self._limit:
+            metrics.DROPPED.labels("binary" if text is None else "oversized").inc()
+            return False
+        try:
+            event = parse(text)
+        except ProtocolError as exc:
+            metrics.DROPPED.labels(exc.cause).inc()
+            return False
+        if isinstance(event, Media):
+            _COUNT["frames_in"].inc()
+            _COUNT["bytes_in"].inc(len(event.payload))
+            if self.vapi is None:
+                self.backlog.append(event.payload)
+            else:
+                self._to_vapi(self.uplink.convert(event.payload))
+        elif isinstance(event, Mark):
+            self.playout.on_mark(event.name)
+        elif isinstance(event, Stop):
+            return True
+        return False
+
+    def _to_vapi(self, payload: bytes) -> None:
+        """As the worker sends (worker/session.py): at once when nothing is queued, else
+        queued for the Vapi sender task, in order."""
+        vapi = self.vapi
+        if vapi is None:
+            return
+        if not self._vtx and send_now(vapi, payload):
+            _COUNT["frames_vapi"].inc()
+            return
+        if len(self._vtx) < MAX_BACKLOG_FRAMES:
+            self._vtx.append(payload)
+            self._vtx_wake.set()
+
+    async def _vapi_sender(self) -> None:
         while True:
-            msg = await receive()
-            if msg["type"] == "websocket.disconnect":
-                return
-            text = msg.get("text")
-            if text is None or len(text) > limit:
-                metrics.DROPPED.labels("binary" if text is None else "oversized").inc()
+            if not self._vtx or self.vapi is None:
+                self._vtx_wake.clear()
+                await self._vtx_wake.wait()
                 continue
-            try:
-                event = parse(text)
-            except ProtocolError as exc:
-                metrics.DROPPED.labels(exc.cause).inc()
-                continue
-            if isinstance(event, Media):
-                frames_in.inc()
-                bytes_in.inc(len(event.payload))
-                vapi = self.vapi
-                if vapi is None:
-                    self.backlog.append(event.payload)
-                    continue
-                with contextlib.suppress(ConnectionClosed):  # the Vapi reader sees the close
-                    await vapi.send(self.uplink.convert(event.payload))
-                    frames_vapi.inc()
-            elif isinstance(event, Mark):
-                self.playout.on_mark(event.name)
-            elif isinstance(event, Stop):
-                return
+            with contextlib.suppress(ConnectionClosed):  # the Vapi reader sees the close
+                await self.vapi.send(self._vtx.popleft())
+                _COUNT["frames_vapi"].inc()
 
     async def _vapi_side(self) -> None:
         """Create the Vapi call, open its socket, send the held audio, then Vapi -> Twilio until
@@ -219,6 +273,7 @@ class _Call:
             while self.backlog:  # no await between the last check and `self.vapi`: order kept
                 await ws.send(self.uplink.convert(self.backlog.popleft()))
             self.vapi = ws
+            self._vtx_wake.set()
             if isinstance(ws, VapiConnection):  # as the worker takes them (worker/vapi_socket.py)
                 ws.take_messages(self._on_vapi)
             async for msg in ws:
@@ -285,6 +340,8 @@ class _Call:
             self._tx.append(text)
             self._tx_wake.set()
             return
+        if self._send_now is not None and self._send_now(text):
+            return  # written in this turn (gateway/twilio_socket.py), as the gateway does
         try:
             self._rest = eager.start(self.ws.send_text(text))
         except Exception:  # the socket is gone: the reader sees the disconnect
