@@ -383,8 +383,9 @@ async def test_the_client_cpu_bench_runs_both_ways_and_reports(redis_url: str) -
 
 
 def test_an_xadd_packed_from_kept_parts_is_byte_for_byte_the_plain_packing() -> None:
-    """`pack_batch` keeps each stream's XADD head and the field names packed; the result must be
-    the RESP of the plain argument list, however often a key or a field name comes back."""
+    """`pack_batch` keeps each stream's XADD of a set of field names as a template; the result
+    must be the RESP of the plain argument list, however often a key or a field name comes back,
+    whatever the key, names and values hold."""
     from shared.redisio import _resp
 
     def plain(key: str, fields: dict, maxlen: int | None, approximate: bool) -> bytes:  # type: ignore[type-arg]
@@ -401,7 +402,9 @@ def test_an_xadd_packed_from_kept_parts_is_byte_for_byte_the_plain_packing() -> 
              ("cb:call:CA1:in", {b"k": b"mark", b"v": "name", b"t": 18}, 2000, True),
              ("cb:call:CA1:in", {b"k": b"m"}, 2000, False),
              ("cb:call:CA2:out", {b"a-much-longer-field-name": b"", "e": b"3"}, None, False),
-             ("cb:call:CA2:out", {b"k": b"\r\n$3\r\n"}, None, False)]
+             ("cb:call:CA2:out", {b"k": b"\r\n$3\r\n"}, None, False),
+             ("cb:%s:%d:in", {b"%d": b"%s%%", b"t": "%x"}, 100, True),  # '%' anywhere
+             ("cb:call:CA1:in", {b"t": b"17", b"k": b"m", b"a": b"x"}, 2000, True)]  # another order
     for _ in range(2):  # the second time from the kept parts
         for key, fields, maxlen, approximate in cases:
             kw = {"maxlen": maxlen, "approximate": approximate} if maxlen else {}
