@@ -146,7 +146,7 @@ class _Call:
         self._dead = False  # a send failed: the socket is gone, the reader sees it
         self._stale_until = 0.0
         self._limit = s.max_message_bytes
-        self._stopped: asyncio.Future[None] | None = None  # `stop` seen by `_on_twilio_now`
+        self._stopped: asyncio.Future[bool] | None = None  # `stop` seen by `_on_twilio_now`
         self._vtx: deque[bytes] = deque()  # caller audio waiting for the Vapi sender task
         self._vtx_wake = asyncio.Event()
         proto = twilio_socket.taps(ws)
@@ -187,26 +187,14 @@ class _Call:
                 if msg["type"] == "websocket.disconnect" or self._on_twilio(msg.get("text")):
                     return
         stopped = self._stopped = asyncio.get_running_loop().create_future()
-        proto.take_text(self._on_twilio_now)
-        recv: asyncio.Future[Any] | None = None
-        try:
-            while not stopped.done():
-                recv = asyncio.ensure_future(receive())
-                await asyncio.wait((recv, stopped), return_when=asyncio.FIRST_COMPLETED)
-                if stopped.done():
-                    return
-                msg = recv.result()
-                if msg["type"] == "websocket.disconnect" or self._on_twilio(msg.get("text")):
-                    return
-        finally:
-            proto.take_text(None)
-            if recv is not None and not recv.done():
-                recv.cancel()
+        await twilio_socket.receive_taking(
+            self.ws, proto, self._on_twilio_now, stopped,
+            lambda msg: msg["type"] == "websocket.disconnect" or self._on_twilio(msg.get("text")) or None)
 
     def _on_twilio_now(self, text: str) -> None:
         stopped = self._stopped
         if stopped is not None and not stopped.done() and self._on_twilio(text):
-            stopped.set_result(None)
+            stopped.set_result(True)
 
     def _on_twilio(self, text: str | None) -> bool:
         """One Twilio message; True at `stop`."""

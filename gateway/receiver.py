@@ -72,21 +72,7 @@ class TwilioReceiver:
                 if cause is not None:
                     return cause
         ended = self._ended = asyncio.get_running_loop().create_future()
-        proto.take_text(self.on_text)
-        recv: asyncio.Future[Any] | None = None
-        try:
-            while True:
-                recv = asyncio.ensure_future(receive())
-                await asyncio.wait((recv, ended), return_when=asyncio.FIRST_COMPLETED)
-                if ended.done():
-                    return ended.result()
-                cause = self._message(recv.result())
-                if cause is not None:
-                    return cause
-        finally:
-            proto.take_text(None)
-            if recv is not None and not recv.done():
-                recv.cancel()
+        return await twilio_socket.receive_taking(self._ws, proto, self.on_text, ended, self._message)
 
     def on_text(self, text: str) -> None:
         """A whole text message, from the socket's protocol in the turn that read it."""

@@ -3,8 +3,8 @@
 Through ASGI every message Twilio sends is a dict put on the connection's queue, a task switch
 to the app's `receive()` and Starlette's state checks, and uvicorn stops reading the socket until
 the app has taken it; every message we send goes through Starlette's `send` and uvicorn's, a
-coroutine each. At 50 frames a second each way per call that is a large part of the gateway
-(docs/performance.md, "Against a direct bridge").
+coroutine each. At 50 frames a second each way per call that was about 12 % of the gateway
+(docs/performance.md, "What the 4 December round changed").
 
 `MediaProtocol` is uvicorn's `WebSocketsSansIOProtocol` (framing, handshake, keepalive and
 close all stay uvicorn's and the `websockets` library's) that offers the app, through the ASGI
@@ -26,18 +26,21 @@ them (a later uvicorn that renamed them costs speed, not calls).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from starlette.websockets import WebSocket
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 
-__all__ = ["EXTENSION", "MediaProtocol", "taps", "usable"]
+__all__ = ["EXTENSION", "MediaProtocol", "receive_taking", "taps", "usable"]
 
 EXTENSION = "callbridge.twilio_socket"
+T = TypeVar("T")
+Message = Mapping[str, Any]  # an ASGI receive event
 
-# What of uvicorn's protocol this relies on (its 0.3x–0.5x releases).
+# What of uvicorn's protocol this relies on (read from uvicorn 0.55; `usable()` checks it).
 _ATTRIBUTES = ("queue", "frames", "curr_msg_data_type", "close_sent", "conn", "transport",
                "writable", "disconnected", "handshake_complete", "initial_response")
 _METHODS = ("handle_connect", "send_receive_event_to_app")
@@ -93,6 +96,30 @@ class MediaProtocol(WebSocketsSansIOProtocol):
             return
         self.frames = []
         take(text)
+
+
+async def receive_taking(ws: WebSocket, proto: MediaProtocol, take: Callable[[str], None],
+                         done: asyncio.Future[T], on_message: Callable[[Message], T | None]) -> T:
+    """Read a socket whose text messages go to `take` as they are read: the ASGI queue still
+    brings what was queued before (and anything `take` could not have), to `on_message`, and the
+    disconnect. Returns `done`'s result once `take` resolves it, or the first value
+    `on_message` returns (raises what either raised)."""
+    proto.take_text(take)
+    pending: list[asyncio.Future[Any]] = []
+    try:
+        while True:
+            recv: asyncio.Future[Any] = asyncio.ensure_future(ws.receive())
+            pending = [recv]
+            await asyncio.wait((recv, done), return_when=asyncio.FIRST_COMPLETED)
+            if done.done():
+                return done.result()
+            result = on_message(recv.result())
+            if result is not None:
+                return result
+    finally:
+        proto.take_text(None)
+        for f in pending:
+            f.cancel()  # a receive still waiting (a no-op on one that finished)
 
 
 def taps(ws: WebSocket) -> MediaProtocol | None:
