@@ -43,7 +43,7 @@ class Start:
     sequence: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every 20 ms frame (0.58 -> 0.24 µs); never changed
 class Media:
     payload: bytes
     chunk: int
