@@ -5,7 +5,7 @@ A message that is not a valid Media Streams message is counted and dropped; the 
 on. Served by `gateway/twilio_socket.py`, the messages come to `on_text` in the loop turn that
 read them (no task switch, no ASGI dict per frame); the task still reads the ASGI queue, for what
 was queued before that and for the disconnect. Either way each message is handled by `_handle`,
-in the order Twilio sent them (docs/performance.md, "Against a direct bridge").
+in the order Twilio sent them (docs/performance.md, "What the 4 December round changed").
 """
 
 from __future__ import annotations
