@@ -114,6 +114,37 @@ async def test_send_text_now_writes_while_open_and_refuses_once_closing() -> Non
     assert results == [True, True, False]
 
 
+async def test_send_text_now_refuses_while_the_peer_does_not_read_and_order_holds() -> None:
+    """A peer that stops reading fills the socket: uvicorn pauses writing, `send_text_now` says
+    False, and the ASGI send waits for the peer instead; nothing is lost or reordered."""
+    sent: list[int] = []
+    paused = asyncio.Event()
+    big = "x" * 65_536
+
+    async def handler(ws: WebSocket) -> None:
+        await ws.accept()
+        proto = twilio_socket.taps(ws)
+        assert proto is not None
+        n = 0
+        while proto.send_text_now(f"{n:08d}{big}"):
+            n += 1
+            assert n < 2_000, "writing never paused"  # bounded: kernel buffers hold a few MB
+        sent.append(n)
+        paused.set()
+        await ws.send_text(f"{n:08d}{big}")  # the ASGI path: waits until the peer reads
+        await ws.send_text("end")
+
+    # No compression: it would shrink these messages to nothing, and the socket would never fill.
+    async with _server(handler) as url, \
+            connect(url, max_queue=4, max_size=None, compression=None) as ws:
+        await asyncio.wait_for(paused.wait(), 10)
+        got: list[int] = []
+        while (msg := await asyncio.wait_for(ws.recv(), 10)) != "end":
+            got.append(int(msg[:8]))
+    assert sent and sent[0] > 0
+    assert got == list(range(sent[0] + 1))
+
+
 async def test_binary_and_invalid_utf8_take_uvicorns_path() -> None:
     """Binary messages still reach `receive()` (the gateway counts and drops them); text that is
     not UTF-8 still makes uvicorn close with 1007, and is never handed over."""
