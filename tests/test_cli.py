@@ -83,3 +83,11 @@ async def test_a_worker_whose_health_port_is_taken_stops_before_claiming_anythin
     assert all(g["pending"] == 0 for g in groups), "nothing was claimed"
     assert not await client.exists(keys.workers), "it never took a lease"
     await client.aclose()
+
+
+def test_a_free_port_is_never_handed_out_twice() -> None:
+    """Tests and the bench pick ports before their processes bind them; the kernel offers a port
+    it just offered again often enough (500 raw picks repeated 2-12 here) that a gateway and a
+    worker picked one port now and then. `free_port` hands each out once."""
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
