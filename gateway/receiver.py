@@ -4,7 +4,7 @@
 A message that is not a valid Media Streams message is counted and dropped; the ones after it go
 on. Served by `gateway/twilio_socket.py`, the messages come to `on_text` in the loop turn that
 read them (no task switch, no ASGI dict per frame); the task still reads the ASGI queue, for what
-was queued before that and for the disconnect. Either way each message is handled by `_handle`,
+was queued before that and for the disconnect. Either way each message is handled by `_text`,
 in the order Twilio sent them (docs/performance.md, "What the 4 December round changed").
 """
 
@@ -38,13 +38,12 @@ def _drop(cause: str) -> None:
 def decode(msg: Mapping[str, Any], limit: int) -> TwilioEvent:
     """One ASGI websocket message -> a Twilio event; ProtocolError (for the caller to count and
     drop) when it is binary, oversized or not a valid Media Streams message."""
-    text = msg.get("text")
+    return _event(msg.get("text"), limit)
+
+
+def _event(text: str | None, limit: int) -> TwilioEvent:
     if text is None:
         raise ProtocolError("binary")
-    return _parse(text, limit)
-
-
-def _parse(text: str, limit: int) -> TwilioEvent:
     if len(text) > limit:
         raise ProtocolError("oversized")
     return parse(text)
@@ -80,12 +79,7 @@ class TwilioReceiver:
         if ended is None or ended.done():
             return  # the stream is over for us: nobody reads the queue either
         try:
-            self._info.last_rx = time.monotonic()
-            try:
-                cause = self._handle(_parse(text, self._limit))
-            except ProtocolError as exc:
-                _drop(exc.cause)
-                return
+            cause = self._text(text)
         except Exception as exc:  # the task raises it, as if its own handling had
             ended.set_exception(exc)
             return
@@ -96,9 +90,13 @@ class TwilioReceiver:
         """An ASGI message from the queue: the stream's end cause, or None to go on."""
         if msg["type"] == "websocket.disconnect":
             return self._info.closed_by or "closed"
+        return self._text(msg.get("text"))
+
+    def _text(self, text: str | None) -> str | None:
+        """One message however it came (None: binary): the stream's end cause, or None."""
         self._info.last_rx = time.monotonic()
         try:
-            event = decode(msg, self._limit)
+            event = _event(text, self._limit)
         except ProtocolError as exc:
             _drop(exc.cause)
             return None
