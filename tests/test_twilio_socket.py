@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import pytest
 import uvicorn
 from fastapi import FastAPI, WebSocket
 from websockets.asyncio.client import ClientConnection, connect
@@ -206,3 +207,11 @@ async def test_a_socket_served_by_plain_uvicorn_has_no_taps() -> None:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
     assert seen == [None]
+
+
+def test_a_uvicorn_without_what_it_relies_on_gets_uvicorns_own_class(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`usable()` reads uvicorn's protocol; one that renamed an attribute gets the plain class."""
+    monkeypatch.setattr(twilio_socket, "_ATTRIBUTES", (*twilio_socket._ATTRIBUTES, "renamed_away"))
+    assert not twilio_socket.usable()
+    assert server_config(FastAPI(), Settings(), "127.0.0.1", 0).ws == "websockets-sansio"
