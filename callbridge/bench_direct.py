@@ -228,9 +228,11 @@ class _Call:
         if not self._vtx and send_now(vapi, payload):
             _COUNT["frames_vapi"].inc()
             return
-        if len(self._vtx) < MAX_BACKLOG_FRAMES:
-            self._vtx.append(payload)
-            self._vtx_wake.set()
+        if len(self._vtx) >= MAX_BACKLOG_FRAMES:
+            metrics.dropped("inbound_overflow")  # as the worker counts it
+            return
+        self._vtx.append(payload)
+        self._vtx_wake.set()
 
     async def _vapi_sender(self) -> None:
         while True:

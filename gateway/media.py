@@ -64,10 +64,6 @@ class Rejected(Exception):
         self.cause = cause
 
 
-def _drop(cause: str) -> None:
-    metrics.DROPPED.labels(cause).inc()
-
-
 async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
     """Read until `start`; `connected` comes first. Anything else before it is dropped; a
     malformed `start` ends the socket (Twilio sends one start, so no good one will follow)."""
@@ -79,14 +75,14 @@ async def _await_start(ws: WebSocket, st: GatewayState) -> Start:
         try:
             event = decode(msg, limit)
         except ProtocolError as exc:
-            _drop(exc.cause)
+            metrics.dropped(exc.cause)
             if exc.event == "start":
                 raise Rejected("bad_start") from None
             continue
         if isinstance(event, Start):
             return event
         if not isinstance(event, Connected):
-            _drop("before_start")
+            metrics.dropped("before_start")
 
 
 async def _authorize(st: GatewayState, start: Start) -> str:

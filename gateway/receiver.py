@@ -31,10 +31,6 @@ _FRAMES_IN = metrics.Tally(metrics.FRAMES.labels("in", "twilio"))
 _BYTES_IN = metrics.Tally(metrics.AUDIO_BYTES.labels("in", "twilio"))
 
 
-def _drop(cause: str) -> None:
-    metrics.DROPPED.labels(cause).inc()
-
-
 def decode(msg: Mapping[str, Any], limit: int) -> TwilioEvent:
     """One ASGI websocket message -> a Twilio event; ProtocolError (for the caller to count and
     drop) when it is binary, oversized or not a valid Media Streams message."""
@@ -98,7 +94,7 @@ class TwilioReceiver:
         try:
             event = _event(text, self._limit)
         except ProtocolError as exc:
-            _drop(exc.cause)
+            metrics.dropped(exc.cause)
             return None
         return self._handle(event)
 
@@ -121,7 +117,7 @@ class TwilioReceiver:
             ensure_ttl(st.writer, st.settings.call_ttl_s, in_key, self._call_key)
             return "stop"
         elif isinstance(event, Unknown):
-            _drop("unknown_event")
+            metrics.dropped("unknown_event")
         else:
-            _drop("unexpected_event")  # a second connected/start
+            metrics.dropped("unexpected_event")  # a second connected/start
         return None

@@ -42,10 +42,6 @@ MAX_OUT_AUDIO = 16_000  # bytes of μ-law in one entry (2 s); the worker writes 
 MAX_OUT_MARK = 256  # a mark name; the worker's are `{epoch}.{turn}:{ms}`
 
 
-def _drop(cause: str) -> None:
-    metrics.DROPPED.labels(cause).inc()
-
-
 def _age_s(fields: dict[bytes, bytes], now_ns: int) -> float | None:
     """Seconds since the sender stamped the entry, or None when the stamp is not a number."""
     t = fields.get(b"t")
@@ -126,14 +122,14 @@ class TwilioSender:
                     self._bell.new_owner(f)
                     send(out.clear())
                 else:
-                    _drop("stale_owner")
+                    metrics.dropped("stale_owner")
             else:
                 info.last_out = mono
                 kind = f.get(b"k")
                 if kind == S.OUT_MEDIA:
                     audio = f.get(b"a")
                     if not audio or len(audio) > MAX_OUT_AUDIO:
-                        _drop("bad_out_entry")
+                        metrics.dropped("bad_out_entry")
                         continue
                     send(out.media(audio))
                     info.live = True
@@ -143,7 +139,7 @@ class TwilioSender:
                 elif kind == S.OUT_MARK:
                     name = _mark_name(f.get(b"v"))
                     if name is None:
-                        _drop("bad_out_entry")
+                        metrics.dropped("bad_out_entry")
                         continue
                     send(out.mark(name))
                     info.live = True
@@ -157,7 +153,7 @@ class TwilioSender:
                     self._hangup = True
                     return []
                 else:
-                    _drop("bad_out_entry")
+                    metrics.dropped("bad_out_entry")
             if self._rest is not None:
                 return entries[i + 1:]
         return None

@@ -129,6 +129,11 @@ DROPPED = Counter(
     "Messages dropped, by cause (not_json, oversized, binary, bad_base64, unknown_event, ...).",
     ["cause"],
 )
+
+
+def dropped(cause: str) -> None:
+    """One message dropped, for `cause`."""
+    DROPPED.labels(cause).inc()
 HOP_LATENCY = Histogram(
     "callbridge_hop_latency_seconds",
     "Latency per hop, from the sender's stamp: twilio_to_redis (gateway receive -> XADD acked), "
