@@ -30,7 +30,9 @@ the worker's settings from the environment (PUBLIC_URL, TWILIO_AUTH_TOKEN, VAPI_
 VAPI_API_KEY, VAPI_ASSISTANT_ID, VAPI_AUDIO_FORMAT, PLAYOUT_*, MARK_EVERY_MS...) and serves
 /readyz and /metrics besides Twilio's two routes. `callbridge bench --baseline direct` runs the
 duplex load through it and then through callbridge (bench._bench both times, through RunHooks),
-and prints both side by side with the ratio of their CPU (`bench_baseline`).
+and prints both side by side with the ratio of their CPU (`bench_baseline`). Between the two it
+runs callbridge/bench_floor.py, the hop through Redis alone, for the least the two-tier shape can
+cost on the same load: the direct bridge's work plus that hop.
 """
 
 from __future__ import annotations
@@ -529,6 +531,7 @@ def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | Non
 
 def _render(r: dict[str, Any]) -> str:
     from callbridge.bench import _f
+    from callbridge.bench_floor import render as floor_render
 
     c, cols, ratio = r["context"], [r["columns"]["direct"], r["columns"]["bridge"]], r["ratio"]
     w = 22  # a saturated run's latencies run to five digits before the point
@@ -587,6 +590,11 @@ def _render(r: dict[str, Any]) -> str:
         f"not asserted)",
         f"  the same, each run's CPU divided by its load generator's (the machine's speed of the "
         f"moment): {_f(ratio.get('normalised_by_load_generator'), 0, 2)}x",
+        f"the shape's floor, the direct bridge plus the hop alone: "
+        f"{_f(ratio.get('floor_over_direct'), 0, 2)}x the direct bridge (two lean processes move "
+        f"every frame through per-call Redis streams and do nothing else; not normalised: it "
+        f"has no load generator); callbridge / that floor: {_f(ratio.get('bridge_over_floor'), 0, 2)}x",
+        floor_render(r["floor"]),
     ])
 
 
@@ -636,15 +644,18 @@ async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int
     private redis-server, see bench.run_bench); `procs` is the caller's list of live processes,
     emptied after each run."""
     from callbridge.bench import RunHooks, _bench, stop_procs
+    from callbridge.bench_floor import floor
 
     load = os.getloadavg()[0]
     redis_version = await _redis_version(redis_url)
     direct = RunHooks(processes=_direct_processes)
     bridge = RunHooks()
-    print("callbridge bench: run 1 of 2, the direct bridge", file=sys.stderr)
+    print("callbridge bench: run 1 of 3, the direct bridge", file=sys.stderr)
     rcs = [await _bench(cfg, "", {}, procs, direct)]
     stop_procs(procs)
-    print("callbridge bench: run 2 of 2, callbridge (gateway, worker(s), redis-server)", file=sys.stderr)
+    print("callbridge bench: run 2 of 3, the hop alone (callbridge/bench_floor.py)", file=sys.stderr)
+    hop = await asyncio.to_thread(floor, cfg.calls, cfg.seconds)
+    print("callbridge bench: run 3 of 3, callbridge (gateway, worker(s), redis-server)", file=sys.stderr)
     rcs.append(await _bench(cfg, redis_url, redis_pids, procs, bridge))
     stop_procs(procs)
 
@@ -652,6 +663,9 @@ async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int
     d = cols["direct"]["core_pct_per_call"]["total"] if cols["direct"] else None
     b = cols["bridge"]["core_pct_per_call"]["total"] if cols["bridge"] else None
     got = round(b / d, 2) if b is not None and d else None
+    least = d + hop["hop_core_pct_per_call"] if d else None  # the shape's floor, % per call
+    shape = round(least / d, 2) if least and d else None
+    over = round(b / least, 2) if b is not None and least else None
     cores = os.cpu_count() or 1
     report = {
         "mode": "baseline-direct",
@@ -660,7 +674,9 @@ async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int
                     "redis_version": redis_version, "python": platform.python_version(),
                     "redis_url_ignored": bool(os.environ.get("REDIS_URL"))},
         "columns": cols,
+        "floor": hop,
         "ratio": {"bridge_total_over_direct": got, "target_max": TARGET_RATIO,
+                  "floor_over_direct": shape, "bridge_over_floor": over,
                   "normalised_by_load_generator": _normalised(cols["direct"], cols["bridge"]),
                   "met": got is not None and got <= TARGET_RATIO,
                   "saturated": any(_saturated(col, cores) for col in cols.values())},

@@ -209,9 +209,9 @@ def test_bench_redis_cluster_side_by_side_with_a_primary_killed() -> None:
 
 
 def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
-    """`--baseline direct` on 4 calls: 3 s of duplex audio through the direct bridge, then through
-    callbridge, in one run; both columns report CPU per call and latency both ways, nothing is
-    lost, and the ratio is there. No speed is judged: the machine is shared."""
+    """`--baseline direct` on 4 calls: 3 s of duplex audio through the direct bridge, the hop
+    alone, then callbridge, in one run; both columns report CPU per call and latency both ways,
+    nothing is lost, and the ratios are there. No speed is judged: the machine is shared."""
     run = _run_bench("--baseline", "direct", "--calls", "4", "--seconds", "3", "--json",
                      timeout=TIMEOUT_S, budget=BUDGET_S)
     assert run.returncode == 0, _why(run)
@@ -235,6 +235,31 @@ def test_bench_direct_baseline_and_the_bridge_side_by_side() -> None:
     assert isinstance(report["ratio"]["saturated"], bool), report["ratio"]
     normalised = report["ratio"]["normalised_by_load_generator"]
     assert normalised is not None and normalised > 0, report["ratio"]
+    # The hop alone (bench_floor) ran between the two, on its own Redis: both directions moved.
+    floor = report["floor"]
+    assert "the shape's floor" in run.stdout and "the hop alone" in run.stdout, run.stdout
+    for way in ("inbound", "outbound"):
+        moved = floor["with_redis"][way]
+        assert moved["written"] > 0 and moved["read"] >= moved["written"] // 2, (way, moved)
+        assert moved["hop_p50_ms"] is not None and moved["hop_p50_ms"] > 0, (way, moved)
+    assert floor["with_redis"]["core_pct_per_call"]["redis"] > 0, floor
+    assert isinstance(floor["hop_core_pct_per_call"], float), floor
+    assert report["ratio"]["floor_over_direct"] is not None, report["ratio"]
+    assert report["ratio"]["bridge_over_floor"] is not None, report["ratio"]
+
+
+def test_the_hop_alone_with_readers_blocked_on_every_stream() -> None:
+    """bench_floor on its own, in its other read design (no wake stream): both directions'
+    frames are written and read back through a real redis-server, and the figures are reported."""
+    run = subprocess.run([sys.executable, "-m", "callbridge.bench_floor", "--calls", "3", "--seconds", "1",
+                          "--no-wake", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    report = orjson.loads(run.stdout.splitlines()[-1])
+    for way in ("inbound", "outbound"):
+        moved = report["with_redis"][way]
+        assert moved["written"] > 0 and moved["read"] >= moved["written"] // 2, (way, moved)
+    cpu = report["with_redis"]["core_pct_per_call"]
+    assert cpu["redis"] > 0 and cpu["total"] >= cpu["gateway_side"] + cpu["worker_side"], cpu
 
 
 def test_a_baseline_run_that_saturated_the_machine_a_process_or_lost_frames_is_flagged() -> None:
