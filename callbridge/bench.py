@@ -40,7 +40,8 @@ REDIS_URL is not used.
 `--baseline direct` (callbridge/bench_direct.py): the duplex scenario through a direct bridge (one
 process, Twilio socket to Vapi socket, no Redis; RunHooks.processes starts it instead of the
 gateway and workers) and then through callbridge on a private redis-server, side by side, with
-the ratio of their CPU per call; REDIS_URL is not used.
+the ratio of their CPU per call, and between the two the hop through Redis alone
+(callbridge/bench_floor.py), the least the two-tier shape can cost; REDIS_URL is not used.
 
 Figures of the duplex scenario (all for the measurement window):
 1. One-way latency the bridge adds, seen from outside on one monotonic clock:
