@@ -230,8 +230,8 @@ def _machine_jiffies() -> tuple[int, int, int]:
 def _redis_pid(redis_url: str, private: RedisServer | None) -> int | None:
     if private is not None:
         return private.proc.pid
-    host = urlsplit(redis_url).hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    parts = urlsplit(redis_url)
+    if parts.scheme != "unix" and (parts.hostname or "") not in ("127.0.0.1", "localhost", "::1"):
         return None
     try:
         import redis

@@ -80,12 +80,15 @@ class RedisServer:
         self.tmpdir.cleanup()
 
 
-def start_redis(port: int | None = None, timeout: float = 10.0) -> RedisServer:
+def start_redis(port: int | None = None, timeout: float = 10.0,
+                unix_socket: str | None = None) -> RedisServer:
+    """A private redis-server on loopback (and on `unix_socket` too, when given), ready."""
     port = port or free_port()
     tmp = tempfile.TemporaryDirectory(prefix="callbridge-redis-")
+    unix = ["--unixsocket", unix_socket, "--unixsocketperm", "700"] if unix_socket else []
     proc = subprocess.Popen(
         [_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", tmp.name, "--loglevel", "warning"],
+         "--dir", tmp.name, "--loglevel", "warning", *unix],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + timeout

@@ -264,6 +264,8 @@ def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> aioredis.Redis
             retry=Retry(NoBackoff(), 1),
             **kwargs,
         ))
+    if not url.startswith("unix:"):  # TCP keepalives; redis-py's Unix socket connection refuses the option
+        kwargs.setdefault("socket_keepalive", True)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=kwargs.pop("max_connections", 64),
@@ -271,7 +273,6 @@ def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> aioredis.Redis
         # A black-holed connection must fail in seconds, not after the OS keepalive (~2 h);
         # blocked reads here block for at most 1 s.
         socket_timeout=kwargs.pop("socket_timeout", 5),
-        socket_keepalive=True,
         socket_connect_timeout=kwargs.pop("socket_connect_timeout", 3),
         health_check_interval=kwargs.pop("health_check_interval", 15),
         **kwargs,

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from callbridge.redis_server import start_redis
 from shared.redisio import (
     MAX_WRITERS_PER_KEY,
     BatchWriter,
@@ -461,6 +463,43 @@ async def test_the_writer_and_the_reader_keep_one_connection_each_and_survive_it
         await admin.delete(key)
         await admin.aclose()
         await r.aclose()
+
+
+async def test_a_redis_url_naming_a_unix_socket_carries_the_data_path(tmp_path: Path) -> None:
+    """REDIS_URL=unix:///path (Redis on the same host): the batch writer and the reader work
+    over it as over TCP. (redis-py's Unix connection refuses the TCP keepalive option `connect`
+    gives TCP connections: every command failed with a TypeError before.)"""
+    sock = str(tmp_path / "redis.sock")
+    server = start_redis(unix_socket=sock)
+    r = connect(f"unix://{sock}")
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def on_entries(_key: bytes, entries: Entries) -> None:
+        got.extend(f[b"v"] for _id, f in entries)
+        arrived.set()
+
+    reader = MultiReader(r, "wake:unix", on_entries, block_ms=200)
+    writer = BatchWriter(r)
+    reader.start()
+    writer.start()
+    try:
+        assert await r.ping()
+        await reader.add("unix:stream")
+        for n in range(5):
+            writer.xadd("unix:stream", {b"v": b"%d" % n})
+        await writer.flush()
+        async with asyncio.timeout(10):
+            while len(got) < 5:
+                arrived.clear()
+                await arrived.wait()
+        assert got == [b"0", b"1", b"2", b"3", b"4"]
+        assert writer._conn._conn is not None and "redis.sock" in str(writer._conn._conn.path)
+    finally:
+        await reader.close()
+        await writer.close()
+        await r.aclose()
+        server.stop()
 
 
 async def test_a_kept_connection_idle_past_its_bound_is_checked_before_use(
