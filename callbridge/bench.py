@@ -2416,8 +2416,11 @@ def _budget(cfg: _Config) -> float:
             if float(env) > 0:
                 return float(env)
     run = BUDGET_RUN_S + cfg.calls * BUDGET_PER_CALL_S + cfg.calls / RAMP_PER_S
-    if cfg.baseline:  # two runs: the direct bridge, then callbridge
-        return 2 * (run + WARMUP_S + cfg.seconds + GRACE_S)
+    if cfg.baseline:  # the direct bridge, the hop alone (a run with Redis, one without), callbridge
+        from callbridge.bench_floor import WARMUP_S as FLOOR_WARMUP_S
+
+        floor = 2 * (FLOOR_WARMUP_S + cfg.seconds + 30.0)  # 30 s: a redis-server, two children
+        return 2 * (run + WARMUP_S + cfg.seconds + GRACE_S) + floor
     if cfg.redis_cluster:
         from callbridge.bench_cluster import cluster_budget
 

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -247,7 +248,8 @@ async def check_layout(redis: aioredis.Redis, keys: Keys) -> None:
 
 
 def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> aioredis.Redis:
-    """A client with keepalives and a pool that waits instead of failing when busy.
+    """A client with TCP keepalives (but over a Unix socket) and a pool that waits instead of
+    failing when busy.
 
     With `cluster`, a Redis Cluster client that found the cluster from the one node `url` names.
     It is typed as `Redis` because it offers every command, pipeline and script call this code
@@ -264,7 +266,7 @@ def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> aioredis.Redis
             retry=Retry(NoBackoff(), 1),
             **kwargs,
         ))
-    if not url.startswith("unix:"):  # TCP keepalives; redis-py's Unix socket connection refuses the option
+    if urlsplit(url).scheme.lower() != "unix":  # redis-py's Unix socket connection refuses keepalives
         kwargs.setdefault("socket_keepalive", True)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
