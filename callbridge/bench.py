@@ -41,7 +41,8 @@ REDIS_URL is not used.
 process, Twilio socket to Vapi socket, no Redis; RunHooks.processes starts it instead of the
 gateway and workers) and then through callbridge on a private redis-server, side by side, with
 the ratio of their CPU per call, and between the two the hop through Redis alone
-(callbridge/bench_floor.py), the least the two-tier shape can cost; REDIS_URL is not used.
+(callbridge/bench_floor.py), a lean reference for what the two-tier shape costs; REDIS_URL is
+not used.
 
 Figures of the duplex scenario (all for the measurement window):
 1. One-way latency the bridge adds, seen from outside on one monotonic clock:

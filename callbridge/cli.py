@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct: duplex through a direct bridge (one process, Twilio socket to Vapi "
                         "socket, no Redis), then through callbridge on a private redis-server, side by "
                         "side: CPU per call per process, latency, loss, and bridge total / direct; "
-                        "between them the hop through Redis alone (bench_floor), the shape's floor")
+                        "between them the hop through Redis alone (bench_floor), a lean reference")
     b.add_argument("--json", action="store_true", help="print the figures as JSON too")
     b.set_defaults(func=cmd_bench)
     return p
