@@ -232,7 +232,7 @@ def _redis_pid(redis_url: str, private: RedisServer | None) -> int | None:
     if private is not None:
         return private.proc.pid
     parts = urlsplit(redis_url)
-    if parts.scheme != "unix" and (parts.hostname or "") not in ("127.0.0.1", "localhost", "::1"):
+    if parts.scheme.lower() != "unix" and (parts.hostname or "") not in ("127.0.0.1", "localhost", "::1"):
         return None
     try:
         import redis
