@@ -85,7 +85,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from callbridge.procs import ManagedProcess, descendants, kill_all
+from callbridge.procs import SCHED_WAIT, ManagedProcess, descendants, kill_all, schedstat_seconds
 from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
 from shared.serving import freeze_startup_heap
@@ -203,18 +203,8 @@ def _rss_kb(pid: int) -> int | None:
 
 
 def _runqueue_wait_seconds(pid: int) -> float | None:
-    """Time the process's threads were runnable but waiting for a CPU (/proc/PID/task/*/schedstat)."""
-    total = 0.0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tasks:
-        try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    """Time the process's threads were runnable but waiting for a CPU."""
+    return schedstat_seconds(pid, SCHED_WAIT)
 
 
 def _machine_jiffies() -> tuple[int, int, int]:

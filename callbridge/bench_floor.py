@@ -43,10 +43,12 @@ import sys
 import tempfile
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import hiredis
+
+from callbridge.procs import SCHED_RUN, schedstat_seconds
+from shared.redisio import _resp
 
 FRAME_S = 0.020
 PAYLOAD = bytes(range(160))
@@ -55,12 +57,8 @@ WARMUP_S = 2.0
 KEPT_UP = 0.97  # a direction that wrote or read less than this share of its frames fell behind
 
 
-def bulk(b: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
 def resp(*parts: bytes) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(bulk(p) for p in parts)
+    return _resp(list(parts))
 
 
 class Conn(asyncio.Protocol):
@@ -230,17 +228,6 @@ class Side:
                 ids[index[key]] = entries[-1][0]
 
 
-def cpu_ns(pid: int) -> int:
-    """A process's CPU time so far, every thread of it, in ns (/proc/PID/task/*/schedstat)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    return total
-
-
 async def run_side(args: argparse.Namespace) -> dict[str, Any]:
     """One side's run. The `in` side also samples Redis's CPU (`--redis-pid`) at its own window's
     edges, so Redis is counted over the window the sides are."""
@@ -251,21 +238,21 @@ async def run_side(args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic() + 0.05
     end_warm = start + WARMUP_S
     end = end_warm + args.seconds
-    cpu0, w0, r0, f0, n0, redis0 = 0.0, 0, 0, 0, 0, 0
+    cpu0, w0, r0, f0, n0, redis0 = 0.0, 0, 0, 0, 0, 0.0
     warm = False
     while side.error is None:
         now = time.monotonic()
         if not warm and now >= end_warm:
             warm, cpu0 = True, time.process_time()
             w0, r0, f0, n0 = side.written, side.read, side.flushes, side.reads
-            redis0 = cpu_ns(redis_pid) if redis_pid else 0
+            redis0 = (schedstat_seconds(redis_pid, SCHED_RUN) or 0.0) if redis_pid else 0.0
             side.ages.clear()
         if now >= end:
             break
         side.tick(now, start)
         await asyncio.sleep(args.tick_ms / 1000)
     cpu = time.process_time() - cpu0
-    redis_s = (cpu_ns(redis_pid) - redis0) / 1e9 if redis_pid else 0.0
+    redis_s = (schedstat_seconds(redis_pid, SCHED_RUN) or 0.0) - redis0 if redis_pid else 0.0
     if reader is not None:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)

@@ -139,6 +139,25 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
     return int(fields[1]), int(fields[19]), int(fields[3])
 
 
+SCHED_RUN, SCHED_WAIT = 0, 1  # /proc/PID/task/TID/schedstat: ns on a CPU, ns runnable but waiting
+
+
+def schedstat_seconds(pid: int, field: int) -> float | None:
+    """One schedstat figure summed over every thread of a process, in seconds (ns precision,
+    unlike stat's 10 ms ticks); None if the process is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[field])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def _pids() -> list[int]:
     try:
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
