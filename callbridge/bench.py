@@ -92,6 +92,7 @@ from shared.serving import freeze_startup_heap
 from sim.twilio import SimCall, TwilioObserver
 from sim.twilio.wire import SILENCE_FRAME
 from sim.vapi import VapiObserver, VapiSession
+from sim.vapi.sim import TICK_S as VAPI_TICK_S
 
 RAMP_PER_S = 25.0
 CONNECT_TIMEOUT_S = 30.0  # after the last call was placed
@@ -474,6 +475,7 @@ class _Config:
     redis_cluster: bool = False  # duplex on one Redis and on a cluster, side by side (bench_cluster)
     kill_primary: bool = False  # ... and then kill a primary (bench_cluster)
     baseline: str = ""  # "direct": duplex through the direct bridge, then callbridge (bench_direct)
+    phases: int = 1  # the stand-ins' frames: 1 = every call on one 20 ms grid; N = N phases
 
 
 @dataclass
@@ -488,6 +490,12 @@ class _Window:
     busy1: tuple[int, int, int] = (0, 0, 0)
     rss0: dict[str, int | None] = field(default_factory=dict)  # KB, before any call was placed
     rss1: dict[str, int | None] = field(default_factory=dict)  # KB, at the window's end
+
+
+def vapi_tick_s(phases: int) -> float:
+    """The Vapi stand-in's downlink tick for `--phases`: its default 10 ms (two phases) unless
+    more are asked for, so both directions' frames are spread alike."""
+    return min(VAPI_TICK_S, 0.020 / phases)
 
 
 def _pcts(values: list[float]) -> dict[str, float | None]:
@@ -705,12 +713,13 @@ async def _bench_run(cfg: _Config, redis_url: str, redis_pids: dict[str, int | N
     tone_run = tone * round((greeting_s + 5) * 50)  # the caller "talks" (quietly) all along
     rec = _Recorder()
     vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False,
-                   observer=_VapiTap(rec, conversation))
+                   observer=_VapiTap(rec, conversation), tick_s=vapi_tick_s(cfg.phases))
     port = free_port()
     public = f"http://127.0.0.1:{port}"
     twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
                        auth_token=AUTH_TOKEN, observer=_TwilioTap(rec, tone, conversation),
-                       idle_frame=tone if conversation else None)  # idle caller: a quiet line
+                       idle_frame=tone if conversation else None,  # idle caller: a quiet line
+                       phases=cfg.phases)
     placed: list[SimCall] = []
     drivers: dict[str, asyncio.Task[None]] = {}
     actions: list[tuple[float, str]] = []
@@ -939,8 +948,11 @@ def _hist_figures(buckets: dict[float, float], process: str) -> dict[str, Any]:
 
 
 def _hop_histograms(scraped: _Scrape) -> dict[str, Any]:
+    """Each direction's whole hop through the bridge and, under it, its write leg (the sender's
+    XADD until Redis acknowledged it): where the hop's time goes."""
     return {hop: _hist_figures(scraped.hops.get(hop, {}), where)
-            for hop, where in (("twilio_to_vapi", "worker"), ("worker_to_twilio", "gateway"))}
+            for hop, where in (("twilio_to_vapi", "worker"), ("twilio_to_redis", "gateway"),
+                               ("worker_to_twilio", "gateway"), ("worker_to_redis", "worker"))}
 
 
 def _trend(lat: list[float], at: list[float], w0: float, secs: float) -> list[float | None]:
@@ -1006,7 +1018,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         "context": {
             "calls": cfg.calls, "calls_connected": n, "calls_failed_to_place": len(failures),
             "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers,
-            **machine,
+            "phases": cfg.phases, **machine,
             "media_msgs_per_s_in": round(in_sent / secs, 1),
             "media_msgs_per_s_out": round(out_recv_window / secs, 1),
         },
@@ -1043,11 +1055,15 @@ def _f(v: Any, width: int, prec: int = 2) -> str:
     return f"{v!s:>{width}}"
 
 
+def _phases(n: int) -> str:
+    return "frames in one burst per 20 ms" if n == 1 else f"frames spread over {n} phases"
+
+
 def _render(r: dict[str, Any]) -> str:
     c, lat, fr, err = r["context"], r["latency_ms"], r["frames"], r["errors"]
     lines = [
         f"callbridge bench: {c['calls_connected']}/{c['calls']} calls, {c['seconds']:g} s window, "
-        f"{c['format']}, {c['workers']} worker(s), {c['cores']} cores "
+        f"{c['format']}, {c['workers']} worker(s), {_phases(c.get('phases', 1))}, {c['cores']} cores "
         f"(busy in the window: {_f(c['machine_busy_cores'], 0)} cores, of which irq/softirq "
         f"{_f(c['irq_softirq_cores'], 0)}, other processes {_f(c['other_processes_busy_cores'], 0)}; "
         f"steal {_f(c['steal_cores'], 0)})",
@@ -1072,7 +1088,10 @@ def _render(r: dict[str, Any]) -> str:
     lines.append("bridge hop histograms, window delta (ms, estimated from buckets with linear "
                  "interpolation, as Prometheus histogram_quantile; n = frames timed, one in 8):")
     for hop, d in r["bridge_histograms"].items():
-        lines.append(f"  {hop:<17} [{d['process']:<7}]  p50 {_f(d['p50_ms'], 6)}  "
+        if hop.endswith("_redis") and not d["count"]:
+            continue  # a bench from before the write legs were timed, or a run that timed none
+        label = f"  {hop}" if hop.endswith("_redis") else hop  # a write leg, under its hop
+        lines.append(f"  {label:<17} [{d['process']:<7}]  p50 {_f(d['p50_ms'], 6)}  "
                      f"p99 {_f(d['p99_ms'], 6)}  n={d['count']}")
     bc, pu = r["bridge_counters"], r.get("playout_unsent_ms")
     if pu and pu["max"] is not None:
@@ -1846,11 +1865,13 @@ async def _bench_failover_run(cfg: _Config, redis_url: str, procs: list[ManagedP
                              answer_s=FO_ANSWER_S, end_after=False, first_message_interruptible=False,
                              interruptible=False, resume_s=FO_RESUME_S)
     fo = _Failover(cfg.fmt)
-    vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False, observer=_FoVapiTap(fo))
+    vapi = VapiSim(api_key=VAPI_KEY, assistant=script, record_audio=False, observer=_FoVapiTap(fo),
+                   tick_s=vapi_tick_s(cfg.phases))
     port = free_port()
     public = f"http://127.0.0.1:{port}"
     twilio = TwilioSim(gateway_url=public, public_url=public, account_sid=ACCOUNT_SID,
-                       auth_token=AUTH_TOKEN, observer=_FoTwilioTap(fo), idle_frame=caller_tone_frame())
+                       auth_token=AUTH_TOKEN, observer=_FoTwilioTap(fo), idle_frame=caller_tone_frame(),
+                       phases=cfg.phases)
     rng = random.Random(FO_SEED)
     placed: list[SimCall] = []
     drivers: dict[str, asyncio.Task[None]] = {}
@@ -2566,19 +2587,21 @@ def run_bench(args: argparse.Namespace) -> int:
         redis_cluster=bool(getattr(args, "redis_cluster", False)),
         kill_primary=bool(getattr(args, "kill_primary", False)),
         baseline=str(getattr(args, "baseline", "") or ""),
+        phases=int(getattr(args, "phases", 1) or 1),
     )
     failover = cfg.scenario == "failover"
     if (cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw")
             or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))
             or (cfg.redis_cluster and cfg.scenario != "duplex")
             or (cfg.kill_primary and not cfg.redis_cluster)
+            or not 1 <= cfg.phases <= 20
             or (cfg.baseline and (cfg.baseline != "direct" or cfg.scenario != "duplex"
                                   or cfg.redis_cluster))):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
               "--format pcm_s16le|mulaw, --scenario duplex|conversation|failover "
               "(failover: --workers >= 2, --events >= 1; --redis-cluster: duplex only; "
               "--kill-primary: with --redis-cluster; --baseline direct: duplex only, not with "
-              "--redis-cluster)", file=sys.stderr)
+              "--redis-cluster; --phases 1..20)", file=sys.stderr)
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None

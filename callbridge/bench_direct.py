@@ -530,7 +530,7 @@ def _column(result: dict[str, Any] | None, direct: bool) -> dict[str, Any] | Non
 
 
 def _render(r: dict[str, Any]) -> str:
-    from callbridge.bench import _f
+    from callbridge.bench import _f, _phases
     from callbridge.bench_floor import render as floor_render
 
     c, cols, ratio = r["context"], [r["columns"]["direct"], r["columns"]["bridge"]], r["ratio"]
@@ -556,7 +556,8 @@ def _render(r: dict[str, Any]) -> str:
                     "or lost frames, so its processes were running behind: not a fair comparison")
     return "\n".join([
         f"callbridge bench --baseline direct: the same duplex load ({c['calls']} calls, "
-        f"{c['seconds']:g} s window, {c['format']}) through a direct bridge (one process, no Redis), "
+        f"{c['seconds']:g} s window, {c['format']}, {_phases(c.get('phases', 1))}) "
+        f"through a direct bridge (one process, no Redis), "
         f"then through callbridge (gateway + {c['workers']} worker(s) + a private redis-server "
         f"{c.get('redis_version', '?')}), one "
         f"after the other; Python {c.get('python', '?')}, "
@@ -677,7 +678,8 @@ async def bench_baseline(cfg: _Config, redis_url: str, redis_pids: dict[str, int
     report = {
         "mode": "baseline-direct",
         "context": {"calls": cfg.calls, "seconds": cfg.seconds, "format": cfg.fmt,
-                    "workers": cfg.workers, "cores": cores, "load_avg_1m": round(load, 2),
+                    "workers": cfg.workers, "phases": cfg.phases, "cores": cores,
+                    "load_avg_1m": round(load, 2),
                     "redis_version": redis_version, "python": platform.python_version(),
                     "redis_url_ignored": bool(os.environ.get("REDIS_URL"))},
         "columns": cols,

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "socket, no Redis), then through callbridge on a private redis-server, side by "
                         "side: CPU per call per process, latency, loss, and bridge total / direct; "
                         "between them the hop through Redis alone (bench_floor), a lean reference")
+    b.add_argument("--phases", type=int, default=1,
+                   help="1 (default) sends every call's frames on one 20 ms "
+                        "grid, the whole load in one burst; N spreads the calls over N phases of the "
+                        "20 ms, as independent calls' streams are on a real line")
     b.add_argument("--json", action="store_true", help="print the figures as JSON too")
     b.set_defaults(func=cmd_bench)
     return p

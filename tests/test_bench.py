@@ -96,7 +96,9 @@ def _give_up(proc: subprocess.Popen[str], mark: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("scenario", ["duplex", "conversation"])
 def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
-    run = _run_bench("--calls", "3", "--seconds", "3", "--scenario", scenario, "--json",
+    # The duplex run spreads the calls over phases of the 20 ms; the baseline test runs the default.
+    phases = ["--phases", "4"] if scenario == "duplex" else []
+    run = _run_bench("--calls", "3", "--seconds", "3", "--scenario", scenario, "--json", *phases,
                      timeout=TIMEOUT_S, budget=BUDGET_S)
     assert run.returncode == 0, _why(run)
     report = orjson.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
@@ -108,6 +110,12 @@ def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
         unsent = report["playout_unsent_ms"]  # the worker's gauges, read from its /metrics
         assert unsent["max"] is not None and 0 <= unsent["mean_per_call"] <= unsent["max"], unsent
         assert "worker playout buffers at the window's end" in run.stdout
+        assert report["context"]["phases"] == 4 and "frames spread over 4 phases" in run.stdout
+        # Each hop and its write leg, from the processes' own histograms.
+        hops = report["bridge_histograms"]
+        for hop in ("twilio_to_vapi", "twilio_to_redis", "worker_to_twilio", "worker_to_redis"):
+            assert hops[hop]["count"] > 0 and hops[hop]["p50_ms"] is not None, (hop, hops[hop])
+        assert "  twilio_to_redis " in run.stdout and "  worker_to_redis " in run.stdout
     else:
         assert report["stale_frames_after_clear"]["stale"] == 0
         assert report["interruption_to_clear_ms"]["without_clear"] == 0

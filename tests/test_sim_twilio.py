@@ -39,6 +39,7 @@ from sim import voices
 from sim.twilio import Callee, SimCall, TwilioObserver, TwilioSim, TwilioSimError
 from sim.twilio.outbound import BEEP_HZ
 from sim.twilio.playout import Playout
+from sim.twilio.stream import first_due
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -495,6 +496,44 @@ async def test_pacing_and_caller_audio(env: tuple[FakeGateway, TwilioSim]) -> No
         await call.hangup()
     for conn in conns:
         assert_consecutive_seq(conn)
+
+
+def test_streams_keep_the_phase_their_start_fell_in() -> None:
+    epoch, period = 100.0, 0.020
+    # One phase: every stream on one grid, half a period before the tick that sends it.
+    assert {round((first_due(epoch + s, epoch) - epoch) % period, 6) for s in (0.001, 0.007, 0.013)} \
+        == {0.01}
+    # Four: a stream started in each quarter of the 20 ms gets its own phase, 5 ms apart.
+    dues = [first_due(epoch + 0.001 + 0.005 * j, epoch, 4) for j in range(4)]
+    assert sorted(round((d - epoch) % period, 6) for d in dues) == [0.0025, 0.0075, 0.0125, 0.0175]
+    for j, d in enumerate(dues):  # the first frame's audio exists, and is sent within a tick
+        start = epoch + 0.001 + 0.005 * j
+        assert start + period <= d < start + period + 0.005
+    with pytest.raises(ValueError, match="phases"):
+        TwilioSim(gateway_url="http://127.0.0.1:9", public_url="http://127.0.0.1:9",
+                  account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, phases=0)
+
+
+async def test_streams_over_phases_stay_paced_and_never_send_early() -> None:
+    async with environment(phases=4) as (gw, sim):
+        calls = [await sim.place_call() for _ in range(6)]
+        conns = [await gw.next_conn(i + 1) for i in range(len(calls))]
+        t1 = time.monotonic() + 0.1
+        for conn in conns:
+            await conn.wait_for(lambda c=conn: c.media_since(t1 + 2.0), timeout=5.0)
+        for conn in conns:
+            n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 2.0)
+            assert abs(n - 100) <= 5, n
+        for call in calls:
+            st = call._stream
+            assert st is not None
+            # Frame k leaves on a tick at or after its due time, never before.
+            assert len(call.sent_frames) >= 100
+            for k, (t, _pos) in enumerate(call.sent_frames):
+                assert call.t0 + t >= st.first_due + k * 0.020 - 1e-6, (k, call.t0 + t, st.first_due)
+            await call.hangup()
+        for conn in conns:
+            assert_consecutive_seq(conn)
 
 
 async def test_mark_echo_waits_for_playout(env: tuple[FakeGateway, TwilioSim]) -> None:

@@ -1069,3 +1069,10 @@ def test_voices_tone_shape() -> None:
     env = np.abs(body).reshape(-1, 80).max(axis=1) if len(body) % 80 == 0 else None
     assert env is not None and env.min() > 0.25 * 32767
     assert voices.utterance("greeting", 0, 1.0, 16000) == voices.utterance("greeting", 0, 1.0, 16000)
+
+
+def test_the_downlink_tick_is_bounded() -> None:
+    assert VapiSim(tick_s=0.005).tick_s == 0.005
+    for bad in (0.0, 0.0005, 0.02):  # no busy loop, and never coarser than half a frame
+        with pytest.raises(ValueError, match="tick_s"):
+            VapiSim(tick_s=bad)

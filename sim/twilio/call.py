@@ -463,7 +463,7 @@ class SimCall:
         self._fix_t0(now)
         st.started_at = now
         st.pos0 = self._pos(now)
-        st.first_due = first_due(now, sim._epoch)
+        st.first_due = first_due(now, sim._epoch, sim.phases)
         self._playout.stream_started(st.pos0)
         self.streams.append(sid)
         self.custom_parameters = params

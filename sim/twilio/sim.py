@@ -7,7 +7,9 @@ configured for the number (`callees`, `default_callee`); a test takes them with 
 It owns what all calls share: the webhook client, the REST server (uvicorn in-process) and ONE
 media ticker task that sends every live stream's due frames each 20 ms. The ticker is deadline
 based (frame k of a stream is due at a fixed time, never `sleep(0.02)` drift), so 100+ calls
-stay paced without a task or timer each.
+stay paced without a task or timer each. By default every stream is on one grid, so the whole
+load arrives in one burst per 20 ms; `phases=N` ticks N times per 20 ms and leaves each stream
+in the phase its start fell in, as independent calls' streams are on a real line.
 """
 
 from __future__ import annotations
@@ -79,7 +81,11 @@ class TwilioSim:
         max_call_duration: float = 4 * 3600.0,
         observer: TwilioObserver | None = None,
         idle_frame: bytes | None = None,
+        phases: int = 1,
     ) -> None:
+        if not 1 <= phases <= 20:
+            raise ValueError(f"phases must be 1..20 (a tick of 1 ms or more), not {phases}")
+        self.phases = phases
         self._gateway_url = gateway_url.rstrip("/")
         self.public_url = public_url.rstrip("/")
         self.account_sid = account_sid
@@ -307,7 +313,7 @@ class TwilioSim:
             self._ticker = asyncio.create_task(self._tick_loop(), name="twilio-sim-ticker")
 
     async def _tick_loop(self) -> None:
-        period = w.FRAME_S
+        period = w.FRAME_S / self.phases
         epoch = self._epoch
         k = math.floor((_mono() - epoch) / period)
         idle = 0
@@ -322,12 +328,14 @@ class TwilioSim:
                     k = math.floor((_mono() - epoch) / period)
             if not self._live:
                 idle += 1
-                if idle >= 50:  # 1 s without streams: exit; _ensure_ticker restarts it
+                if idle >= 50 * self.phases:  # 1 s without streams: exit; _ensure_ticker restarts it
                     return
                 continue
             idle = 0
             now = _mono()
             for st in list(self._live):
+                if st.due(now) <= 0:
+                    continue  # another phase's stream (a DTMF waits for its stream's next frame)
                 try:
                     await st.pump(now)
                 except ConnectionClosed:

@@ -44,13 +44,14 @@ WS_CLOSE_TIMEOUT = 2.0
 _mono = time.monotonic
 
 
-def first_due(start: float, epoch: float) -> float:
-    """Due time of a new stream's first frame: on the shared 20 ms grid that starts at `epoch`,
-    half a period before the tick that sends it, ≥ 20 ms after `start` (the frame's audio must
-    exist)."""
-    period = w.FRAME_S
-    k = math.ceil((start + period - epoch) / period)
-    return epoch + k * period - period / 2
+def first_due(start: float, epoch: float, phases: int = 1) -> float:
+    """Due time of a new stream's first frame: on the shared ticker's grid that starts at `epoch`
+    (`phases` ticks per 20 ms), half a tick before the tick that sends it, ≥ 20 ms after `start`
+    (the frame's audio must exist). With one phase every stream's frames go out in one burst per
+    20 ms; with more, each stream keeps the phase its start fell in, as real calls' streams do."""
+    tick = w.FRAME_S / phases
+    k = math.ceil((start + w.FRAME_S - epoch) / tick)
+    return epoch + k * tick - tick / 2
 
 
 async def connect(call: SimCall, target: str, signature: str, hint: str) -> ClientConnection:
@@ -164,12 +165,16 @@ class MediaStream:
             return False
         return True
 
-    async def pump(self, now: float) -> None:
-        """Send every media frame due by `now` (called by the shared ticker)."""
+    def due(self, now: float) -> int:
+        """How many media frames are due by `now` and not yet sent."""
         elapsed = now - self.first_due
         if elapsed < 0:
-            return
-        n = math.floor(elapsed * FRAMES_PER_S) + 1 - self.frames
+            return 0
+        return math.floor(elapsed * FRAMES_PER_S) + 1 - self.frames
+
+    async def pump(self, now: float) -> None:
+        """Send every media frame due by `now` (called by the shared ticker)."""
+        n = self.due(now)
         if n <= 0:
             return
         if n > MAX_BURST:

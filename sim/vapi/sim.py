@@ -55,9 +55,15 @@ class VapiSim:
         connect_timeout: float | None = 20.0,
         record_audio: bool = True,
         observer: VapiObserver | None = None,
+        tick_s: float = TICK_S,
     ) -> None:
         if downlink not in ("paced", "burst"):
             raise ValueError("downlink must be 'paced' or 'burst'")
+        if not 0.001 <= tick_s <= TICK_S:
+            raise ValueError(f"tick_s must be 0.001..{TICK_S} s, not {tick_s}")
+        #: the downlink clock's period. Shorter ticks spread the sessions' frames over more
+        #: phases of the 20 ms frame (each utterance starts on a tick), for the bench's `--phases`.
+        self.tick_s = tick_s
         self.api_key = api_key
         self.assistant: AssistantScript = assistant if assistant is not None else greeter()
         self.assistants: dict[str, AssistantScript] = dict(assistants or {})
@@ -235,7 +241,7 @@ class VapiSim:
         self._wake.set()
 
     async def _ticker(self) -> None:
-        """One clock for the downlink of every session: wakes every 10 ms while any speaks."""
+        """One clock for the downlink of every session: wakes every `tick_s` while any speaks."""
         next_at = time.monotonic()
         while True:
             if not self._active:
@@ -251,7 +257,7 @@ class VapiSim:
                     keep = False
                 if not keep:
                     self._active.discard(session)
-            next_at += TICK_S
+            next_at += self.tick_s
             delay = next_at - time.monotonic()
             if delay < -0.2:  # fell far behind (loop stalled): resynchronise
                 next_at = time.monotonic()
