@@ -492,6 +492,14 @@ class _Window:
     rss1: dict[str, int | None] = field(default_factory=dict)  # KB, at the window's end
 
 
+def _sim_phases(cfg: _Config, pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """The phases the stand-ins ran with, read back from them (the configured ones without calls)."""
+    if not pairs:
+        return {"phases": cfg.phases, "vapi_tick_ms": round(vapi_tick_s(cfg.phases) * 1000, 2)}
+    call, session = pairs[0]
+    return {"phases": call._sim.phases, "vapi_tick_ms": round(session.sim.tick_s * 1000, 2)}
+
+
 def vapi_tick_s(phases: int) -> float:
     """The Vapi stand-in's downlink tick for `--phases`: its default 10 ms (two phases) unless
     more are asked for, so both directions' frames are spread alike."""
@@ -1018,7 +1026,7 @@ def _compute(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Recorder, win: _W
         "context": {
             "calls": cfg.calls, "calls_connected": n, "calls_failed_to_place": len(failures),
             "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers,
-            "phases": cfg.phases, **machine,
+            **_sim_phases(cfg, pairs), **machine,
             "media_msgs_per_s_in": round(in_sent / secs, 1),
             "media_msgs_per_s_out": round(out_recv_window / secs, 1),
         },
@@ -1056,7 +1064,8 @@ def _f(v: Any, width: int, prec: int = 2) -> str:
 
 
 def _phases(n: int) -> str:
-    return "frames in one burst per 20 ms" if n == 1 else f"frames spread over {n} phases"
+    return ("callers' frames in one burst per 20 ms" if n == 1
+            else f"frames spread over {n} phases of the 20 ms")
 
 
 def _render(r: dict[str, Any]) -> str:
@@ -1352,7 +1361,8 @@ def _compute_conversation(cfg: _Config, pairs: list[tuple[Any, Any]], rec: _Reco
         "scenario": "conversation",
         "context": {
             "calls": cfg.calls, "calls_connected": n, "calls_failed_to_place": len(failures),
-            "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers, **machine,
+            "seconds": round(secs, 2), "format": cfg.fmt, "workers": cfg.workers,
+            **_sim_phases(cfg, pairs), **machine,
             "caller_barge_ins": in_window.count("barge"), "caller_turns": in_window.count("turn"),
             "assistant_utterances": utterances, "assistant_utterances_interrupted": interrupted_utts,
         },
@@ -1417,7 +1427,8 @@ def _render_conversation(r: dict[str, Any]) -> str:
 
     lines = [
         f"callbridge bench --scenario conversation: {c['calls_connected']}/{c['calls']} calls, "
-        f"{c['seconds']:g} s window, {c['format']}, {c['workers']} worker(s), {c['cores']} cores "
+        f"{c['seconds']:g} s window, {c['format']}, {c['workers']} worker(s), "
+        f"{_phases(c.get('phases', 1))}, {c['cores']} cores "
         f"(busy in the window: {_f(c['machine_busy_cores'], 0)} cores, of which irq/softirq "
         f"{_f(c['irq_softirq_cores'], 0)}, other processes {_f(c['other_processes_busy_cores'], 0)}; "
         f"steal {_f(c['steal_cores'], 0)})",
@@ -2309,7 +2320,8 @@ def _compute_failover(cfg: _Config, fo: _Failover, vapi: Any, placed: list[SimCa
     return {
         "scenario": "failover",
         "context": {"calls": cfg.calls, "calls_connected": n_conn, "calls_failed_to_place": len(failures),
-                    "workers": cfg.workers, "format": cfg.fmt, "events": len(events),
+                    "workers": cfg.workers, "format": cfg.fmt, "phases": cfg.phases,
+                    "events": len(events),
                     "kills": len(kills), "stalls": len(events) - len(kills),
                     "seconds": round(t_end - t_begin, 1), "cores": os.cpu_count(),
                     "load_avg_1m": round(os.getloadavg()[0], 2), "stall_s": FO_STALL_S,
@@ -2348,7 +2360,8 @@ def _render_failover(r: dict[str, Any]) -> str:
 
     lines = [
         f"callbridge bench --scenario failover: {c['calls_connected']}/{c['calls']} calls, "
-        f"{c['workers']} workers, {c['format']}, {c['events']} events ({c['kills']} kills, "
+        f"{c['workers']} workers, {c['format']}, {_phases(c.get('phases', 1))}, "
+        f"{c['events']} events ({c['kills']} kills, "
         f"{c['stalls']} stalls of {c['stall_s']:g} s) over {c['seconds']:g} s; {c['cores']} cores, "
         f"load average {c['load_avg_1m']}",
         "",
@@ -2587,21 +2600,21 @@ def run_bench(args: argparse.Namespace) -> int:
         redis_cluster=bool(getattr(args, "redis_cluster", False)),
         kill_primary=bool(getattr(args, "kill_primary", False)),
         baseline=str(getattr(args, "baseline", "") or ""),
-        phases=int(getattr(args, "phases", 1) or 1),
+        phases=int(1 if getattr(args, "phases", None) is None else args.phases),
     )
     failover = cfg.scenario == "failover"
     if (cfg.calls < 1 or cfg.seconds <= 0 or cfg.workers < 1 or cfg.fmt not in ("pcm_s16le", "mulaw")
             or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))
             or (cfg.redis_cluster and cfg.scenario != "duplex")
             or (cfg.kill_primary and not cfg.redis_cluster)
-            or not 1 <= cfg.phases <= 20
+            or not 1 <= cfg.phases <= 10
             or (cfg.baseline and (cfg.baseline != "direct" or cfg.scenario != "duplex"
                                   or cfg.redis_cluster))):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
               "--format pcm_s16le|mulaw, --scenario duplex|conversation|failover "
               "(failover: --workers >= 2, --events >= 1; --redis-cluster: duplex only; "
               "--kill-primary: with --redis-cluster; --baseline direct: duplex only, not with "
-              "--redis-cluster; --phases 1..20)", file=sys.stderr)
+              "--redis-cluster; --phases 1..10)", file=sys.stderr)
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None

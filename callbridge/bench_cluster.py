@@ -50,6 +50,7 @@ from callbridge.bench import (
     _bench,
     _Config,
     _f,
+    _phases,
     _Recorder,
     stop_procs,
     stop_task,
@@ -583,7 +584,8 @@ def _render(r: dict[str, Any]) -> str:
 
     lines = [
         f"callbridge bench --redis-cluster: the same duplex load ({c['calls']} calls, "
-        f"{c['seconds']:g} s window, {c['format']}, {c['workers']} worker(s)) on one redis-server and "
+        f"{c['seconds']:g} s window, {c['format']}, {c['workers']} worker(s), "
+        f"{_phases(c.get('phases', 1))}) on one redis-server and "
         f"on a Redis Cluster of {c['cluster_nodes']} nodes (3 primaries + 3 replicas, "
         f"{c['lanes']} lanes), one after the other; {c['redis_version']} for both; {c['cores']} cores"
         + ("; REDIS_URL ignored" if c["redis_url_ignored"] else ""),
@@ -741,7 +743,8 @@ async def bench_cluster(cfg: _Config, procs: list[ManagedProcess]) -> int:
     report = {
         "mode": "redis-cluster",
         "context": {"calls": cfg.calls, "seconds": cfg.seconds, "format": cfg.fmt,
-                    "workers": cfg.workers, "lanes": lanes, "cluster_nodes": n_nodes,
+                    "workers": cfg.workers, "phases": cfg.phases, "lanes": lanes,
+                    "cluster_nodes": n_nodes,
                     "redis_version": f"redis-server {version}", "cores": os.cpu_count(),
                     "redis_url_ignored": url_ignored, "call_sids": "round-robin over the lanes"},
         "columns": {

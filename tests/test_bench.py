@@ -110,7 +110,9 @@ def test_bench_runs_and_loses_no_frames(scenario: str) -> None:
         unsent = report["playout_unsent_ms"]  # the worker's gauges, read from its /metrics
         assert unsent["max"] is not None and 0 <= unsent["mean_per_call"] <= unsent["max"], unsent
         assert "worker playout buffers at the window's end" in run.stdout
-        assert report["context"]["phases"] == 4 and "frames spread over 4 phases" in run.stdout
+        # Read back from the stand-ins: the Twilio one ticked four times per 20 ms, the Vapi one 5 ms.
+        assert report["context"]["phases"] == 4 and report["context"]["vapi_tick_ms"] == 5.0
+        assert "frames spread over 4 phases" in run.stdout
         # Each hop and its write leg, from the processes' own histograms.
         hops = report["bridge_histograms"]
         for hop in ("twilio_to_vapi", "twilio_to_redis", "worker_to_twilio", "worker_to_redis"):
@@ -308,3 +310,11 @@ def test_bench_over_its_budget_prints_the_stacks_and_leaves_nothing_behind() -> 
     assert "over its budget of 4 s" in run.stderr, _why(run)
     assert "--- threads ---" in run.stderr and "--- asyncio tasks" in run.stderr, _why(run)
     assert ", in _bench" in run.stderr, _why(run)  # the run's own await chain
+
+
+def test_the_vapi_stand_ins_tick_follows_the_phases_within_its_bounds() -> None:
+    from callbridge.bench import vapi_tick_s
+    from sim.vapi import VapiSim
+
+    assert [vapi_tick_s(n) for n in (1, 2, 4, 10)] == [0.01, 0.01, 0.005, 0.002]
+    assert VapiSim(tick_s=vapi_tick_s(10)).tick_s == 0.002  # the most phases the bench takes

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from callbridge.redis_server import free_port
 from tests.conftest import ROOT, Proc
 
@@ -37,6 +39,14 @@ def test_invalid_setting_is_one_line_too() -> None:
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "PUBLIC_URL" in run.stderr
+
+
+@pytest.mark.parametrize("phases", ["0", "11"])
+def test_the_bench_refuses_phases_out_of_range(phases: str) -> None:
+    run = subprocess.run([sys.executable, "-m", "callbridge.cli", "bench", "--calls", "1",
+                          "--phases", phases],
+                         cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--phases 1..10" in run.stderr, (run.returncode, run.stderr)
 
 
 async def test_dev_runs_with_an_embedded_redis_and_stops_on_sigterm() -> None:

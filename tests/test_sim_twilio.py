@@ -504,14 +504,16 @@ def test_streams_keep_the_phase_their_start_fell_in() -> None:
     assert {round((first_due(epoch + s, epoch) - epoch) % period, 6) for s in (0.001, 0.007, 0.013)} \
         == {0.01}
     # Four: a stream started in each quarter of the 20 ms gets its own phase, 5 ms apart.
-    dues = [first_due(epoch + 0.001 + 0.005 * j, epoch, 4) for j in range(4)]
-    assert sorted(round((d - epoch) % period, 6) for d in dues) == [0.0025, 0.0075, 0.0125, 0.0175]
-    for j, d in enumerate(dues):  # the first frame's audio exists, and is sent within a tick
-        start = epoch + 0.001 + 0.005 * j
-        assert start + period <= d < start + period + 0.005
+    tick = period / 4
+    starts = [epoch + 0.001 + 0.005 * j for j in range(4)] + [epoch + 0.004, epoch + 0.005]
+    dues = [first_due(s, epoch, 4) for s in starts]
+    assert sorted({round((d - epoch) % period, 6) for d in dues[:4]}) == [0.0025, 0.0075, 0.0125, 0.0175]
+    for start, d in zip(starts, dues, strict=True):
+        # Sent on the first tick at which its 20 ms of audio exist, and due half a tick before.
+        assert start + period <= d + tick / 2 < start + period + tick, (start - epoch, d - epoch)
     with pytest.raises(ValueError, match="phases"):
         TwilioSim(gateway_url="http://127.0.0.1:9", public_url="http://127.0.0.1:9",
-                  account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, phases=0)
+                  account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, phases=11)  # 2 ms ticks at most
 
 
 async def test_streams_over_phases_stay_paced_and_never_send_early() -> None:
@@ -524,9 +526,14 @@ async def test_streams_over_phases_stay_paced_and_never_send_early() -> None:
         for conn in conns:
             n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 2.0)
             assert abs(n - 100) <= 5, n
+        tick = 0.020 / 4
         for call in calls:
             st = call._stream
             assert st is not None
+            # On the four-phase grid (half a tick before a 5 ms tick), not the one-phase one
+            # (half of 20 ms before a 20 ms tick), whatever the phase its start fell in.
+            offset = (st.first_due - sim._epoch + tick / 2) % tick
+            assert min(offset, tick - offset) < 1e-6, offset
             # Frame k leaves on a tick at or after its due time, never before.
             assert len(call.sent_frames) >= 100
             for k, (t, _pos) in enumerate(call.sent_frames):

@@ -242,7 +242,7 @@ class SimCall:
         self.say(b"\xff" * int(seconds * w.SAMPLE_RATE))
 
     def send_dtmf(self, digit: str) -> None:
-        """Press a key: a `dtmf` event goes out on the next 20 ms tick (before that tick's media)."""
+        """Press a key: a `dtmf` event goes out with the stream's next frame (just before it)."""
         if len(digit) != 1 or digit not in w.DTMF_DIGITS:
             raise ValueError(f"invalid DTMF digit {digit!r}")
         st = self._stream

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sim.twilio")
 
 FRAMES_PER_S = 1.0 / w.FRAME_S  # 50
-MAX_BURST = 10  # frames one stream may send per tick when catching up (200 ms)
+MAX_BURST = 10  # frames one stream may send per 20 ms when catching up (200 ms), split over the ticks
 WRITE_LIMIT = 2**16  # websocket write buffer high-water mark
 SEND_HEADROOM = 2048  # skip a stream's tick rather than let a send block the shared ticker
 WS_OPEN_TIMEOUT = 10.0
@@ -46,9 +46,10 @@ _mono = time.monotonic
 
 def first_due(start: float, epoch: float, phases: int = 1) -> float:
     """Due time of a new stream's first frame: on the shared ticker's grid that starts at `epoch`
-    (`phases` ticks per 20 ms), half a tick before the tick that sends it, ≥ 20 ms after `start`
-    (the frame's audio must exist). With one phase every stream's frames go out in one burst per
-    20 ms; with more, each stream keeps the phase its start fell in, as real calls' streams do."""
+    (`phases` ticks per 20 ms), half a tick before the tick that sends it, which is the first
+    tick ≥ 20 ms after `start` (the frame's audio must exist). With one phase every stream's
+    frames go out in one burst per 20 ms; with more, each stream keeps the phase its start fell
+    in, as real calls' streams do."""
     tick = w.FRAME_S / phases
     k = math.ceil((start + w.FRAME_S - epoch) / tick)
     return epoch + k * tick - tick / 2
@@ -177,8 +178,9 @@ class MediaStream:
         n = self.due(now)
         if n <= 0:
             return
-        if n > MAX_BURST:
-            n = MAX_BURST
+        burst = MAX_BURST // self.call._sim.phases or 1  # per tick: the same catch-up per 20 ms
+        if n > burst:
+            n = burst
         ws = self.ws
         if ws.state is not State.OPEN:
             return

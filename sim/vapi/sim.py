@@ -59,8 +59,8 @@ class VapiSim:
     ) -> None:
         if downlink not in ("paced", "burst"):
             raise ValueError("downlink must be 'paced' or 'burst'")
-        if not 0.001 <= tick_s <= TICK_S:
-            raise ValueError(f"tick_s must be 0.001..{TICK_S} s, not {tick_s}")
+        if not 0.002 <= tick_s <= TICK_S:  # uvloop's timers have 1 ms steps
+            raise ValueError(f"tick_s must be 0.002..{TICK_S} s, not {tick_s}")
         #: the downlink clock's period. Shorter ticks spread the sessions' frames over more
         #: phases of the 20 ms frame (each utterance starts on a tick), for the bench's `--phases`.
         self.tick_s = tick_s
