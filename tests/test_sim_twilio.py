@@ -376,6 +376,17 @@ async def env() -> AsyncIterator[tuple[FakeGateway, TwilioSim]]:
         yield pair
 
 
+async def assert_paced(conns: list[Conn]) -> None:
+    """50 frames/s per call: counted over 2 s so that a stall at either end of the window (the
+    ticker catches up afterwards) moves a few frames, not the verdict."""
+    t1 = time.monotonic() + 0.1
+    for conn in conns:
+        await conn.wait_for(lambda c=conn: c.media_since(t1 + 2.0), timeout=5.0)
+    for conn in conns:
+        n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 2.0)
+        assert abs(n - 100) <= 5, n
+
+
 def assert_consecutive_seq(conn: Conn) -> None:
     """One string counter shared by every message after `start` ("1")."""
     seqs = [m["sequenceNumber"] for _, m in conn.messages]
@@ -467,14 +478,7 @@ async def test_pacing_and_caller_audio(env: tuple[FakeGateway, TwilioSim]) -> No
     calls[0].say(speech)
     calls[1].say_pcm(audioop.ulaw2lin(speech, 2))
 
-    # 50 frames/s per call: counted over 2 s so that a stall at either end of the window (the
-    # ticker catches up afterwards) moves a few frames, not the verdict.
-    t1 = time.monotonic() + 0.1
-    for conn in conns:
-        await conn.wait_for(lambda c=conn: c.media_since(t1 + 2.0), timeout=5.0)
-    for conn in conns:
-        n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 2.0)
-        assert abs(n - 100) <= 5, n
+    await assert_paced(conns)
 
     await calls[0].wait_speaking_done(timeout=3)
     await calls[1].wait_speaking_done(timeout=3)
@@ -520,12 +524,7 @@ async def test_streams_over_phases_stay_paced_and_never_send_early() -> None:
     async with environment(phases=4) as (gw, sim):
         calls = [await sim.place_call() for _ in range(6)]
         conns = [await gw.next_conn(i + 1) for i in range(len(calls))]
-        t1 = time.monotonic() + 0.1
-        for conn in conns:
-            await conn.wait_for(lambda c=conn: c.media_since(t1 + 2.0), timeout=5.0)
-        for conn in conns:
-            n = sum(1 for t in conn.media_arrivals() if t1 <= t < t1 + 2.0)
-            assert abs(n - 100) <= 5, n
+        await assert_paced(conns)
         tick = 0.020 / 4
         for call in calls:
             st = call._stream
