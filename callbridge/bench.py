@@ -956,8 +956,9 @@ def _hist_figures(buckets: dict[float, float], process: str) -> dict[str, Any]:
 
 
 def _hop_histograms(scraped: _Scrape) -> dict[str, Any]:
-    """Each direction's whole hop through the bridge and, under it, its write leg (the sender's
-    XADD until Redis acknowledged it): where the hop's time goes."""
+    """Each direction's whole hop through the bridge and, under it, its write leg (from the
+    sender's stamp until Redis acknowledged the XADD, the wait for the batch included): where the
+    hop's time goes."""
     return {hop: _hist_figures(scraped.hops.get(hop, {}), where)
             for hop, where in (("twilio_to_vapi", "worker"), ("twilio_to_redis", "gateway"),
                                ("worker_to_twilio", "gateway"), ("worker_to_redis", "worker"))}
