@@ -90,6 +90,7 @@ from callbridge.redis_server import RedisServer, free_port, start_redis
 from callbridge.stack_env import stand_in_env
 from shared.serving import freeze_startup_heap
 from sim.twilio import SimCall, TwilioObserver
+from sim.twilio.sim import MAX_PHASES
 from sim.twilio.wire import SILENCE_FRAME
 from sim.vapi import VapiObserver, VapiSession
 from sim.vapi.sim import TICK_S as VAPI_TICK_S
@@ -2608,14 +2609,14 @@ def run_bench(args: argparse.Namespace) -> int:
             or cfg.scenario not in SCENARIOS or (failover and (cfg.workers < 2 or cfg.events < 1))
             or (cfg.redis_cluster and cfg.scenario != "duplex")
             or (cfg.kill_primary and not cfg.redis_cluster)
-            or not 1 <= cfg.phases <= 10
+            or not 1 <= cfg.phases <= MAX_PHASES
             or (cfg.baseline and (cfg.baseline != "direct" or cfg.scenario != "duplex"
                                   or cfg.redis_cluster))):
         print("callbridge bench: need --calls >= 1, --seconds > 0, --workers >= 1, "
               "--format pcm_s16le|mulaw, --scenario duplex|conversation|failover "
               "(failover: --workers >= 2, --events >= 1; --redis-cluster: duplex only; "
               "--kill-primary: with --redis-cluster; --baseline direct: duplex only, not with "
-              "--redis-cluster; --phases 1..10)", file=sys.stderr)
+              f"--redis-cluster; --phases 1..{MAX_PHASES})", file=sys.stderr)
         return 2
     procs: list[ManagedProcess] = []
     private: RedisServer | None = None

@@ -39,6 +39,9 @@ from .stream import MediaStream
 from .webhooks import Webhooks
 
 log = logging.getLogger("sim.twilio")
+
+# The most phases per 20 ms: uvloop's timers step in 1 ms, so ticks stay at 2 ms or more.
+MAX_PHASES = 10
 _mono = time.monotonic
 
 
@@ -83,8 +86,8 @@ class TwilioSim:
         idle_frame: bytes | None = None,
         phases: int = 1,
     ) -> None:
-        if not 1 <= phases <= 10:  # uvloop's timers have 1 ms steps: ticks of 2 ms or more
-            raise ValueError(f"phases must be 1..10 (a tick of 2 ms or more), not {phases}")
+        if not 1 <= phases <= MAX_PHASES:
+            raise ValueError(f"phases must be 1..{MAX_PHASES} (a tick of 2 ms or more), not {phases}")
         self.phases = phases
         self._gateway_url = gateway_url.rstrip("/")
         self.public_url = public_url.rstrip("/")
